@@ -1,0 +1,449 @@
+//! Rate-limit hints parsed from response headers, in one place.
+//!
+//! - `retry-after-ms` (float milliseconds), then `retry-after` as float seconds, then as an
+//!   HTTP date;
+//! - `x-should-retry: true|false`;
+//! - OpenAI `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, resets as Go durations
+//!   (`6m0s`, `120ms`, `1h2m3s`, `0s`);
+//! - Anthropic `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`,
+//!   resets as RFC 3339 times.
+//!
+//! A malformed value is skipped with a `debug` event, never a panic and never a default.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::HeaderMap;
+
+/// What the server said about one limit (requests, tokens, input or output tokens).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitHint {
+    /// The limit per window.
+    pub limit: Option<u64>,
+    /// What is left in the current window.
+    pub remaining: Option<u64>,
+    /// How long until the window is full again, from when the headers were read.
+    pub reset: Option<Duration>,
+}
+
+impl LimitHint {
+    /// Whether any field is known.
+    pub fn is_known(&self) -> bool {
+        self.limit.is_some() || self.remaining.is_some() || self.reset.is_some()
+    }
+}
+
+/// Everything a response's headers say about rate limits and retrying.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RateLimitHints {
+    /// How long to wait before retrying (`retry-after-ms`, `retry-after`).
+    pub retry_after: Option<Duration>,
+    /// The server's `x-should-retry` override.
+    pub should_retry: Option<bool>,
+    /// Requests per minute.
+    pub requests: LimitHint,
+    /// Tokens per minute (OpenAI; Anthropic's combined figure).
+    pub tokens: LimitHint,
+    /// Input tokens per minute (Anthropic).
+    pub input_tokens: LimitHint,
+    /// Output tokens per minute (Anthropic).
+    pub output_tokens: LimitHint,
+}
+
+impl RateLimitHints {
+    /// Parses the headers, taking "now" from the system clock (for HTTP-date and RFC 3339 values).
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        Self::from_headers_at(headers, SystemTime::now())
+    }
+
+    /// Parses the headers against the given "now".
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use http::HeaderMap;
+    /// use portcullis_core::RateLimitHints;
+    ///
+    /// let mut h = HeaderMap::new();
+    /// h.insert("retry-after", "1.5".parse().unwrap());
+    /// h.insert("x-ratelimit-remaining-tokens", "9000".parse().unwrap());
+    /// h.insert("x-ratelimit-reset-tokens", "6m0s".parse().unwrap());
+    /// h.insert("x-ratelimit-reset-requests", "not a duration".parse().unwrap());
+    /// let hints = RateLimitHints::from_headers_at(&h, SystemTime::now());
+    /// assert_eq!(hints.retry_after, Some(Duration::from_millis(1500)));
+    /// assert_eq!(hints.tokens.remaining, Some(9000));
+    /// assert_eq!(hints.tokens.reset, Some(Duration::from_secs(360)));
+    /// assert_eq!(hints.requests.reset, None); // malformed: skipped
+    /// ```
+    pub fn from_headers_at(headers: &HeaderMap, now: SystemTime) -> Self {
+        let mut h = RateLimitHints {
+            retry_after: retry_after(headers, now),
+            should_retry: get(headers, "x-should-retry").and_then(|v| match v {
+                "true" => Some(true),
+                "false" => Some(false),
+                other => malformed("x-should-retry", other),
+            }),
+            ..Default::default()
+        };
+        for (field, name) in [("requests", 0usize), ("tokens", 1)] {
+            let hint = LimitHint {
+                limit: int(headers, &format!("x-ratelimit-limit-{field}")),
+                remaining: int(headers, &format!("x-ratelimit-remaining-{field}")),
+                reset: get(headers, &format!("x-ratelimit-reset-{field}")).and_then(|v| {
+                    parse_go_duration(v).or_else(|| malformed("x-ratelimit-reset", v))
+                }),
+            };
+            if hint.is_known() {
+                *h.slot(name) = hint;
+            }
+        }
+        for (field, name) in [
+            ("requests", 0usize),
+            ("tokens", 1),
+            ("input-tokens", 2),
+            ("output-tokens", 3),
+        ] {
+            let hint = LimitHint {
+                limit: int(headers, &format!("anthropic-ratelimit-{field}-limit")),
+                remaining: int(headers, &format!("anthropic-ratelimit-{field}-remaining")),
+                reset: get(headers, &format!("anthropic-ratelimit-{field}-reset")).and_then(|v| {
+                    match parse_rfc3339(v) {
+                        Some(at) => Some(at.duration_since(now).unwrap_or(Duration::ZERO)),
+                        None => malformed("anthropic-ratelimit reset", v),
+                    }
+                }),
+            };
+            if hint.is_known() {
+                *h.slot(name) = hint;
+            }
+        }
+        h
+    }
+
+    fn slot(&mut self, i: usize) -> &mut LimitHint {
+        match i {
+            0 => &mut self.requests,
+            1 => &mut self.tokens,
+            2 => &mut self.input_tokens,
+            _ => &mut self.output_tokens,
+        }
+    }
+
+    /// Whether the headers said anything at all.
+    pub fn is_empty(&self) -> bool {
+        *self == RateLimitHints::default()
+    }
+}
+
+fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let v = headers.get(name)?;
+    match v.to_str() {
+        Ok(s) => Some(s.trim()),
+        Err(_) => malformed(name, "<non-ascii>"),
+    }
+}
+
+fn int(headers: &HeaderMap, name: &str) -> Option<u64> {
+    let v = get(headers, name)?;
+    v.parse().ok().or_else(|| malformed(name, v))
+}
+
+fn malformed<T>(name: &str, value: &str) -> Option<T> {
+    tracing::debug!(
+        header = name,
+        value,
+        "ignoring a malformed rate-limit header"
+    );
+    None
+}
+
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    if let Some(v) = get(headers, "retry-after-ms") {
+        match v.parse::<f64>() {
+            Ok(ms) if ms.is_finite() && ms >= 0.0 => return Some(secs_f64(ms / 1000.0)),
+            _ => {
+                malformed::<()>("retry-after-ms", v);
+            }
+        }
+    }
+    let v = get(headers, "retry-after")?;
+    if let Ok(s) = v.parse::<f64>() {
+        if s.is_finite() && s >= 0.0 {
+            return Some(secs_f64(s));
+        }
+        return malformed("retry-after", v);
+    }
+    match httpdate::parse_http_date(v) {
+        Ok(at) => Some(at.duration_since(now).unwrap_or(Duration::ZERO)),
+        Err(_) => malformed("retry-after", v),
+    }
+}
+
+/// Seconds to a duration, saturating at about a year (a header cannot ask for more).
+fn secs_f64(s: f64) -> Duration {
+    Duration::from_secs_f64(s.min(365.0 * 24.0 * 3600.0))
+}
+
+/// Parses a Go duration string (`6m0s`, `120ms`, `1h2m3s`, `1.5s`, `0s`, `0`).
+///
+/// ```
+/// use std::time::Duration;
+/// use portcullis_core::hints::parse_go_duration;
+/// assert_eq!(parse_go_duration("1h2m3s"), Some(Duration::from_secs(3723)));
+/// assert_eq!(parse_go_duration("120ms"), Some(Duration::from_millis(120)));
+/// assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
+/// assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
+/// assert_eq!(parse_go_duration("soon"), None);
+/// ```
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return None;
+        }
+        let n: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" | "μs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += n * scale;
+    }
+    if !total.is_finite() || total > 365.0 * 24.0 * 3600.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+/// Parses an RFC 3339 timestamp (`2026-02-17T23:44:11Z`, with optional fraction and offset).
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use portcullis_core::hints::parse_rfc3339;
+/// let t = parse_rfc3339("1970-01-02T00:00:01.5Z").unwrap();
+/// assert_eq!(t.duration_since(UNIX_EPOCH).unwrap(), Duration::from_millis(86_401_500));
+/// assert_eq!(parse_rfc3339("2026-02-17T23:44:11+01:00"), parse_rfc3339("2026-02-17T22:44:11Z"));
+/// assert!(parse_rfc3339("yesterday").is_none());
+/// ```
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        if !t.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        t.parse().ok()
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut nanos = 0u64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let frac = &s[start..i];
+        if frac.is_empty() {
+            return None;
+        }
+        let digits = &frac[..frac.len().min(9)];
+        nanos = digits.parse::<u64>().ok()? * 10u64.pow(9 - digits.len() as u32);
+    }
+    let offset_secs = match s.get(i..)? {
+        "Z" | "z" => 0,
+        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && &tz[3..4] == ":" => {
+            let h = num(i + 1..i + 3)?;
+            let m = num(i + 4..i + 6)?;
+            let o = h * 3600 + m * 60;
+            if tz.starts_with('-') { -o } else { o }
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + min * 60 + sec - offset_secs;
+    if secs < 0 {
+        return None;
+    }
+    Some(UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_nanos(nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn retry_after_precedence() {
+        let now = SystemTime::now();
+        let h = headers(&[("retry-after-ms", "250"), ("retry-after", "3")]);
+        assert_eq!(
+            RateLimitHints::from_headers_at(&h, now).retry_after,
+            Some(Duration::from_millis(250))
+        );
+        let h = headers(&[("retry-after-ms", "garbage"), ("retry-after", "3")]);
+        assert_eq!(
+            RateLimitHints::from_headers_at(&h, now).retry_after,
+            Some(Duration::from_secs(3))
+        );
+        let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let h = headers(&[(
+            "retry-after",
+            &httpdate::fmt_http_date(at + Duration::from_secs(7)),
+        )]);
+        assert_eq!(
+            RateLimitHints::from_headers_at(&h, at).retry_after,
+            Some(Duration::from_secs(7))
+        );
+        let h = headers(&[("retry-after", "-1")]);
+        assert_eq!(RateLimitHints::from_headers_at(&h, now).retry_after, None);
+        let h = headers(&[("retry-after", "NaN")]);
+        assert_eq!(RateLimitHints::from_headers_at(&h, now).retry_after, None);
+    }
+
+    #[test]
+    fn should_retry() {
+        let now = SystemTime::now();
+        assert_eq!(
+            RateLimitHints::from_headers_at(&headers(&[("x-should-retry", "false")]), now)
+                .should_retry,
+            Some(false)
+        );
+        assert_eq!(
+            RateLimitHints::from_headers_at(&headers(&[("x-should-retry", "true")]), now)
+                .should_retry,
+            Some(true)
+        );
+        assert_eq!(
+            RateLimitHints::from_headers_at(&headers(&[("x-should-retry", "maybe")]), now)
+                .should_retry,
+            None
+        );
+    }
+
+    #[test]
+    fn openai_headers() {
+        let h = headers(&[
+            ("x-ratelimit-limit-requests", "500"),
+            ("x-ratelimit-remaining-requests", "499"),
+            ("x-ratelimit-reset-requests", "120ms"),
+            ("x-ratelimit-limit-tokens", "200000"),
+            ("x-ratelimit-remaining-tokens", "199000"),
+            ("x-ratelimit-reset-tokens", "1h2m3s"),
+        ]);
+        let r = RateLimitHints::from_headers_at(&h, SystemTime::now());
+        assert_eq!(
+            r.requests,
+            LimitHint {
+                limit: Some(500),
+                remaining: Some(499),
+                reset: Some(Duration::from_millis(120))
+            }
+        );
+        assert_eq!(r.tokens.reset, Some(Duration::from_secs(3723)));
+    }
+
+    #[test]
+    fn anthropic_headers_from_fixture() {
+        let now = parse_rfc3339("2026-02-17T23:44:10Z").unwrap();
+        let h = headers(&[
+            ("anthropic-ratelimit-input-tokens-limit", "2000000"),
+            ("anthropic-ratelimit-input-tokens-remaining", "2000000"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2026-02-17T23:44:11Z",
+            ),
+            ("anthropic-ratelimit-requests-remaining", "19999"),
+            (
+                "anthropic-ratelimit-output-tokens-reset",
+                "2026-02-17T23:44:09Z",
+            ),
+        ]);
+        let r = RateLimitHints::from_headers_at(&h, now);
+        assert_eq!(r.input_tokens.reset, Some(Duration::from_secs(1)));
+        assert_eq!(r.input_tokens.limit, Some(2_000_000));
+        assert_eq!(r.requests.remaining, Some(19_999));
+        assert_eq!(
+            r.output_tokens.reset,
+            Some(Duration::ZERO),
+            "past resets clamp to zero"
+        );
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("0s"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_go_duration("2m30.5s"),
+            Some(Duration::from_millis(150_500))
+        );
+        for bad in ["", "s", "5", "1x", "1.2.3s", "-1s", "9999999999999h"] {
+            assert_eq!(parse_go_duration(bad), None, "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic(s in "\\PC*") {
+            let _ = parse_go_duration(&s);
+            let _ = parse_rfc3339(&s);
+        }
+
+        #[test]
+        fn header_values_never_panic(v in "[ -~]{0,40}") {
+            if let Ok(val) = http::HeaderValue::from_str(&v) {
+                let mut h = HeaderMap::new();
+                for name in ["retry-after", "retry-after-ms", "x-ratelimit-reset-tokens", "anthropic-ratelimit-tokens-reset", "x-ratelimit-remaining-requests"] {
+                    h.insert(name, val.clone());
+                }
+                let _ = RateLimitHints::from_headers(&h);
+            }
+        }
+    }
+}

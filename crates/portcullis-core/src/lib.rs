@@ -1,0 +1,42 @@
+//! # portcullis-core
+//!
+//! The vocabulary every Portcullis crate shares:
+//!
+//! - the chat types: [`ChatRequest`], [`ChatMessage`], [`CompletionOptions`],
+//!   [`CompletionResult`], [`Usage`], [`FinishReason`], [`StreamChunk`], [`ChatStream`];
+//! - one typed error, [`LlmError`], with an [`ErrorKind`] per row of the classification table,
+//!   and [`ErrorKind::from_wire`], the one place that maps statuses and provider error types;
+//! - the layers' own refusals: [`CircuitOpen`], [`Throttled`], [`OverCapacity`],
+//!   [`DeadlineExceeded`], [`AttemptTimedOut`], [`RetriesExhausted`];
+//! - the traits the layers are generic over: [`Classify`], [`OnFinish`], [`RateLimitInfo`],
+//!   [`CostOf`];
+//! - [`RateLimitHints`], parsed from response headers in one place;
+//! - token estimation: [`TokenEstimator`], [`OpenAiTokenizer`], [`AnthropicEstimator`].
+#![forbid(unsafe_code)]
+
+pub mod classify;
+pub mod error;
+pub mod hints;
+pub mod request;
+pub mod response;
+pub mod tokens;
+
+pub use classify::{
+    Classification, Classify, Failover, Finish, OnFinish, RateLimitInfo, RequestInfo,
+};
+pub use error::{
+    AttemptTimedOut, BoxError, CircuitOpen, DeadlineExceeded, ErrorKind, LlmError, OverCapacity,
+    RetriesExhausted, RetryStop, Throttled,
+};
+pub use hints::{LimitHint, RateLimitHints};
+pub use request::{ChatMessage, ChatRequest, CompletionOptions, ResponseFormat, Role};
+pub use response::{ChatStream, CompletionResult, FinishReason, StreamChunk, StreamMeta, Usage};
+pub use tokens::{
+    AnthropicEstimator, ChatCost, CostOf, Encoding, OpenAiTokenizer, TokenCost, TokenEstimator,
+    estimator_for_model,
+};
+
+/// The provider name of OpenAI services.
+pub const OPENAI: &str = "openai";
+/// The provider name of Anthropic services.
+pub const ANTHROPIC: &str = "anthropic";

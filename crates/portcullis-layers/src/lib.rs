@@ -1,0 +1,25 @@
+//! # portcullis-layers
+//!
+//! Tower layers that make calls to LLM APIs survive the real world. Each resilience concern is
+//! its own [`tower_layer::Layer`]; they stack with `tower::ServiceBuilder` over any service
+//! whose error implements [`Classify`](portcullis_core::Classify).
+//!
+//! | layer | module |
+//! |---|---|
+//! | retry with jittered backoff, Retry-After and a budget | [`retry`] |
+//! | circuit breaker, CLOSED / OPEN / HALF_OPEN | [`circuit_breaker`] |
+//! | dual RPM + TPM token bucket | [`token_bucket`] |
+//! | fallback across providers | [`fallback`] |
+//! | attempt timeouts and deadlines | [`timeout`] |
+//!
+//! This crate does not depend on hyper: a non-LLM service can use the breaker alone.
+#![forbid(unsafe_code)]
+
+pub mod circuit_breaker;
+pub mod fallback;
+pub mod key;
+pub mod retry;
+pub mod timeout;
+pub mod token_bucket;
+
+pub use key::{ByModel, KeyClosure, KeyFn, SingleKey};

@@ -1,0 +1,1 @@
+//! Placeholder: OpenAI and Anthropic providers (issue 2).

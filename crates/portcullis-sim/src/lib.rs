@@ -1,0 +1,1 @@
+//! Placeholder: the simulator (issue 3).
