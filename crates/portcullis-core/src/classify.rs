@@ -206,6 +206,10 @@ pub trait RequestInfo {
     /// Records the deadline so that inner layers see it. Types that cannot carry one ignore it;
     /// the deadline layer still enforces it around them.
     fn set_deadline(&mut self, _at: tokio::time::Instant) {}
+    /// A per-attempt timeout this request asks for, overriding the timeout layer's own.
+    fn attempt_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 macro_rules! no_info {
@@ -250,5 +254,8 @@ impl RequestInfo for crate::ChatRequest {
             Some(existing) if existing < at => existing,
             _ => at,
         });
+    }
+    fn attempt_timeout(&self) -> Option<std::time::Duration> {
+        self.options.timeout
     }
 }

@@ -202,7 +202,7 @@ impl ChatRequest {
     }
 
     /// Sets the overall deadline.
-    pub fn deadline(mut self, at: Instant) -> Self {
+    pub fn with_deadline(mut self, at: Instant) -> Self {
         self.deadline = Some(at);
         self
     }

@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -289,6 +290,19 @@ impl ChatStream {
         })
     }
 
+    /// Ends the stream with an [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) error when no
+    /// item arrives for `idle` (time from `tokio::time`, so paused-time tests drive it).
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        let inner = std::mem::replace(&mut self.inner, Box::pin(Iter(Vec::new().into_iter())));
+        self.inner = Box::pin(Idle {
+            inner,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+            provider: self.meta.provider.clone(),
+        });
+        self
+    }
+
     fn finish(&mut self, how: Finish) {
         self.done = true;
         for hook in self.hooks.drain(..) {
@@ -372,6 +386,31 @@ impl OnFinish for CompletionResult {
 impl RateLimitInfo for CompletionResult {
     fn rate_limits(&self) -> Option<&RateLimitHints> {
         Some(&self.rate_limits)
+    }
+}
+
+struct Idle {
+    inner: ChunkStream,
+    idle: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    provider: Cow<'static, str>,
+}
+
+impl Stream for Idle {
+    type Item = Result<StreamChunk, LlmError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Poll::Ready(item) = self.inner.as_mut().poll_next(cx) {
+            let next = tokio::time::Instant::now() + self.idle;
+            self.sleep.as_mut().reset(next);
+            return Poll::Ready(item);
+        }
+        std::task::ready!(self.sleep.as_mut().poll(cx));
+        let err = LlmError::new(
+            crate::ErrorKind::Timeout,
+            format!("stream idle for {:?}", self.idle),
+        )
+        .with_provider(self.provider.clone());
+        Poll::Ready(Some(Err(err)))
     }
 }
 

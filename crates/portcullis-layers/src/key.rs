@@ -8,8 +8,6 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
 
-use portcullis_core::RequestInfo;
-
 /// Maps a request to the key of its state.
 pub trait KeyFn<Req>: Send + Sync + 'static {
     /// The key type. Cloning it should be cheap (an `Arc<str>`, an integer).
@@ -59,9 +57,4 @@ where
     fn key(&self, req: &Req) -> K {
         (self.0)(req)
     }
-}
-
-/// The model name of a request, for logs: `"-"` when it names none.
-pub(crate) fn model_of<Req: RequestInfo>(req: &Req) -> &str {
-    req.model().unwrap_or("-")
 }

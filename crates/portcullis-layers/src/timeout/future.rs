@@ -1,0 +1,122 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use portcullis_core::{AttemptTimedOut, ChatStream, DeadlineExceeded};
+use tokio::time::{Instant, Sleep, sleep_until};
+
+pin_project! {
+    /// The response future of [`Timeout`](super::Timeout).
+    #[derive(Debug)]
+    pub struct TimeoutFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Sleep,
+        timeout: Duration,
+        // Whether the sleep ends at the deadline rather than at the attempt timeout.
+        at_deadline: bool,
+    }
+}
+
+impl<F> TimeoutFuture<F> {
+    pub(super) fn new(inner: F, timeout: Duration, deadline: Option<Instant>) -> Self {
+        let by_timeout = Instant::now() + timeout;
+        let (at, at_deadline) = match deadline {
+            Some(d) if d < by_timeout => (d, true),
+            _ => (by_timeout, false),
+        };
+        TimeoutFuture {
+            inner,
+            sleep: sleep_until(at),
+            timeout,
+            at_deadline,
+        }
+    }
+}
+
+impl<F, T, E> Future for TimeoutFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: From<AttemptTimedOut> + From<DeadlineExceeded>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(out);
+        }
+        ready!(this.sleep.poll(cx));
+        if *this.at_deadline {
+            Poll::Ready(Err(DeadlineExceeded {}.into()))
+        } else {
+            Poll::Ready(Err(AttemptTimedOut {
+                after: *this.timeout,
+            }
+            .into()))
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Deadline`](super::Deadline).
+    #[derive(Debug)]
+    pub struct DeadlineFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Sleep,
+    }
+}
+
+impl<F> DeadlineFuture<F> {
+    pub(super) fn new(inner: F, at: Instant) -> Self {
+        DeadlineFuture {
+            inner,
+            sleep: sleep_until(at),
+        }
+    }
+}
+
+impl<F, T, E> Future for DeadlineFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: From<DeadlineExceeded>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(out);
+        }
+        ready!(this.sleep.poll(cx));
+        Poll::Ready(Err(DeadlineExceeded {}.into()))
+    }
+}
+
+pin_project! {
+    /// The response future of [`StreamIdle`](super::StreamIdle).
+    #[derive(Debug)]
+    pub struct IdleFuture<F> {
+        #[pin]
+        pub(super) inner: F,
+        pub(super) idle: Duration,
+    }
+}
+
+impl<F, E> Future for IdleFuture<F>
+where
+    F: Future<Output = Result<ChatStream, E>>,
+{
+    type Output = Result<ChatStream, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let stream = ready!(this.inner.poll(cx))?;
+        Poll::Ready(Ok(stream.idle_timeout(*this.idle)))
+    }
+}

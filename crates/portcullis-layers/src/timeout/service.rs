@@ -1,0 +1,115 @@
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use portcullis_core::{AttemptTimedOut, ChatStream, DeadlineExceeded, RequestInfo};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::future::{DeadlineFuture, IdleFuture, TimeoutFuture};
+
+/// A service whose attempts are bounded by a timeout. Built by
+/// [`TimeoutLayer`](super::TimeoutLayer).
+#[derive(Debug, Clone)]
+pub struct Timeout<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S> Timeout<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        Timeout { inner, timeout }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, Req> Service<Req> for Timeout<S>
+where
+    S: Service<Req>,
+    S::Error: From<AttemptTimedOut> + From<DeadlineExceeded>,
+    Req: RequestInfo,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = TimeoutFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let timeout = req.attempt_timeout().unwrap_or(self.timeout);
+        let deadline = req.deadline();
+        TimeoutFuture::new(self.inner.call(req), timeout, deadline)
+    }
+}
+
+/// A service whose calls must be over by a deadline. Built by
+/// [`DeadlineLayer`](super::DeadlineLayer).
+#[derive(Debug, Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    budget: Duration,
+}
+
+impl<S> Deadline<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, budget: Duration) -> Self {
+        Deadline { inner, budget }
+    }
+}
+
+impl<S, Req> Service<Req> for Deadline<S>
+where
+    S: Service<Req>,
+    S::Error: From<DeadlineExceeded>,
+    Req: RequestInfo,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = DeadlineFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        req.set_deadline(Instant::now() + self.budget);
+        let at = req
+            .deadline()
+            .unwrap_or_else(|| Instant::now() + self.budget);
+        DeadlineFuture::new(self.inner.call(req), at)
+    }
+}
+
+/// A streaming service whose streams fail after an idle gap. Built by
+/// [`StreamIdleLayer`](super::StreamIdleLayer).
+#[derive(Debug, Clone)]
+pub struct StreamIdle<S> {
+    pub(super) inner: S,
+    pub(super) idle: Duration,
+}
+
+impl<S, Req> Service<Req> for StreamIdle<S>
+where
+    S: Service<Req, Response = ChatStream>,
+{
+    type Response = ChatStream;
+    type Error = S::Error;
+    type Future = IdleFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        IdleFuture {
+            inner: self.inner.call(req),
+            idle: self.idle,
+        }
+    }
+}

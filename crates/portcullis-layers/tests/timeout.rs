@@ -1,0 +1,115 @@
+//! Timeout, deadline and stream-idle layers, with paused time.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use portcullis_core::{
+    ChatMessage, ChatRequest, ChatStream, ErrorKind, LlmError, RequestInfo, StreamChunk, StreamMeta,
+};
+use portcullis_layers::timeout::{DeadlineLayer, StreamIdleLayer, TimeoutLayer};
+use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+fn req() -> ChatRequest {
+    ChatRequest::new("m", vec![ChatMessage::user("hi")])
+}
+
+fn sleeper(
+    d: Duration,
+) -> impl tower::Service<ChatRequest, Response = &'static str, Error = LlmError, Future = impl Send>
++ Clone {
+    service_fn(move |_r: ChatRequest| async move {
+        tokio::time::sleep(d).await;
+        Ok::<_, LlmError>("done")
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempt_timeout_fires_exactly_at_its_boundary() {
+    let start = Instant::now();
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(Duration::from_secs(10)))
+        .service(sleeper(Duration::from_secs(11)));
+    let err = svc.oneshot(req()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(Duration::from_secs(10)))
+        .service(sleeper(Duration::from_millis(9_999)));
+    assert_eq!(svc.oneshot(req()).await.unwrap(), "done");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_can_ask_for_its_own_attempt_timeout() {
+    let start = Instant::now();
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(Duration::from_secs(10)))
+        .service(sleeper(Duration::from_secs(60)));
+    let err = svc
+        .oneshot(req().timeout(Duration::from_secs(2)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_bounds_an_attempt_and_is_visible_inside() {
+    let start = Instant::now();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen2 = seen.clone();
+    let inner = service_fn(move |r: ChatRequest| {
+        *seen2.lock().unwrap() = RequestInfo::deadline(&r);
+        async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<&'static str, LlmError>("done")
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(5)))
+        .layer(TimeoutLayer::new(Duration::from_secs(30)))
+        .service(inner);
+    let err = svc.oneshot(req()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    assert_eq!(*seen.lock().unwrap(), Some(start + Duration::from_secs(5)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_earlier_caller_deadline_wins() {
+    let start = Instant::now();
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(30)))
+        .service(sleeper(Duration::from_secs(60)));
+    let err = svc
+        .oneshot(req().with_deadline(start + Duration::from_secs(3)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_streams_fail_and_busy_ones_do_not() {
+    let inner = service_fn(|_r: ChatRequest| async {
+        let chunks = futures_util::stream::iter(0..3).then(|i| async move {
+            // Gaps of 1 s, 2 s, 4 s between chunks.
+            tokio::time::sleep(Duration::from_secs(1 << i)).await;
+            Ok::<_, LlmError>(StreamChunk::delta(format!("c{i}")))
+        });
+        Ok::<_, LlmError>(ChatStream::new(StreamMeta::new("p", "m"), chunks))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(StreamIdleLayer::new(Duration::from_secs(3)))
+        .service(inner);
+    let mut stream = svc.oneshot(req()).await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap().delta, "c0");
+    assert_eq!(stream.next().await.unwrap().unwrap().delta, "c1");
+    let err = stream.next().await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    assert!(
+        stream.next().await.is_none(),
+        "the stream ends after the idle error"
+    );
+}
