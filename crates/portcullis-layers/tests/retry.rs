@@ -13,8 +13,8 @@ use portcullis_core::{
     RetriesExhausted, RetryStop, StreamChunk, StreamMeta, Throttled,
 };
 use portcullis_layers::retry::{
-    Attempt, Backoff, BudgetConfig, ConfigError, Decision, Jitter, Policy, Retry, RetryBudget,
-    RetryConfig, RetryLayer, StandardPolicy,
+    Attempt, Backoff, BudgetConfig, ConfigError, Decision, Jitter, Policy, ResponseFuture, Retry,
+    RetryBudget, RetryConfig, RetryLayer, StandardPolicy,
 };
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -797,4 +797,101 @@ fn config_rejects_bad_values() {
     );
     let msg = bad(|c| c.base_delay = -1.0).to_string();
     assert!(msg.contains("base_delay") && msg.contains("-1"), "{msg}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_non_retryable_error_after_a_retry_says_how_many_attempts() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let inner = service_fn(move |_: ChatRequest| {
+        let n = counter.fetch_add(1, SeqCst);
+        async move {
+            Err::<String, _>(match n {
+                0 => err(ErrorKind::Overloaded),
+                _ => wire(401, Some("authentication_error")),
+            })
+        }
+    });
+    let e = Retry::new(inner, plain(3))
+        .oneshot(chat())
+        .await
+        .unwrap_err();
+    assert_eq!(calls.load(SeqCst), 2);
+    assert_eq!(e.kind(), ErrorKind::Authentication);
+    assert_eq!(e.attempts(), Some(2));
+    assert_eq!(e.retry_stop(), Some(RetryStop::NotRetryable));
+}
+
+#[test]
+fn the_response_future_is_send() {
+    fn assert_send<T: Send>() {}
+    type Inner = mock::Mock<ChatRequest, ChatStream>;
+    assert_send::<ResponseFuture<Inner, ChatRequest, StandardPolicy>>();
+    assert_send::<Retry<Inner, StandardPolicy>>();
+}
+
+// ---- observability ------------------------------------------------------------------------
+
+type Events = Arc<Mutex<Vec<(tracing::Level, Vec<(String, String)>)>>>;
+
+/// A minimal subscriber that records every event's level and fields.
+struct Capture(Events);
+
+struct Fields(Vec<(String, String)>);
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.push((field.name().to_string(), value.to_string()));
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .push((field.name().to_string(), format!("{value:?}")));
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields(Vec::new());
+        event.record(&mut fields);
+        let level = *event.metadata().level();
+        self.0.lock().unwrap().push((level, fields.0));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn logs_one_warn_event_per_retry() {
+    let events = Events::default();
+    let _guard = tracing::subscriber::set_default(Capture(events.clone()));
+    let (svc, _) = failing(|| err(ErrorKind::Overloaded));
+    Retry::new(svc, plain(3)).oneshot(chat()).await.unwrap_err();
+    let events = events.lock().unwrap().clone();
+    let warns: Vec<_> = events
+        .iter()
+        .filter(|(level, _)| *level == tracing::Level::WARN)
+        .map(|(_, f)| {
+            f.iter()
+                .cloned()
+                .collect::<std::collections::HashMap<_, _>>()
+        })
+        .collect();
+    assert_eq!(warns.len(), 3, "{events:?}");
+    for (i, w) in warns.iter().enumerate() {
+        assert_eq!(w["model"], "gpt-4o-mini");
+        assert_eq!(w["attempt"], (i + 1).to_string());
+        assert_eq!(w["delay_ms"], (1000u64 << i).to_string());
+        assert!(
+            w["reason"].contains("overloaded") && w["reason"].contains("openai"),
+            "{w:?}"
+        );
+    }
 }

@@ -153,8 +153,11 @@ impl<'a, Req> Attempt<'a, Req> {
 ///
 /// After a failed attempt, in this order:
 /// 1. an error whose [`Classify`] row says "do not retry" (`insufficient_quota`, 400, 401,
-///    a stream interrupted after content, `x-should-retry: false`, …) is returned unchanged;
-/// 2. after `max_retries` retries: give up, [`RetryStop::Exhausted`];
+///    a stream interrupted after content, `x-should-retry: false`, …) is returned unchanged
+///    after the first attempt, and after a retry ends the call with
+///    [`RetryStop::NotRetryable`] (so the error still says how many attempts were made);
+/// 2. after `max_retries` retries: give up, [`RetryStop::Exhausted`] (with `max_retries` 0,
+///    the error is returned unchanged);
 /// 3. a `Retry-After` hint above `retry_after_cap`: give up now, so a fallback can act,
 ///    [`RetryStop::RetryAfterTooLong`]; otherwise the hint (plus up to
 ///    `retry_after_jitter` of it) replaces the backoff;
@@ -249,16 +252,17 @@ impl<Req, Res, E: Classify> Policy<Req, Res, E> for StandardPolicy {
             return Decision::Accept;
         };
         let class = err.classify();
-        if !class.retry {
-            return Decision::Accept;
-        }
         let retries = attempt.retries();
+        // The first attempt's error comes back unchanged when it is not retried at all.
+        let stop = |reason| match retries {
+            0 => Decision::Accept,
+            _ => Decision::GiveUp(reason),
+        };
+        if !class.retry {
+            return stop(RetryStop::NotRetryable);
+        }
         if retries >= self.max_retries {
-            return if retries == 0 {
-                Decision::Accept
-            } else {
-                Decision::GiveUp(RetryStop::Exhausted)
-            };
+            return stop(RetryStop::Exhausted);
         }
         if class.retry_after.is_some_and(|d| d > self.retry_after_cap) {
             return Decision::GiveUp(RetryStop::RetryAfterTooLong);
