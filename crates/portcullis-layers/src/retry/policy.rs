@@ -84,7 +84,7 @@ pub enum Decision {
 }
 
 /// What a [`Policy`] knows about the attempt that just finished.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub struct Attempt<'a, Req> {
     /// The request (the original: each attempt sent a clone of it).
@@ -99,6 +99,14 @@ pub struct Attempt<'a, Req> {
     /// [`RequestInfo::deadline`](portcullis_core::RequestInfo::deadline).
     pub deadline: Option<Instant>,
 }
+
+impl<Req> Clone for Attempt<'_, Req> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<Req> Copy for Attempt<'_, Req> {}
 
 impl<'a, Req> Attempt<'a, Req> {
     /// The first attempt of `request`: no time elapsed, no deadline. Refine with the `with_`
