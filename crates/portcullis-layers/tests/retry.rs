@@ -294,7 +294,7 @@ proptest! {
             Jitter::Full => (0, d),
             Jitter::Equal => (d / 2, d),
             Jitter::Proportional => (d / 2, d * 3 / 2),
-            Jitter::Decorrelated => (b, (prev.as_nanos() * 3).clamp(b, m)),
+            Jitter::Decorrelated => (b, (prev.as_nanos().max(b) * 3).min(m)),
         };
         prop_assert!(lo <= got && got <= hi, "{jitter:?} n={n}: {got} not in [{lo}, {hi}]");
         prop_assert!(got <= m * 3 / 2);
@@ -894,4 +894,71 @@ async fn logs_one_warn_event_per_retry() {
             "{w:?}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn observed_gaps_between_attempts_respect_each_jitter_mode() {
+    for (seed, jitter) in (0..8u64).flat_map(|s| {
+        [
+            Jitter::Full,
+            Jitter::Equal,
+            Jitter::Proportional,
+            Jitter::Decorrelated,
+            Jitter::None,
+        ]
+        .map(|j| (s, j))
+    }) {
+        let at = Arc::new(Mutex::new(Vec::new()));
+        let log = at.clone();
+        let inner = service_fn(move |_: ChatRequest| {
+            log.lock().unwrap().push(Instant::now());
+            async { Err::<String, _>(err(ErrorKind::Server)) }
+        });
+        let policy = StandardPolicy::builder()
+            .max_retries(6)
+            .max_delay(10 * SEC)
+            .jitter(jitter)
+            .no_budget()
+            .seed(seed)
+            .build()
+            .unwrap();
+        Retry::new(inner, policy).oneshot(chat()).await.unwrap_err();
+        let at = at.lock().unwrap();
+        assert_eq!(at.len(), 7);
+        let mut prev = Duration::ZERO;
+        for (n, pair) in at.windows(2).enumerate() {
+            let gap = pair[1] - pair[0];
+            let d = (SEC * (1 << n)).min(10 * SEC);
+            let (lo, hi) = match jitter {
+                Jitter::Full => (Duration::ZERO, d),
+                Jitter::Equal => (d / 2, d),
+                Jitter::Proportional => (d / 2, d * 3 / 2),
+                Jitter::Decorrelated => (SEC, (prev.max(SEC) * 3).min(10 * SEC)),
+                Jitter::None => (d, d),
+            };
+            assert!(
+                lo <= gap && gap <= hi,
+                "{jitter:?} seed {seed} retry {n}: {gap:?}"
+            );
+            prev = gap;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stopping_for_the_deadline_or_cap_spends_no_budget() {
+    let policy = StandardPolicy::builder().seed(2).build().unwrap();
+    let budget = policy.budget().unwrap().clone();
+    let (svc, calls) = failing(|| wire(429, Some("rate_limit_error")).with_retry_after(5 * SEC));
+    let mut svc = Retry::new(svc, policy);
+    let req = chat().deadline(Instant::now() + 3 * SEC);
+    let e = ServiceExt::<ChatRequest>::ready(&mut svc)
+        .await
+        .unwrap()
+        .call(req)
+        .await
+        .unwrap_err();
+    assert_eq!(e.retry_stop(), Some(RetryStop::Deadline));
+    assert_eq!(calls.load(SeqCst), 1);
+    assert_eq!(budget.counts(), (1, 0));
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// |---|---|
 /// | [`Full`](Jitter::Full) (default) | uniform in `[0, d]` |
 /// | [`Equal`](Jitter::Equal) | `d/2` + uniform in `[0, d/2]` |
-/// | [`Decorrelated`](Jitter::Decorrelated) | uniform in `[base, 3 · previous delay]`, capped at `max` |
+/// | [`Decorrelated`](Jitter::Decorrelated) | uniform in `[base, 3 · previous delay]` (`3 · base` first), capped at `max` |
 /// | [`Proportional`](Jitter::Proportional) | uniform in `[0.5 · d, 1.5 · d]` (the seed's; may exceed `max` by half) |
 /// | [`None`](Jitter::None) | exactly `d` |
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -96,7 +96,8 @@ impl Backoff {
             Jitter::Decorrelated => {
                 let max = nanos(self.max);
                 let lo = nanos(self.base).min(max);
-                let hi = nanos(previous).saturating_mul(3).clamp(lo, max);
+                // The first retry starts from `base`, as if the previous delay had been `base`.
+                let hi = nanos(previous).max(lo).saturating_mul(3).min(max);
                 pick(rng, lo, hi)
             }
         }
