@@ -27,7 +27,9 @@ use super::policy::Policy;
 /// the policy [gives up](super::Decision::GiveUp), or the next delay would reach the request's
 /// deadline, the last error is returned as `E::from(RetriesExhausted { attempts, stop, last })`
 /// (core implements it for [`LlmError`](portcullis_core::LlmError), which keeps its kind and
-/// records the attempts, and for [`BoxError`](portcullis_core::BoxError), which wraps).
+/// records the attempts, and for [`BoxError`](portcullis_core::BoxError), which wraps). An
+/// error from the inner service's `poll_ready` between attempts is returned as it is, as
+/// tower's own `Retry` does.
 ///
 /// Every retry logs one `tracing` warn event with the model, the attempt number, the delay and
 /// the error (whose `Display` names the provider, for `LlmError`).
