@@ -221,6 +221,9 @@ pub enum RetryStop {
     Deadline,
     /// The provider asked for a wait above the configured cap.
     RetryAfterTooLong,
+    /// After at least one retry, an attempt failed with an error that is not retried (e.g. a
+    /// 401, or the circuit breaker opened between attempts).
+    NotRetryable,
 }
 
 impl fmt::Display for RetryStop {
@@ -230,6 +233,7 @@ impl fmt::Display for RetryStop {
             RetryStop::BudgetExhausted => "retry budget exhausted",
             RetryStop::Deadline => "deadline would pass before the next attempt",
             RetryStop::RetryAfterTooLong => "retry-after above the cap",
+            RetryStop::NotRetryable => "stopped on an error that is not retried",
         })
     }
 }

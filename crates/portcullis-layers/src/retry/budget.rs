@@ -1,0 +1,150 @@
+//! The retry budget shared by every clone of a retry layer.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::backoff::nanos;
+use super::config::{BudgetConfig, ConfigError, in_range, positive_secs};
+
+/// Slots of the sliding window: requests and retries older than the window leave it one slot
+/// (a tenth of the window) at a time.
+const SLOTS: usize = 10;
+
+/// Caps retries at a fraction of requests, over a sliding window, plus a small floor per
+/// second: `retries ≤ retry_ratio × requests + min_per_sec × window`.
+///
+/// A dead provider otherwise turns every request into `1 + max_retries` calls. With the
+/// default 20 %, once the floor is spent a failure storm costs at most 1.2 calls per request,
+/// and the excess requests fail at once with
+/// [`RetryStop::BudgetExhausted`](portcullis_core::RetryStop::BudgetExhausted).
+///
+/// Every request is [deposited](RetryBudget::deposit); every retry must
+/// [withdraw](RetryBudget::try_withdraw). State sits behind a `std` mutex held for a few
+/// additions; time comes from `tokio::time`, so paused-time tests drive the window.
+///
+/// ```
+/// use portcullis_layers::retry::{BudgetConfig, RetryBudget};
+///
+/// let budget = RetryBudget::new(&BudgetConfig { retry_ratio: 0.5, min_per_sec: 0.0, window: 10.0 })
+///     .unwrap();
+/// for _ in 0..4 {
+///     budget.deposit();
+/// }
+/// assert!(budget.try_withdraw());
+/// assert!(budget.try_withdraw());
+/// assert!(!budget.try_withdraw()); // 2 retries for 4 requests at 50 %
+/// ```
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    reserve: f64,
+    slot: u64,
+    window: Mutex<Window>,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    slots: [Counts; SLOTS],
+    head: usize,
+    head_start: Option<Instant>,
+    total: Counts,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    requests: u64,
+    retries: u64,
+}
+
+impl RetryBudget {
+    /// A budget from a validated [`BudgetConfig`].
+    pub fn new(config: &BudgetConfig) -> Result<Self, ConfigError> {
+        let ratio = in_range(
+            "budget.retry_ratio",
+            config.retry_ratio,
+            0.0,
+            1.0,
+            "in [0, 1]",
+        )?;
+        let per_sec = in_range(
+            "budget.min_per_sec",
+            config.min_per_sec,
+            0.0,
+            f64::MAX,
+            "a finite number ≥ 0",
+        )?;
+        let window = positive_secs("budget.window", config.window)?;
+        Ok(Self::from_parts(ratio, per_sec, window))
+    }
+
+    fn from_parts(ratio: f64, per_sec: f64, window: Duration) -> Self {
+        RetryBudget {
+            ratio,
+            reserve: per_sec * window.as_secs_f64(),
+            slot: (nanos(window) / SLOTS as u64).max(1),
+            window: Mutex::new(Window::default()),
+        }
+    }
+
+    /// Records one request (each call to the layer, not each attempt).
+    pub fn deposit(&self) {
+        self.with_window(|w| {
+            w.slots[w.head].requests += 1;
+            w.total.requests += 1;
+        });
+    }
+
+    /// Takes one retry from the budget; `false` when it is spent.
+    pub fn try_withdraw(&self) -> bool {
+        self.with_window(|w| {
+            let allowed = self.ratio * w.total.requests as f64 + self.reserve;
+            if (w.total.retries + 1) as f64 > allowed {
+                return false;
+            }
+            w.slots[w.head].retries += 1;
+            w.total.retries += 1;
+            true
+        })
+    }
+
+    /// Requests and retries counted in the current window.
+    pub fn counts(&self) -> (u64, u64) {
+        self.with_window(|w| (w.total.requests, w.total.retries))
+    }
+
+    fn with_window<T>(&self, f: impl FnOnce(&mut Window) -> T) -> T {
+        let now = Instant::now();
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        w.advance(now, self.slot);
+        f(&mut w)
+    }
+}
+
+impl Default for RetryBudget {
+    /// The defaults of [`BudgetConfig`]: 20 % of requests plus 1 retry per second, over 10 s.
+    fn default() -> Self {
+        Self::from_parts(0.2, 1.0, Duration::from_secs(10))
+    }
+}
+
+impl Window {
+    /// Moves the head to the slot that contains `now`, forgetting the slots that left the
+    /// window.
+    fn advance(&mut self, now: Instant, slot: u64) {
+        let start = *self.head_start.get_or_insert(now);
+        let steps = nanos(now.saturating_duration_since(start)) / slot;
+        if steps == 0 {
+            return;
+        }
+        for _ in 0..steps.min(SLOTS as u64) {
+            self.head = (self.head + 1) % SLOTS;
+            let old = std::mem::take(&mut self.slots[self.head]);
+            self.total.requests -= old.requests;
+            self.total.retries -= old.retries;
+        }
+        // `steps · slot` ≤ the elapsed time, so this neither overflows nor passes `now`.
+        self.head_start = Some(start + Duration::from_nanos(steps * slot));
+    }
+}

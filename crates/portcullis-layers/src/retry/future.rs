@@ -1,0 +1,173 @@
+//! [`ResponseFuture`]: the retry state machine.
+
+use std::fmt::{self, Display};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use portcullis_core::{RequestInfo, RetriesExhausted, RetryStop};
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::policy::{Attempt, Decision, Policy};
+
+pin_project! {
+    /// The future of [`Retry`](super::Retry): `Called` (an attempt in flight) → `Waiting`
+    /// (the backoff sleep) → `Checking` (driving the inner service ready) → `Called` …
+    ///
+    /// Dropping it drops whatever it holds at that moment (the attempt, or the timer): nothing
+    /// runs after it is gone.
+    pub struct ResponseFuture<S, Req, P>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        service: S,
+        request: Req,
+        policy: Arc<P>,
+        attempts: u32,
+        started: Instant,
+        last_delay: Duration,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called { #[pin] future: F },
+        Waiting { #[pin] sleep: Sleep },
+        Checking,
+    }
+}
+
+impl<S, Req, P> ResponseFuture<S, Req, P>
+where
+    S: Service<Req>,
+{
+    pub(super) fn new(
+        first: S::Future,
+        service: S,
+        request: Req,
+        policy: Arc<P>,
+        started: Instant,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Called { future: first },
+            service,
+            request,
+            policy,
+            attempts: 1,
+            started,
+            last_delay: Duration::ZERO,
+        }
+    }
+}
+
+impl<S, Req, P> fmt::Debug for ResponseFuture<S, Req, P>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Called { .. } => "called",
+            State::Waiting { .. } => "waiting",
+            State::Checking => "checking",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("attempts", &self.attempts)
+            .field("last_delay", &self.last_delay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, P> Future for ResponseFuture<S, Req, P>
+where
+    S: Service<Req>,
+    S::Error: From<RetriesExhausted<S::Error>> + Display,
+    P: Policy<Req, S::Response, S::Error>,
+    Req: Clone + RequestInfo,
+{
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { future } => {
+                    let outcome = ready!(future.poll(cx));
+                    let attempt = Attempt {
+                        request: &*this.request,
+                        number: *this.attempts,
+                        elapsed: this.started.elapsed(),
+                        last_delay: *this.last_delay,
+                        deadline: this.request.deadline(),
+                    };
+                    let delay = match this.policy.decide(&attempt, outcome.as_ref()) {
+                        Decision::Accept => return Poll::Ready(outcome),
+                        Decision::Retry(delay) if attempt.allows(delay) => delay,
+                        Decision::Retry(_) => {
+                            return give_up(outcome, *this.attempts, RetryStop::Deadline);
+                        }
+                        Decision::GiveUp(stop) => return give_up(outcome, *this.attempts, stop),
+                    };
+                    log_retry(&attempt, delay, outcome.as_ref().err());
+                    *this.last_delay = delay;
+                    if delay.is_zero() {
+                        this.state.set(State::Checking);
+                    } else {
+                        let sleep = tokio::time::sleep(delay);
+                        this.state.set(State::Waiting { sleep });
+                    }
+                }
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Checking);
+                }
+                StateProj::Checking => {
+                    ready!(this.service.poll_ready(cx))?;
+                    *this.attempts = this.attempts.saturating_add(1);
+                    let future = this.service.call(this.request.clone());
+                    this.state.set(State::Called { future });
+                }
+            }
+        }
+    }
+}
+
+/// Ends the call: a success as is, an error as `E::from(RetriesExhausted { .. })`.
+fn give_up<R, E>(outcome: Result<R, E>, attempts: u32, stop: RetryStop) -> Poll<Result<R, E>>
+where
+    E: From<RetriesExhausted<E>>,
+{
+    Poll::Ready(outcome.map_err(|last| {
+        RetriesExhausted {
+            attempts,
+            stop,
+            last,
+        }
+        .into()
+    }))
+}
+
+fn log_retry<Req: RequestInfo, E: Display>(
+    attempt: &Attempt<'_, Req>,
+    delay: Duration,
+    error: Option<&E>,
+) {
+    let reason = match error {
+        Some(e) => tracing::field::display(e as &dyn Display),
+        None => tracing::field::display(&"response rejected by the policy" as &dyn Display),
+    };
+    tracing::warn!(
+        model = crate::key::model_of(attempt.request),
+        attempt = attempt.number,
+        delay_ms = delay.as_millis() as u64,
+        reason,
+        "retrying",
+    );
+}

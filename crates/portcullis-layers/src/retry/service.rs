@@ -1,0 +1,107 @@
+//! [`Retry`]: the service.
+
+use std::fmt::Display;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use portcullis_core::{RequestInfo, RetriesExhausted};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::policy::Policy;
+
+/// Calls the inner service, then again after each failure its [`Policy`] decides to retry.
+///
+/// Each call keeps a clone of the inner service and of the request. Before **every** attempt
+/// after the first, the future drives that service clone to readiness (`poll_ready`), then
+/// calls it with a fresh clone of the request: at most one request clone per attempt. Between
+/// attempts it sleeps on a `tokio` timer; dropping the future drops the timer and stops
+/// everything, with no task left behind.
+///
+/// A streaming service's future resolves at its commit point (the first content chunk), so
+/// only failures before any content reached the caller are retried; an error in the stream
+/// after that belongs to the caller.
+///
+/// Errors: an error the policy [accepts](super::Decision::Accept) is returned unchanged; when
+/// the policy [gives up](super::Decision::GiveUp), or the next delay would reach the request's
+/// deadline, the last error is returned as `E::from(RetriesExhausted { attempts, stop, last })`
+/// (core implements it for [`LlmError`](portcullis_core::LlmError), which keeps its kind and
+/// records the attempts, and for [`BoxError`](portcullis_core::BoxError), which wraps). An
+/// error from the inner service's `poll_ready` between attempts is returned as it is, as
+/// tower's own `Retry` does.
+///
+/// Every retry logs one `tracing` warn event with the model, the attempt number, the delay and
+/// the error (whose `Display` names the provider, for `LlmError`).
+#[derive(Debug)]
+pub struct Retry<S, P> {
+    inner: S,
+    policy: Arc<P>,
+}
+
+impl<S, P> Retry<S, P> {
+    /// Wraps `inner`, deciding through `policy`.
+    pub fn new(inner: S, policy: P) -> Self {
+        Self::from_arc(inner, Arc::new(policy))
+    }
+
+    /// Wraps `inner`, deciding through a shared `policy`.
+    pub fn from_arc(inner: S, policy: Arc<P>) -> Self {
+        Retry { inner, policy }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Arc<P> {
+        &self.policy
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, P> Clone for Retry<S, P> {
+    fn clone(&self) -> Self {
+        Retry {
+            inner: self.inner.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+impl<S, P, Req> Service<Req> for Retry<S, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: From<RetriesExhausted<S::Error>> + Display,
+    P: Policy<Req, S::Response, S::Error>,
+    Req: Clone + RequestInfo,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, Req, P>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        self.policy.on_request(&request);
+        // Call the service that was driven ready; keep it for the retries, which drive it ready
+        // again. `self` keeps a fresh clone, as tower's own `Retry` does.
+        let fresh = self.inner.clone();
+        let mut service = std::mem::replace(&mut self.inner, fresh);
+        let first = service.call(request.clone());
+        ResponseFuture::new(first, service, request, self.policy.clone(), Instant::now())
+    }
+}
