@@ -76,6 +76,11 @@ impl Classification {
 pub trait Classify {
     /// This outcome's row of the classification table.
     fn classify(&self) -> Classification;
+
+    /// The provider that produced the error, for logs (`None` when unknown).
+    fn provider(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// How a response ended, as seen by a hook registered with [`OnFinish`].

@@ -481,6 +481,10 @@ impl Classify for LlmError {
         }
         c
     }
+
+    fn provider(&self) -> Option<&str> {
+        self.0.provider.as_deref()
+    }
 }
 
 impl RateLimitInfo for LlmError {
@@ -683,6 +687,10 @@ impl Classify for BoxError {
             return e.classify();
         }
         Classification::TRANSIENT
+    }
+
+    fn provider(&self) -> Option<&str> {
+        self.downcast_ref::<LlmError>().and_then(|e| e.provider())
     }
 }
 

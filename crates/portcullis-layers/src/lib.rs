@@ -23,3 +23,7 @@ pub mod timeout;
 pub mod token_bucket;
 
 pub use key::{ByModel, KeyClosure, KeyFn, SingleKey};
+
+pub use fallback::{Entry, Fallback, FallbackLayer};
+pub use retry::{Retry, RetryLayer};
+pub use timeout::{Deadline, DeadlineLayer, StreamIdleLayer, Timeout, TimeoutLayer};

@@ -377,7 +377,7 @@ async fn retry_after_above_the_cap_returns_at_once() {
 async fn retry_after_past_the_deadline_returns_at_once() {
     let (svc, calls) = failing(|| wire(429, Some("rate_limit_error")).with_retry_after(5 * SEC));
     let start = Instant::now();
-    let req = chat().deadline(start + 3 * SEC);
+    let req = chat().with_deadline(start + 3 * SEC);
     let e = Retry::new(svc, plain(3)).oneshot(req).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(calls.load(SeqCst), 1);
@@ -389,7 +389,7 @@ async fn no_backoff_sleep_outlives_the_deadline() {
     // Delays 1 s then 2 s: the second would end at 3 s, past the 2.5 s deadline.
     let (svc, calls) = failing(|| err(ErrorKind::Server));
     let start = Instant::now();
-    let req = chat().deadline(start + 2500 * Duration::from_millis(1));
+    let req = chat().with_deadline(start + 2500 * Duration::from_millis(1));
     let e = Retry::new(svc, plain(3)).oneshot(req).await.unwrap_err();
     assert_eq!(start.elapsed(), SEC);
     assert_eq!(calls.load(SeqCst), 2);
@@ -409,7 +409,7 @@ impl<Req, Res, E> Policy<Req, Res, E> for Stubborn {
 async fn the_service_enforces_the_deadline_whatever_the_policy() {
     let (svc, calls) = failing(|| err(ErrorKind::Server));
     let start = Instant::now();
-    let req = chat().deadline(start + 25 * SEC);
+    let req = chat().with_deadline(start + 25 * SEC);
     let e = Retry::new(svc, Stubborn).oneshot(req).await.unwrap_err();
     assert_eq!(calls.load(SeqCst), 3);
     assert_eq!(start.elapsed(), 20 * SEC);
@@ -887,6 +887,7 @@ async fn logs_one_warn_event_per_retry() {
     assert_eq!(warns.len(), 3, "{events:?}");
     for (i, w) in warns.iter().enumerate() {
         assert_eq!(w["model"], "gpt-4o-mini");
+        assert_eq!(w["provider"], "openai");
         assert_eq!(w["attempt"], (i + 1).to_string());
         assert_eq!(w["delay_ms"], (1000u64 << i).to_string());
         assert!(
@@ -951,7 +952,7 @@ async fn stopping_for_the_deadline_or_cap_spends_no_budget() {
     let budget = policy.budget().unwrap().clone();
     let (svc, calls) = failing(|| wire(429, Some("rate_limit_error")).with_retry_after(5 * SEC));
     let mut svc = Retry::new(svc, policy);
-    let req = chat().deadline(Instant::now() + 3 * SEC);
+    let req = chat().with_deadline(Instant::now() + 3 * SEC);
     let e = ServiceExt::<ChatRequest>::ready(&mut svc)
         .await
         .unwrap()

@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use portcullis_core::{RequestInfo, RetriesExhausted, RetryStop};
+use portcullis_core::{Classify, RequestInfo, RetriesExhausted, RetryStop};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -88,7 +88,7 @@ where
 impl<S, Req, P> Future for ResponseFuture<S, Req, P>
 where
     S: Service<Req>,
-    S::Error: From<RetriesExhausted<S::Error>> + Display,
+    S::Error: From<RetriesExhausted<S::Error>> + Display + Classify,
     P: Policy<Req, S::Response, S::Error>,
     Req: Clone + RequestInfo,
 {
@@ -154,7 +154,7 @@ where
     }))
 }
 
-fn log_retry<Req: RequestInfo, E: Display>(
+fn log_retry<Req: RequestInfo, E: Display + Classify>(
     attempt: &Attempt<'_, Req>,
     delay: Duration,
     error: Option<&E>,
@@ -164,7 +164,8 @@ fn log_retry<Req: RequestInfo, E: Display>(
         None => tracing::field::display(&"response rejected by the policy" as &dyn Display),
     };
     tracing::warn!(
-        model = crate::key::model_of(attempt.request),
+        provider = error.and_then(|e| e.provider()).unwrap_or("-"),
+        model = attempt.request.model().unwrap_or("-"),
         attempt = attempt.number,
         delay_ms = delay.as_millis() as u64,
         reason,

@@ -4,7 +4,7 @@ use std::fmt::Display;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use portcullis_core::{RequestInfo, RetriesExhausted};
+use portcullis_core::{Classify, RequestInfo, RetriesExhausted};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -32,7 +32,7 @@ use super::policy::Policy;
 /// tower's own `Retry` does.
 ///
 /// Every retry logs one `tracing` warn event with the model, the attempt number, the delay and
-/// the error (whose `Display` names the provider, for `LlmError`).
+/// the error (its provider from [`Classify::provider`](portcullis_core::Classify::provider)).
 #[derive(Debug)]
 pub struct Retry<S, P> {
     inner: S,
@@ -83,7 +83,7 @@ impl<S: Clone, P> Clone for Retry<S, P> {
 impl<S, P, Req> Service<Req> for Retry<S, P>
 where
     S: Service<Req> + Clone,
-    S::Error: From<RetriesExhausted<S::Error>> + Display,
+    S::Error: From<RetriesExhausted<S::Error>> + Display + Classify,
     P: Policy<Req, S::Response, S::Error>,
     Req: Clone + RequestInfo,
 {
