@@ -705,8 +705,8 @@ fn simulate(req: Rate, tok: Rate, arrivals: Vec<Arrival>) -> Vec<(Instant, u64)>
         for t in tasks {
             t.await.unwrap();
         }
-        let v = log.lock().unwrap().clone();
-        v
+        let mut admitted = log.lock().unwrap();
+        std::mem::take(&mut *admitted)
     })
 }
 

@@ -22,9 +22,9 @@ pub(crate) struct Settings<KF, C> {
 /// Applies a dual RPM / TPM token bucket to a service. See the [module docs](super).
 ///
 /// ```
-/// use portcullis_core::{ChatMessage, ChatRequest, CompletionResult, LlmError, Throttled, Usage};
-/// use portcullis_layers::token_bucket::{KeyLimits, Rate, TokenBucketConfig, TokenBucketLayer};
-/// use tower::{ServiceBuilder, ServiceExt};
+/// use portcullis_core::{ChatMessage, ChatRequest, CompletionResult, ErrorKind, LlmError, Usage};
+/// use portcullis_layers::token_bucket::{KeyLimits, TokenBucketConfig, TokenBucketLayer};
+/// use tower::{Service, ServiceBuilder, ServiceExt};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -51,9 +51,7 @@ pub(crate) struct Settings<KF, C> {
 /// // A request that could never fit is refused at once.
 /// let huge = ChatRequest::new("gpt-4o-mini", vec![ChatMessage::user("x")]).max_tokens(300_000);
 /// let err = svc.ready().await?.call(huge).await.unwrap_err();
-/// assert_eq!(err.kind(), portcullis_core::ErrorKind::Throttled);
-/// # let _ = Throttled { retry_after: Default::default() };
-/// # let _ = Rate::per_minute(1);
+/// assert_eq!(err.kind(), ErrorKind::Throttled);
 /// # Ok(())
 /// # }
 /// ```
