@@ -751,3 +751,40 @@ proptest::proptest! {
         if let Err(e) = check_window(&admitted, tok, "tokens") { return Err(proptest::test_runner::TestCaseError::fail(e)); }
     }
 }
+
+/// A pause that starts while a waiter sleeps holds it until the pause ends.
+#[tokio::test(start_paused = true)]
+async fn pause_holds_sleeping_waiters() {
+    let log = Log::default();
+    let l = layer(limits((1, 1.0), (1000, 1000.0)), Duration::from_secs(60));
+    let h = l.handle();
+    let mut svc = l.layer(provider(log.clone(), Arc::default()));
+    let t0 = Instant::now();
+    svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+    let b = tokio::spawn(svc.clone().oneshot(req("m", 2))); // slot 1 s
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.pause(&key("m"), Duration::from_secs(3));
+    b.await.unwrap().unwrap();
+    assert_eq!(since(t0, &log)[1], Duration::from_millis(3500));
+}
+
+/// Once the inner service was called, dropping the response future keeps the charge: the
+/// request reached the provider.
+#[tokio::test(start_paused = true)]
+async fn dropping_after_the_call_keeps_the_charge() {
+    use tower_test::mock;
+    let l = layer(limits((10, 1e-3), (1000, 1e-3)), Duration::from_secs(60));
+    let h = l.handle();
+    let (inner, mut handle) = mock::pair::<ChatRequest, CompletionResult>();
+    let mut svc = l.layer(inner);
+    let mut fut = tokio_test::task::spawn(svc.ready().await.unwrap().call(req("m", 100)));
+    assert!(fut.poll().is_pending());
+    let _in_flight = handle.next_request().await.unwrap();
+    drop(fut);
+    assert!(
+        (tokens(&h, "m") - 900.0).abs() < 0.01,
+        "{}",
+        tokens(&h, "m")
+    );
+    assert!((requests(&h, "m") - 9.0).abs() < 0.01);
+}

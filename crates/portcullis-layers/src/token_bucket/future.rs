@@ -52,6 +52,8 @@ struct Ctx<K, St: BucketStore<K>> {
     limit: Instant,
     /// Reserved, not yet used: refunded on drop.
     waiting: Option<St::Ticket>,
+    /// Spent on the inner call: reconciled with the usage, never refunded.
+    charged: Option<St::Ticket>,
 }
 
 impl<K: KeyLabel, St: BucketStore<K>> Ctx<K, St> {
@@ -151,6 +153,7 @@ where
                 cost,
                 limit,
                 waiting: None,
+                charged: None,
             },
         }
     }
@@ -249,6 +252,8 @@ where
                         return Poll::Ready(Err(e));
                     }
                     let req = this.req.take().expect("request taken only once");
+                    // From here on the reservation is spent: it is reconciled, not refunded.
+                    this.ctx.charged = this.ctx.waiting.take();
                     let fut = this.inner.call(req);
                     this.state.set(State::Call { fut });
                 }
@@ -256,8 +261,7 @@ where
                     let out = ready!(fut.poll(cx));
                     this.state.set(State::Done);
                     let ctx = &mut *this.ctx;
-                    // From here on the reservation is spent: it is reconciled, not refunded.
-                    let ticket = ctx.waiting.take();
+                    let ticket = ctx.charged.take();
                     return Poll::Ready(match out {
                         Ok(mut res) => {
                             ctx.feedback(res.rate_limits());
