@@ -1,0 +1,371 @@
+//! Configuration of the token bucket: per-key [`KeyLimits`] made of [`Rate`]s, validated into a
+//! typed [`ConfigError`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The default longest wait for admission: 30 s.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// One bucket: how much it holds and how fast it refills.
+///
+/// In serde form it is either a number, meaning "per minute" (capacity = the number, refill =
+/// number / 60 per second, as providers state RPM / TPM), or an object with `capacity` and
+/// `refill_per_sec`, or an object with `per_minute`.
+///
+/// ```
+/// use portcullis_layers::token_bucket::Rate;
+/// let rpm: Rate = serde_json::from_str("500").unwrap();
+/// assert_eq!(rpm, Rate::per_minute(500).unwrap());
+/// let custom: Rate = serde_json::from_str(r#"{"capacity": 10, "refill_per_sec": 10}"#).unwrap();
+/// assert_eq!(custom.capacity(), 10);
+/// assert!(serde_json::from_str::<Rate>(r#"{"capacity": 0, "refill_per_sec": 1}"#).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawRate", into = "RawRate")]
+pub struct Rate {
+    capacity: u64,
+    refill_per_sec: f64,
+}
+
+impl Rate {
+    /// A bucket of `capacity` refilling at `refill_per_sec` units per second.
+    pub fn new(capacity: u64, refill_per_sec: f64) -> Result<Rate, ConfigError> {
+        if capacity == 0 {
+            return Err(ConfigError::ZeroCapacity);
+        }
+        if !refill_per_sec.is_finite() || refill_per_sec <= 0.0 {
+            return Err(ConfigError::InvalidRefill(refill_per_sec));
+        }
+        Ok(Rate {
+            capacity,
+            refill_per_sec,
+        })
+    }
+
+    /// A provider-style "N per minute" limit: capacity N, refilling N / 60 per second.
+    pub fn per_minute(n: u64) -> Result<Rate, ConfigError> {
+        Rate::new(n, n as f64 / 60.0)
+    }
+
+    /// The capacity.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The refill rate, per second.
+    pub fn refill_per_sec(&self) -> f64 {
+        self.refill_per_sec
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum RawRate {
+    PerMinute(u64),
+    Object(RateObject),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateObject {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    capacity: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refill_per_sec: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    per_minute: Option<u64>,
+}
+
+impl TryFrom<RawRate> for Rate {
+    type Error = ConfigError;
+    fn try_from(raw: RawRate) -> Result<Rate, ConfigError> {
+        match raw {
+            RawRate::PerMinute(n) => Rate::per_minute(n),
+            RawRate::Object(o) => match (o.capacity, o.refill_per_sec, o.per_minute) {
+                (None, None, Some(n)) => Rate::per_minute(n),
+                (Some(c), Some(r), None) => Rate::new(c, r),
+                _ => Err(ConfigError::RateShape),
+            },
+        }
+    }
+}
+
+impl From<Rate> for RawRate {
+    fn from(r: Rate) -> RawRate {
+        RawRate::Object(RateObject {
+            capacity: Some(r.capacity),
+            refill_per_sec: Some(r.refill_per_sec),
+            per_minute: None,
+        })
+    }
+}
+
+/// The limits of one key: up to four buckets, all reserved atomically (every configured bucket
+/// or none). A bucket left out does not limit.
+///
+/// - `requests`: one unit per request (RPM).
+/// - `tokens`: estimated prompt + `max_tokens` (TPM; OpenAI pre-charges `max_tokens`).
+/// - `input_tokens` / `output_tokens`: Anthropic's split limits (ITPM / OTPM); the prompt
+///   estimate is charged to the first and `max_tokens` to the second.
+///
+/// The seed's table, as examples:
+///
+/// ```
+/// use portcullis_layers::token_bucket::{KeyLimits, Rate};
+/// // openai:gpt-4o-mini, 500 RPM / 200 000 TPM
+/// let mini: KeyLimits = serde_json::from_str(r#"{"requests": 500, "tokens": 200000}"#).unwrap();
+/// assert_eq!(mini, KeyLimits::rpm_tpm(500, 200_000).unwrap());
+/// // anthropic:claude-3-haiku, 1000 RPM / 100 000 TPM, or split input / output
+/// let haiku = KeyLimits::rpm_tpm(1000, 100_000).unwrap();
+/// let split: KeyLimits = serde_json::from_str(
+///     r#"{"requests": 1000, "input_tokens": 100000, "output_tokens": 20000}"#).unwrap();
+/// assert_eq!(split.output_tokens, Some(Rate::per_minute(20_000).unwrap()));
+/// # let _ = haiku;
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct KeyLimits {
+    /// Requests bucket (RPM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Rate>,
+    /// Total tokens bucket (TPM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Rate>,
+    /// Input tokens bucket (Anthropic ITPM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<Rate>,
+    /// Output tokens bucket (Anthropic OTPM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<Rate>,
+}
+
+impl KeyLimits {
+    /// No bucket: nothing is limited.
+    pub fn unlimited() -> KeyLimits {
+        KeyLimits::default()
+    }
+
+    /// Provider-style requests-per-minute and tokens-per-minute limits.
+    pub fn rpm_tpm(rpm: u64, tpm: u64) -> Result<KeyLimits, ConfigError> {
+        Ok(KeyLimits {
+            requests: Some(Rate::per_minute(rpm)?),
+            tokens: Some(Rate::per_minute(tpm)?),
+            ..KeyLimits::default()
+        })
+    }
+
+    /// Sets the requests bucket.
+    pub fn with_requests(mut self, rate: Rate) -> Self {
+        self.requests = Some(rate);
+        self
+    }
+
+    /// Sets the total tokens bucket.
+    pub fn with_tokens(mut self, rate: Rate) -> Self {
+        self.tokens = Some(rate);
+        self
+    }
+
+    /// Sets the input tokens bucket.
+    pub fn with_input_tokens(mut self, rate: Rate) -> Self {
+        self.input_tokens = Some(rate);
+        self
+    }
+
+    /// Sets the output tokens bucket.
+    pub fn with_output_tokens(mut self, rate: Rate) -> Self {
+        self.output_tokens = Some(rate);
+        self
+    }
+
+    /// The buckets in a fixed order: requests, tokens, input tokens, output tokens.
+    pub fn buckets(&self) -> [Option<Rate>; 4] {
+        [
+            self.requests,
+            self.tokens,
+            self.input_tokens,
+            self.output_tokens,
+        ]
+    }
+
+    /// Checks every bucket (a [`Rate`] built by hand with serde bypassed cannot be invalid, but
+    /// one deserialized elsewhere is re-checked here).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for rate in self.buckets().into_iter().flatten() {
+            Rate::new(rate.capacity, rate.refill_per_sec)?;
+        }
+        Ok(())
+    }
+}
+
+/// The whole configuration of a token bucket layer.
+///
+/// `limits` maps a key label to its limits. A request's key is looked up first as
+/// `name:label` (e.g. `openai:gpt-4o-mini`, where `name` is the layer's name), then as the bare
+/// label (`gpt-4o-mini`), then falls back to `default`. With no `default`, a key that matches
+/// nothing is **not limited** (a `warn` event says so once per key).
+///
+/// ```
+/// use std::time::Duration;
+/// use portcullis_layers::token_bucket::TokenBucketConfig;
+/// let cfg: TokenBucketConfig = serde_json::from_str(r#"{
+///     "limits": {
+///         "openai:gpt-4o-mini": {"requests": 500, "tokens": 200000},
+///         "anthropic:claude-3-haiku": {"requests": 1000, "tokens": 100000}
+///     },
+///     "default": {"requests": 60},
+///     "max_wait_ms": 10000
+/// }"#).unwrap();
+/// cfg.validate().unwrap();
+/// assert_eq!(cfg.max_wait, Duration::from_secs(10));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TokenBucketConfig {
+    /// Limits per key label (`provider:model` or `model`).
+    #[serde(default)]
+    pub limits: BTreeMap<String, KeyLimits>,
+    /// Limits of keys not listed; `None` leaves them unlimited.
+    #[serde(default)]
+    pub default: Option<KeyLimits>,
+    /// The longest a request may wait for admission before it is refused with `Throttled`.
+    #[serde(rename = "max_wait_ms", with = "millis", default = "default_max_wait")]
+    pub max_wait: Duration,
+}
+
+fn default_max_wait() -> Duration {
+    DEFAULT_MAX_WAIT
+}
+
+impl Default for TokenBucketConfig {
+    fn default() -> Self {
+        TokenBucketConfig {
+            limits: BTreeMap::new(),
+            default: None,
+            max_wait: DEFAULT_MAX_WAIT,
+        }
+    }
+}
+
+impl TokenBucketConfig {
+    /// An empty configuration (every key unlimited until limits are set).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the limits of one key label.
+    pub fn limit(mut self, label: impl Into<String>, limits: KeyLimits) -> Self {
+        self.limits.insert(label.into(), limits);
+        self
+    }
+
+    /// Sets the limits of unlisted keys.
+    pub fn default_limits(mut self, limits: KeyLimits) -> Self {
+        self.default = Some(limits);
+        self
+    }
+
+    /// Sets the longest admission wait.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+
+    /// Checks every value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (label, limits) in &self.limits {
+            if label.is_empty() {
+                return Err(ConfigError::EmptyLabel);
+            }
+            limits.validate().map_err(|e| ConfigError::InKey {
+                label: label.clone(),
+                error: Box::new(e),
+            })?;
+        }
+        if let Some(d) = &self.default {
+            d.validate()?;
+        }
+        if self.max_wait > MAX_MAX_WAIT {
+            return Err(ConfigError::MaxWaitTooLong(self.max_wait));
+        }
+        Ok(())
+    }
+
+    /// The limits for a key label under a layer name.
+    pub(crate) fn resolve(&self, name: &str, label: &str) -> Option<KeyLimits> {
+        if !name.is_empty() {
+            let mut full = String::with_capacity(name.len() + 1 + label.len());
+            full.push_str(name);
+            full.push(':');
+            full.push_str(label);
+            if let Some(l) = self.limits.get(&full) {
+                return Some(*l);
+            }
+        }
+        self.limits.get(label).copied().or(self.default)
+    }
+}
+
+/// The longest `max_wait` accepted: one day.
+const MAX_MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(v.as_millis() as u64)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A bucket with capacity 0 could never admit anything.
+    ZeroCapacity,
+    /// A refill rate that is zero, negative, or not finite.
+    InvalidRefill(f64),
+    /// A rate object must have either `capacity` and `refill_per_sec`, or `per_minute` alone.
+    RateShape,
+    /// An empty key label.
+    EmptyLabel,
+    /// `max_wait` above one day.
+    MaxWaitTooLong(Duration),
+    /// An error in the limits of one key.
+    InKey {
+        /// The key label.
+        label: String,
+        /// What is wrong.
+        error: Box<ConfigError>,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::ZeroCapacity => f.write_str("a bucket capacity must be at least 1"),
+            ConfigError::InvalidRefill(r) => {
+                write!(f, "a refill rate must be positive and finite, got {r}")
+            }
+            ConfigError::RateShape => f.write_str(
+                "a rate needs either `capacity` and `refill_per_sec`, or `per_minute` alone",
+            ),
+            ConfigError::EmptyLabel => f.write_str("a key label must not be empty"),
+            ConfigError::MaxWaitTooLong(d) => write!(f, "max_wait {d:?} exceeds one day"),
+            ConfigError::InKey { label, error } => write!(f, "limits of `{label}`: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}

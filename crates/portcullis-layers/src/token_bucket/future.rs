@@ -1,0 +1,300 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use portcullis_core::{
+    Classify, OnFinish, OverCapacity, RateLimitHints, RateLimitInfo, Throttled, Usage,
+};
+use tokio::time::{Instant, Sleep, sleep_until};
+use tower_service::Service;
+
+use super::KeyDisplay;
+use super::store::{BucketStore, Cost, KeyLabel, Refusal, Remaining, Settlement};
+
+pin_project! {
+    /// The response future of [`TokenBucket`](super::TokenBucket): reserves, sleeps until the
+    /// slot, drives the inner service ready, calls it, then feeds the outcome back to the
+    /// buckets. Dropping it before the inner call refunds the reservation.
+    pub struct ResponseFuture<S, Req, K, St>
+    where
+        S: Service<Req>,
+        St: BucketStore<K>,
+    {
+        #[pin]
+        state: State<St::Reserve, S::Future>,
+        inner: S,
+        req: Option<Req>,
+        ctx: Ctx<K, St>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<R, F> {
+        Reserve { #[pin] fut: R },
+        Sleep { #[pin] sleep: Sleep },
+        Ready,
+        Call { #[pin] fut: F },
+        Done,
+    }
+}
+
+/// Everything but the pinned state; its `Drop` refunds a reservation not yet used.
+struct Ctx<K, St: BucketStore<K>> {
+    store: St,
+    key: K,
+    name: Arc<str>,
+    cost: Cost,
+    /// The latest admission allowed (`max_wait` or the deadline).
+    limit: Instant,
+    /// Reserved, not yet used: refunded on drop.
+    waiting: Option<St::Ticket>,
+    /// Spent on the inner call: reconciled with the usage, never refunded.
+    charged: Option<St::Ticket>,
+}
+
+impl<K: KeyLabel, St: BucketStore<K>> Ctx<K, St> {
+    fn refund(&mut self, why: &'static str) {
+        if let Some(t) = self.waiting.take() {
+            tracing::debug!(
+                key = %KeyDisplay(&self.name, &self.key.label()),
+                cost = self.cost.input_tokens + self.cost.output_tokens,
+                why,
+                "token bucket: reservation refunded"
+            );
+            self.store.settle(t, Settlement::Cancelled);
+        }
+    }
+
+    fn feedback(&self, hints: Option<&RateLimitHints>) {
+        if let Some(h) = hints {
+            let remaining = Remaining::from_hints(h);
+            if !remaining.is_empty() {
+                self.store.clamp(&self.key, remaining);
+            }
+        }
+    }
+
+    fn rate_limited(&self, retry_after: Option<Duration>, hints: Option<&RateLimitHints>) {
+        let from_resets = hints.and_then(|h| {
+            [&h.requests, &h.tokens, &h.input_tokens, &h.output_tokens]
+                .into_iter()
+                .filter(|l| l.remaining == Some(0))
+                .filter_map(|l| l.reset)
+                .max()
+        });
+        let pause = retry_after
+            .or_else(|| hints.and_then(|h| h.retry_after))
+            .or(from_resets);
+        let key = KeyDisplay(&self.name, &self.key.label()).to_string();
+        match pause {
+            Some(d) => {
+                tracing::warn!(
+                    key,
+                    pause_ms = d.as_millis() as u64,
+                    "token bucket: provider rate-limited the key; pausing"
+                );
+                self.store.pause(&self.key, d);
+            }
+            None => {
+                tracing::warn!(
+                    key,
+                    "token bucket: provider rate-limited the key without a reset hint; emptying its buckets"
+                );
+                self.store.clamp(
+                    &self.key,
+                    Remaining {
+                        requests: Some(0),
+                        tokens: Some(0),
+                        input_tokens: Some(0),
+                        output_tokens: Some(0),
+                    },
+                );
+            }
+        }
+    }
+}
+
+impl<K, St: BucketStore<K>> Drop for Ctx<K, St> {
+    fn drop(&mut self) {
+        if let Some(t) = self.waiting.take() {
+            self.store.settle(t, Settlement::Cancelled);
+        }
+    }
+}
+
+impl<S, Req, K, St> ResponseFuture<S, Req, K, St>
+where
+    S: Service<Req>,
+    St: BucketStore<K>,
+{
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        reserve: St::Reserve,
+        inner: S,
+        req: Req,
+        store: St,
+        key: K,
+        name: Arc<str>,
+        cost: Cost,
+        limit: Instant,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Reserve { fut: reserve },
+            inner,
+            req: Some(req),
+            ctx: Ctx {
+                store,
+                key,
+                name,
+                cost,
+                limit,
+                waiting: None,
+                charged: None,
+            },
+        }
+    }
+}
+
+/// Usage a response reported, if it reported any (all zeros means none).
+fn reported(usage: Option<Usage>) -> Option<Usage> {
+    usage.filter(|u| u.input_tokens != 0 || u.output_tokens != 0 || u.total_tokens != 0)
+}
+
+impl<S, Req, K, St> Future for ResponseFuture<S, Req, K, St>
+where
+    S: Service<Req>,
+    S::Response: OnFinish + RateLimitInfo,
+    S::Error: Classify + RateLimitInfo + From<Throttled> + From<OverCapacity>,
+    K: KeyLabel,
+    St: BucketStore<K>,
+{
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Reserve { fut } => {
+                    let ctx = &mut *this.ctx;
+                    match ready!(fut.poll(cx)) {
+                        Ok(adm) => {
+                            ctx.waiting = Some(adm.ticket);
+                            if adm.wait.is_zero() {
+                                this.state.set(State::Ready);
+                            } else {
+                                tracing::debug!(
+                                    key = %KeyDisplay(&ctx.name, &ctx.key.label()),
+                                    tokens = ctx.cost.input_tokens + ctx.cost.output_tokens,
+                                    wait_ms = adm.wait.as_millis() as u64,
+                                    "token bucket: waiting for a slot"
+                                );
+                                let sleep = sleep_until(Instant::now() + adm.wait);
+                                this.state.set(State::Sleep { sleep });
+                            }
+                        }
+                        Err(refusal) => {
+                            this.state.set(State::Done);
+                            let key = KeyDisplay(&ctx.name, &ctx.key.label()).to_string();
+                            return Poll::Ready(Err(match refusal {
+                                Refusal::OverCapacity { cost, capacity } => {
+                                    tracing::info!(
+                                        key,
+                                        cost,
+                                        capacity,
+                                        "token bucket: refused, cost over capacity"
+                                    );
+                                    OverCapacity { cost, capacity }.into()
+                                }
+                                Refusal::Throttled { retry_after } => {
+                                    tracing::info!(
+                                        key,
+                                        tokens = ctx.cost.input_tokens + ctx.cost.output_tokens,
+                                        wait_ms = retry_after.as_millis() as u64,
+                                        "token bucket: refused, wait too long"
+                                    );
+                                    Throttled { retry_after }.into()
+                                }
+                            }));
+                        }
+                    }
+                }
+                StateProj::Sleep { sleep } => {
+                    ready!(sleep.poll(cx));
+                    let ctx = &mut *this.ctx;
+                    let paused = ctx
+                        .waiting
+                        .as_ref()
+                        .and_then(|t| ctx.store.paused_for(t))
+                        .filter(|d| !d.is_zero());
+                    match paused {
+                        Some(p) => {
+                            let until = Instant::now() + p;
+                            if until > ctx.limit {
+                                ctx.refund("paused beyond the allowed wait");
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(Throttled { retry_after: p }.into()));
+                            }
+                            this.state.set(State::Sleep {
+                                sleep: sleep_until(until),
+                            });
+                        }
+                        None => this.state.set(State::Ready),
+                    }
+                }
+                StateProj::Ready => {
+                    if let Err(e) = ready!(this.inner.poll_ready(cx)) {
+                        this.ctx.refund("inner service failed poll_ready");
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e));
+                    }
+                    let req = this.req.take().expect("request taken only once");
+                    // From here on the reservation is spent: it is reconciled, not refunded.
+                    this.ctx.charged = this.ctx.waiting.take();
+                    let fut = this.inner.call(req);
+                    this.state.set(State::Call { fut });
+                }
+                StateProj::Call { fut } => {
+                    let out = ready!(fut.poll(cx));
+                    this.state.set(State::Done);
+                    let ctx = &mut *this.ctx;
+                    let ticket = ctx.charged.take();
+                    return Poll::Ready(match out {
+                        Ok(mut res) => {
+                            ctx.feedback(res.rate_limits());
+                            if let Some(ticket) = ticket {
+                                let store = ctx.store.clone();
+                                let requests = ctx.cost.requests;
+                                res.on_finish(move |finish| {
+                                    if let Some(u) = reported(finish.usage()) {
+                                        store.settle(
+                                            ticket,
+                                            Settlement::Used(Cost {
+                                                requests,
+                                                input_tokens: u.input_tokens,
+                                                output_tokens: u.output_tokens,
+                                            }),
+                                        );
+                                    }
+                                });
+                            }
+                            Ok(res)
+                        }
+                        Err(e) => {
+                            ctx.feedback(e.rate_limits());
+                            let class = e.classify();
+                            if class.rate_limited {
+                                ctx.rate_limited(class.retry_after, e.rate_limits());
+                            }
+                            Err(e)
+                        }
+                    });
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
