@@ -58,3 +58,8 @@ where
         (self.0)(req)
     }
 }
+
+/// The model name of a request, for logs: `"-"` when it names none.
+pub(crate) fn model_of<Req: portcullis_core::RequestInfo>(req: &Req) -> &str {
+    req.model().unwrap_or("-")
+}

@@ -27,3 +27,4 @@ pub use key::{ByModel, KeyClosure, KeyFn, SingleKey};
 pub use fallback::{Entry, Fallback, FallbackLayer};
 pub use retry::{Retry, RetryLayer};
 pub use timeout::{Deadline, DeadlineLayer, StreamIdleLayer, Timeout, TimeoutLayer};
+pub use token_bucket::{TokenBucket, TokenBucketLayer};

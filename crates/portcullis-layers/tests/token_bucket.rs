@@ -272,7 +272,7 @@ async fn long_wait_and_deadline_fail_fast_and_consume_nothing() {
         .ready()
         .await
         .unwrap()
-        .call(req("m", 10).deadline(start + Duration::from_millis(500)))
+        .call(req("m", 10).with_deadline(start + Duration::from_millis(500)))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Throttled);
@@ -283,7 +283,7 @@ async fn long_wait_and_deadline_fail_fast_and_consume_nothing() {
     svc.ready()
         .await
         .unwrap()
-        .call(req("m", 10).deadline(start + Duration::from_secs(2)))
+        .call(req("m", 10).with_deadline(start + Duration::from_secs(2)))
         .await
         .unwrap();
     assert_eq!(Instant::now() - start, Duration::from_secs(1));
