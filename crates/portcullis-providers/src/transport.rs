@@ -318,11 +318,11 @@ impl Endpoint {
             .map(str::to_owned)
     }
 
-    /// Adds the provider and the request id to an error.
+    /// Adds the provider and the request id (the header's; it wins over a body's) to an error.
     pub(crate) fn finish_error(&self, e: LlmError, request_id: Option<&str>) -> LlmError {
         let e = e.with_provider(self.provider);
         match request_id {
-            Some(id) if e.request_id().is_none() => e.with_request_id(id),
+            Some(id) => e.with_request_id(id),
             _ => e,
         }
     }
