@@ -218,6 +218,9 @@ impl<P: EventParser> Stream for EventStream<P> {
         }
         loop {
             if *this.done {
+                // Read what is already there (the body's end, usually) so that the connection
+                // can go back to the pool; never wait for more.
+                while let Poll::Ready(Some(_)) = this.sse.as_mut().poll_next(cx) {}
                 return Poll::Ready(None);
             }
             let step = match std::task::ready!(this.sse.as_mut().poll_next(cx)) {

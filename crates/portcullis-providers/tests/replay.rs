@@ -357,3 +357,40 @@ async fn missing_required_fields_are_protocol_errors() {
         assert_eq!(e.kind(), ErrorKind::Protocol, "{body}");
     }
 }
+
+#[tokio::test]
+async fn clones_share_the_pool_and_poll_ready_is_always_ready() {
+    let server = Server::start().await;
+    let provider = server.openai();
+    let mut streaming = provider.streaming();
+    server.set(fixture("openai/ai-gateway_chat_basic.json").canned());
+    for i in 0..3 {
+        let mut p = provider.clone();
+        tokio_poll_ready_now(&mut p);
+        p.call(request("m")).await.unwrap();
+        assert_eq!(
+            server.connections(),
+            1,
+            "call {i}: one pooled connection, shared by clones"
+        );
+    }
+    // The streaming service is ready at once too, before every call.
+    server.set(fixture("openai/openai-python_stream_finish_length.sse").canned());
+    for _ in 0..2 {
+        tokio_poll_ready_now(&mut streaming);
+        drain(streaming.call(request("m")).await.unwrap()).await;
+    }
+}
+
+/// `poll_ready` is ready at once (no buffer, no waiting).
+fn tokio_poll_ready_now<S: Service<portcullis_core::ChatRequest>>(s: &mut S)
+where
+    S::Error: std::fmt::Debug,
+{
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    assert!(matches!(
+        s.poll_ready(&mut cx),
+        std::task::Poll::Ready(Ok(()))
+    ));
+}

@@ -71,6 +71,7 @@ pub struct Seen {
 struct State {
     canned: Option<Canned>,
     seen: Vec<Seen>,
+    connections: usize,
 }
 
 /// The loopback server.
@@ -91,6 +92,7 @@ impl Server {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
+                st.lock().unwrap().connections += 1;
                 let st = st.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
@@ -109,6 +111,11 @@ impl Server {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
+    }
+
+    /// How many TCP connections were accepted.
+    pub fn connections(&self) -> usize {
+        self.state.lock().unwrap().connections
     }
 
     pub fn last(&self) -> Seen {
