@@ -432,7 +432,8 @@ fn rate_limit_error(
     }
 }
 
-fn set_request_id(family: Family, h: &mut HeaderMap, id: &str) {
+/// Sets `x-request-id` (OpenAI) or `request-id` (Anthropic).
+pub(crate) fn set_request_id(family: Family, h: &mut HeaderMap, id: &str) {
     match family {
         Family::Anthropic => wire::set(h, "request-id", id),
         _ => wire::set(h, "x-request-id", id),

@@ -120,8 +120,10 @@ fn not_found(shared: &Shared, h: &HeaderMap, method: &Method, path: &str) -> Ans
     };
     let rid = wire::request_id(family, &mut *lock(&shared.rng));
     let err = wire::WireError::new(404, format!("Invalid URL ({method} {path})"));
+    let mut response = wire::error_body(family, &rid, &err);
+    api::set_request_id(family, response.headers_mut(), &rid);
     Answer {
-        response: Some(wire::error_body(family, &rid, &err)),
+        response: Some(response),
         outcome: "not_found".into(),
     }
 }

@@ -21,11 +21,16 @@ pub struct SimBody {
     chunks: VecDeque<Bytes>,
     delay: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A whole body (sent with `content-length`), not a stream (sent chunked).
+    whole: bool,
 }
 
 impl SimBody {
     pub(crate) fn full(b: impl Into<Bytes>) -> Self {
-        Self::chunks(vec![b.into()], Duration::ZERO)
+        SimBody {
+            whole: true,
+            ..Self::chunks(vec![b.into()], Duration::ZERO)
+        }
     }
 
     pub(crate) fn chunks(chunks: Vec<Bytes>, delay: Duration) -> Self {
@@ -33,6 +38,7 @@ impl SimBody {
             chunks: chunks.into(),
             delay,
             sleep: None,
+            whole: false,
         }
     }
 }
@@ -64,6 +70,14 @@ impl http_body::Body for SimBody {
 
     fn is_end_stream(&self) -> bool {
         self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        if self.whole {
+            http_body::SizeHint::with_exact(self.chunks.iter().map(|c| c.len() as u64).sum())
+        } else {
+            http_body::SizeHint::default()
+        }
     }
 }
 
