@@ -19,7 +19,7 @@ fn assert_openai_error(r: &Reply, status: u16, kind: &str) {
     assert!(r.header("x-request-id").starts_with("req_"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn completion_shape_usage_and_headers() {
     let sim = Simulator::builder().seed(1).start().await.unwrap();
     let req = json!({
