@@ -79,7 +79,7 @@ impl Recorder {
                     totals.failures -= u32::from(*cell & FAILURE != 0);
                     totals.slow -= u32::from(*cell & SLOW != 0);
                 }
-                *cell = u8::from(failure) * FAILURE | u8::from(slow) * SLOW;
+                *cell = (u8::from(failure) * FAILURE) | (u8::from(slow) * SLOW);
                 add(totals);
                 *next = (*next + 1) % ring.len();
             }
