@@ -843,6 +843,14 @@ fn config_is_validated() {
         ConfigError::TooLong { .. }
     ));
     assert!(matches!(
+        bad(|c| c.trip = TripPolicy::failure_rate(0.5, Window::Count(u32::MAX), 1)),
+        ConfigError::OutOfRange { .. }
+    ));
+    assert!(matches!(
+        bad(|c| c.half_open_probes = u32::MAX),
+        ConfigError::OutOfRange { .. }
+    ));
+    assert!(matches!(
         bad(|c| c.half_open_probes = 0),
         ConfigError::Zero { .. }
     ));
@@ -902,4 +910,113 @@ fn config_deserializes_with_defaults_and_rejects_unknown_fields() {
         serde_json::from_str::<CircuitBreakerConfig>(r#"{"trip": {"consecutive_failures": {}}}"#)
             .is_err()
     );
+}
+
+/// Records the level of every event the crate logs.
+#[derive(Clone, Default)]
+struct Levels(Arc<std::sync::Mutex<Vec<tracing::Level>>>);
+
+impl tracing::Subscriber for Levels {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if event.metadata().target().starts_with("portcullis_layers") {
+            self.0.lock().unwrap().push(*event.metadata().level());
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_transition_is_logged_once_warn_when_opening() {
+    let levels = Levels::default();
+    let _guard = tracing::subscriber::set_default(levels.clone());
+    let mut h = Harness::new(CircuitBreakerConfig::default());
+    trip(&mut h).await;
+    advance(60 * SEC).await;
+    upstream_error(h.fail().await); // half-open, then open again
+    advance(60 * SEC).await;
+    for _ in 0..3 {
+        h.ok().await.unwrap();
+    }
+    use tracing::Level;
+    assert_eq!(
+        *levels.0.lock().unwrap(),
+        vec![
+            Level::WARN,
+            Level::INFO,
+            Level::WARN,
+            Level::INFO,
+            Level::INFO
+        ]
+    );
+    assert_eq!(h.transitions().len(), 5);
+}
+
+/// A user's own error type: no allocation, no `LlmError`.
+#[derive(Debug, PartialEq)]
+enum JobError {
+    Busy,
+    Rejected,
+    Open(Duration),
+}
+
+impl portcullis_core::Classify for JobError {
+    fn classify(&self) -> portcullis_core::Classification {
+        use portcullis_core::Classification;
+        match self {
+            JobError::Busy => Classification::TRANSIENT,
+            JobError::Rejected => Classification::PERMANENT,
+            JobError::Open(_) => Classification::REFUSED_LOCALLY,
+        }
+    }
+}
+
+impl From<CircuitOpen> for JobError {
+    fn from(e: CircuitOpen) -> Self {
+        JobError::Open(e.retry_after)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn works_for_any_service_with_a_custom_key_and_error() {
+    // Key by tenant: the request's high byte.
+    let layer = CircuitBreakerLayer::new("jobs", CircuitBreakerConfig::default())
+        .unwrap()
+        .key_by(|job: &u32| job >> 24);
+    let handle = layer.handle();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(|job: u32| async move {
+            match job & 0xff {
+                0 => Ok(job),
+                1 => Err(JobError::Rejected),
+                _ => Err(JobError::Busy),
+            }
+        });
+    let tenant_a = 0x0100_0000;
+    let tenant_b = 0x0200_0000;
+    for _ in 0..10 {
+        let r = svc.ready().await.unwrap().call(tenant_a | 1).await;
+        assert_eq!(r, Err(JobError::Rejected));
+    }
+    assert_eq!(handle.state(&1), Closed);
+    for _ in 0..5 {
+        let r = svc.ready().await.unwrap().call(tenant_a | 2).await;
+        assert_eq!(r, Err(JobError::Busy));
+    }
+    let r = svc.ready().await.unwrap().call(tenant_a).await;
+    assert_eq!(r, Err(JobError::Open(60 * SEC)));
+    assert_eq!(
+        svc.ready().await.unwrap().call(tenant_b).await,
+        Ok(tenant_b)
+    );
+    assert_eq!((handle.state(&1), handle.state(&2)), (Open, Closed));
 }
