@@ -1020,3 +1020,113 @@ async fn works_for_any_service_with_a_custom_key_and_error() {
     );
     assert_eq!((handle.state(&1), handle.state(&2)), (Open, Closed));
 }
+
+#[derive(Debug, Clone)]
+enum Op {
+    Call,
+    Succeed(usize),
+    Fail(usize),
+    Refuse(usize),
+    Drop(usize),
+    Advance(u64),
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => Just(Op::Call),
+        2 => any::<usize>().prop_map(Op::Succeed),
+        2 => any::<usize>().prop_map(Op::Fail),
+        1 => any::<usize>().prop_map(Op::Refuse),
+        1 => any::<usize>().prop_map(Op::Drop),
+        2 => (0u64..400).prop_map(Op::Advance),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// Under any interleaving of calls, outcomes, cancellations and time: events chain, every
+    /// admitted call is accounted for exactly once, and HALF_OPEN never has more than N probes
+    /// in flight.
+    #[test]
+    fn invariants_hold_under_any_interleaving(ops in proptest::collection::vec(op(), 1..80)) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            const PROBES: usize = 2;
+            let mut h: Harness = Harness::new(CircuitBreakerConfig {
+                trip: TripPolicy::consecutive(2),
+                recovery_timeout: Duration::from_millis(500),
+                half_open_probes: PROBES as u32,
+                max_probe_wait: Duration::from_secs(3600),
+                ..Default::default()
+            });
+            // In flight: the future, its responder, and the generation (event count) and state
+            // it was admitted under.
+            let mut flight = Vec::new();
+            let mut chain: Vec<(CircuitState, CircuitState, TransitionReason)> = Vec::new();
+            let mut rejected = 0;
+            for op in ops {
+                let pick = |i: usize, n: usize| (n > 0).then(|| i % n);
+                match op {
+                    Op::Call => {
+                        let state = h.state();
+                        chain.extend(h.transitions());
+                        let mut fut = h.call();
+                        if let Poll::Ready(res) = fut.poll() {
+                            refusal(res);
+                            rejected += 1;
+                        } else {
+                            let (_, send) = h.mock.next_request().await.unwrap();
+                            flight.push((fut, send, chain.len(), state));
+                        }
+                    }
+                    Op::Succeed(i) | Op::Fail(i) | Op::Refuse(i) => {
+                        if let Some(i) = pick(i, flight.len()) {
+                            let (fut, send, _, _) = flight.swap_remove(i);
+                            match op {
+                                Op::Succeed(_) => send.send_response("ok".into()),
+                                Op::Fail(_) => send.send_error(overloaded()),
+                                _ => send.send_error(
+                                    LlmError::new(ErrorKind::InvalidRequest, "no").with_status(400),
+                                ),
+                            }
+                            let _ = fut.await;
+                        }
+                    }
+                    Op::Drop(i) => {
+                        if let Some(i) = pick(i, flight.len()) {
+                            drop(flight.swap_remove(i));
+                        }
+                    }
+                    Op::Advance(ms) => advance(Duration::from_millis(ms)).await,
+                }
+                let Some(m) = h.cb.metrics(&()) else {
+                    assert!(flight.is_empty() && rejected == 0);
+                    continue;
+                };
+                chain.extend(h.transitions());
+                // Each event leaves the state the previous one entered.
+                let mut at = Closed;
+                for (from, to, _) in &chain {
+                    assert_eq!(*from, at);
+                    at = *to;
+                }
+                assert_eq!(at, m.state);
+                assert_eq!(m.calls, m.successes + m.failures + m.ignored + flight.len() as u64);
+                assert_eq!(m.rejected, rejected);
+                if m.state == HalfOpen {
+                    let probes = flight
+                        .iter()
+                        .filter(|(_, _, generation, s)| *generation == chain.len() && *s == HalfOpen)
+                        .count();
+                    assert!(probes <= PROBES, "{probes} probes in flight");
+                }
+            }
+        });
+    }
+}

@@ -51,6 +51,8 @@ pub struct CircuitBreakerConfig {
     pub half_open_probes: u32,
     /// How long a half-open probe may hold its permit. After that its permit is handed to the
     /// next call and its late outcome is ignored, so a hung probe cannot wedge the breaker.
+    /// A streamed probe holds its permit until the stream ends: keep this above the longest
+    /// expected stream. (Default 30 s.)
     #[serde(with = "millis")]
     pub max_probe_wait: Duration,
 }
