@@ -115,9 +115,9 @@ async fn hang_lasts_until_the_client_gives_up_and_latency_delays() {
             send(addr, "POST", "/v1/messages", &[("x-api-key", "k")], body).await
         }
     });
-    tokio::task::yield_now().await;
+    // (Paused time: these sleeps are virtual, and let the 250 ms latency pass.)
     while sim.stats().outcome("fault_hang") < 2 {
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     sim.shutdown().await;
     assert!(hanging.await.unwrap().is_err(), "closed without an answer");
@@ -311,8 +311,10 @@ async fn control_endpoints() {
     assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 200);
     assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 429);
 
+    // Reset: zero stats, fresh limit windows, and the faults' `times` counters start over.
     assert_eq!(post("/_sim/reset", json!({})).await.status, 200);
     assert_eq!(sim.stats(), portcullis_sim::Stats::default());
+    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 502);
     assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 200, "fresh window");
 }
 
