@@ -23,7 +23,7 @@ fn invalid(field: &'static str, msg: &str) -> WireError<'static> {
 }
 
 /// Reads a Chat Completions request; prompt tokens are counted exactly as the client's
-/// [`OpenAiTokenizer::count_messages`] counts them.
+/// `OpenAiTokenizer::count_messages` counts them.
 pub(crate) fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
     if !v.is_object() {
         return Err(WireError::new(
@@ -191,9 +191,7 @@ pub(crate) fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Re
         json!({"role": "assistant", "content": "", "refusal": null}),
         None,
     )];
-    let content = pieces
-        .iter()
-        .map(|t| chunk(json!({ "content": t }), None));
+    let content = pieces.iter().map(|t| chunk(json!({ "content": t }), None));
     match mangle {
         Mangle::ErrorBeforeContent => {
             events.push(error());

@@ -33,22 +33,86 @@ fn kind_of(family: Family, r: &Reply) -> ErrorKind {
 async fn error_faults_answer_in_each_providers_shape() {
     let sim = sim().await;
     let cases: Vec<(FaultRule, u16, &str, ErrorKind, u16, &str, ErrorKind)> = vec![
-        (FaultRule::new(FaultKind::RateLimit), 429, "requests", ErrorKind::RateLimited, 429, "rate_limit_error", ErrorKind::RateLimited),
-        (FaultRule::new(FaultKind::InsufficientQuota), 429, "insufficient_quota", ErrorKind::QuotaExhausted, 402, "billing_error", ErrorKind::QuotaExhausted),
-        (FaultRule::new(FaultKind::Billing), 402, "invalid_request_error", ErrorKind::QuotaExhausted, 402, "billing_error", ErrorKind::QuotaExhausted),
-        (FaultRule::status(500), 500, "server_error", ErrorKind::Server, 500, "api_error", ErrorKind::Server),
-        (FaultRule::status(502), 502, "server_error", ErrorKind::Server, 502, "api_error", ErrorKind::Server),
-        (FaultRule::status(503), 503, "server_error", ErrorKind::Overloaded, 503, "api_error", ErrorKind::Overloaded),
-        (FaultRule::new(FaultKind::Overloaded), 503, "server_error", ErrorKind::Overloaded, 529, "overloaded_error", ErrorKind::Overloaded),
+        (
+            FaultRule::new(FaultKind::RateLimit),
+            429,
+            "requests",
+            ErrorKind::RateLimited,
+            429,
+            "rate_limit_error",
+            ErrorKind::RateLimited,
+        ),
+        (
+            FaultRule::new(FaultKind::InsufficientQuota),
+            429,
+            "insufficient_quota",
+            ErrorKind::QuotaExhausted,
+            402,
+            "billing_error",
+            ErrorKind::QuotaExhausted,
+        ),
+        (
+            FaultRule::new(FaultKind::Billing),
+            402,
+            "invalid_request_error",
+            ErrorKind::QuotaExhausted,
+            402,
+            "billing_error",
+            ErrorKind::QuotaExhausted,
+        ),
+        (
+            FaultRule::status(500),
+            500,
+            "server_error",
+            ErrorKind::Server,
+            500,
+            "api_error",
+            ErrorKind::Server,
+        ),
+        (
+            FaultRule::status(502),
+            502,
+            "server_error",
+            ErrorKind::Server,
+            502,
+            "api_error",
+            ErrorKind::Server,
+        ),
+        (
+            FaultRule::status(503),
+            503,
+            "server_error",
+            ErrorKind::Overloaded,
+            503,
+            "api_error",
+            ErrorKind::Overloaded,
+        ),
+        (
+            FaultRule::new(FaultKind::Overloaded),
+            503,
+            "server_error",
+            ErrorKind::Overloaded,
+            529,
+            "overloaded_error",
+            ErrorKind::Overloaded,
+        ),
     ];
     for (rule, o_status, o_type, o_kind, a_status, a_type, a_kind) in cases {
         sim.set_faults(vec![rule.clone()]).unwrap();
         let r = openai(sim.addr(), chat("gpt-4o-mini", "hi")).await;
-        assert_eq!((r.status, r.json()["error"]["type"].as_str().unwrap()), (o_status, o_type), "{rule:?}");
+        assert_eq!(
+            (r.status, r.json()["error"]["type"].as_str().unwrap()),
+            (o_status, o_type),
+            "{rule:?}"
+        );
         assert_eq!(kind_of(Family::Openai, &r), o_kind, "{rule:?}");
         assert!(r.header("x-request-id").starts_with("req_"));
         let a = anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10)).await;
-        assert_eq!((a.status, a.json()["error"]["type"].as_str().unwrap()), (a_status, a_type), "{rule:?}");
+        assert_eq!(
+            (a.status, a.json()["error"]["type"].as_str().unwrap()),
+            (a_status, a_type),
+            "{rule:?}"
+        );
         assert_eq!(a.json()["request_id"], a.header("request-id"));
         assert_eq!(kind_of(Family::Anthropic, &a), a_kind, "{rule:?}");
         if rule.kind == FaultKind::RateLimit {
@@ -58,9 +122,15 @@ async fn error_faults_answer_in_each_providers_shape() {
             assert_eq!(a.header("retry-after"), "1");
         }
     }
-    sim.set_faults(vec![FaultRule::new(FaultKind::RateLimit).retry_after_secs(7)]).unwrap();
+    sim.set_faults(vec![
+        FaultRule::new(FaultKind::RateLimit).retry_after_secs(7),
+    ])
+    .unwrap();
     let r = openai(sim.addr(), chat("gpt-4o-mini", "hi")).await;
-    assert_eq!((r.header("retry-after"), r.header("retry-after-ms")), ("7", "7000"));
+    assert_eq!(
+        (r.header("retry-after"), r.header("retry-after-ms")),
+        ("7", "7000")
+    );
 
     let s = sim.stats();
     assert_eq!(s.requests, 15);
@@ -74,22 +144,43 @@ async fn error_faults_answer_in_each_providers_shape() {
 #[tokio::test]
 async fn reset_closes_the_connection_without_an_answer() {
     let sim = sim().await;
-    sim.set_faults(vec![FaultRule::new(FaultKind::Reset).times(1)]).unwrap();
+    sim.set_faults(vec![FaultRule::new(FaultKind::Reset).times(1)])
+        .unwrap();
     let body = chat("gpt-4o-mini", "hi").to_string();
-    let r = send(sim.addr(), "POST", "/v1/chat/completions", &[("authorization", "Bearer k")], body).await;
+    let r = send(
+        sim.addr(),
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", "Bearer k")],
+        body,
+    )
+    .await;
     let err = r.expect_err("no response");
     assert!(err.is_incomplete_message() || err.is_closed(), "{err:?}");
     // `times = 1`: the next request is served.
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 200);
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+        200
+    );
     let s = sim.stats();
-    assert_eq!((s.outcome("fault_reset"), s.outcome("ok"), s.requests), (1, 1, 2));
-    assert_eq!(s.by_status.values().sum::<u64>(), 1, "a reset sends no status");
+    assert_eq!(
+        (s.outcome("fault_reset"), s.outcome("ok"), s.requests),
+        (1, 1, 2)
+    );
+    assert_eq!(
+        s.by_status.values().sum::<u64>(),
+        1,
+        "a reset sends no status"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn hang_lasts_until_the_client_gives_up_and_latency_delays() {
     let sim = sim().await;
-    sim.set_faults(vec![FaultRule::new(FaultKind::Hang).family(Family::Anthropic)]).unwrap();
+    sim.set_faults(vec![
+        FaultRule::new(FaultKind::Hang).family(Family::Anthropic),
+    ])
+    .unwrap();
     let gave_up = tokio::time::timeout(
         Duration::from_secs(600),
         anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10)),
@@ -105,7 +196,10 @@ async fn hang_lasts_until_the_client_gives_up_and_latency_delays() {
     ])
     .unwrap();
     let t0 = tokio::time::Instant::now();
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 200);
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+        200
+    );
     assert_eq!(t0.elapsed(), Duration::from_millis(300));
     // Shutdown wakes the hanging request and completes.
     let hanging = tokio::spawn({
@@ -136,11 +230,16 @@ async fn openai_stream_faults() {
     let content = |evs: &[Result<Value, String>]| {
         evs.iter()
             .filter_map(|e| e.as_ref().ok())
-            .filter(|v| v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()))
+            .filter(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+            })
             .count()
     };
 
-    sim.set_faults(vec![FaultRule::new(FaultKind::ErrorBeforeContent)]).unwrap();
+    sim.set_faults(vec![FaultRule::new(FaultKind::ErrorBeforeContent)])
+        .unwrap();
     let r = openai(sim.addr(), req.clone()).await;
     assert_eq!(r.status, 200);
     let evs = parse(&r);
@@ -150,30 +249,52 @@ async fn openai_stream_faults() {
     assert_eq!(err["error"]["type"], "server_error");
     assert_eq!(err["error"].as_object().unwrap().len(), 4);
 
-    sim.set_faults(vec![FaultRule::new(FaultKind::ErrorAfterContent)]).unwrap();
+    sim.set_faults(vec![FaultRule::new(FaultKind::ErrorAfterContent)])
+        .unwrap();
     let evs = parse(&openai(sim.addr(), req.clone()).await);
     assert_eq!(content(&evs), 2);
     assert!(evs.last().unwrap().as_ref().unwrap()["error"].is_object());
 
-    sim.set_faults(vec![FaultRule::new(FaultKind::Truncated)]).unwrap();
+    sim.set_faults(vec![FaultRule::new(FaultKind::Truncated)])
+        .unwrap();
     let r = openai(sim.addr(), req.clone()).await;
     assert!(!r.text().contains("[DONE]"));
     let evs = parse(&r);
     assert!(content(&evs) >= 2);
-    assert!(evs.iter().all(|e| e.as_ref().unwrap()["choices"][0]["finish_reason"].is_null()));
+    assert!(
+        evs.iter()
+            .all(|e| e.as_ref().unwrap()["choices"][0]["finish_reason"].is_null())
+    );
 
-    sim.set_faults(vec![FaultRule::new(FaultKind::MalformedJson)]).unwrap();
+    sim.set_faults(vec![FaultRule::new(FaultKind::MalformedJson)])
+        .unwrap();
     let r = openai(sim.addr(), req.clone()).await;
     let evs = parse(&r);
-    assert_eq!(evs.iter().filter(|e| e.is_err()).count(), 2, "one bad event and [DONE]");
+    assert_eq!(
+        evs.iter().filter(|e| e.is_err()).count(),
+        2,
+        "one bad event and [DONE]"
+    );
     let plain = openai(sim.addr(), chat("gpt-4o-mini", "hi")).await;
     assert_eq!(plain.status, 200);
-    assert!(serde_json::from_slice::<Value>(&plain.body).is_err(), "malformed body");
+    assert!(
+        serde_json::from_slice::<Value>(&plain.body).is_err(),
+        "malformed body"
+    );
 
     // Stream-only faults leave plain requests alone (and are not used up by them).
-    sim.set_faults(vec![FaultRule::new(FaultKind::Truncated).times(1)]).unwrap();
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.json()["object"], "chat.completion");
-    assert!(!openai(sim.addr(), req.clone()).await.text().contains("[DONE]"));
+    sim.set_faults(vec![FaultRule::new(FaultKind::Truncated).times(1)])
+        .unwrap();
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.json()["object"],
+        "chat.completion"
+    );
+    assert!(
+        !openai(sim.addr(), req.clone())
+            .await
+            .text()
+            .contains("[DONE]")
+    );
     assert!(openai(sim.addr(), req).await.text().contains("[DONE]"));
 }
 
@@ -181,28 +302,47 @@ async fn openai_stream_faults() {
 async fn anthropic_stream_faults() {
     let sim = sim().await;
     let req = streaming(message("claude-haiku-4-5", "Tell me a story", 200));
-    let names = |r: &Reply| -> Vec<String> {
-        r.events().into_iter().map(|(n, _)| n.unwrap()).collect()
-    };
+    let names =
+        |r: &Reply| -> Vec<String> { r.events().into_iter().map(|(n, _)| n.unwrap()).collect() };
 
-    sim.set_faults(vec![FaultRule::new(FaultKind::ErrorBeforeContent)]).unwrap();
+    sim.set_faults(vec![FaultRule::new(FaultKind::ErrorBeforeContent)])
+        .unwrap();
     let r = anthropic(sim.addr(), req.clone()).await;
     assert_eq!(r.status, 200);
-    assert_eq!(names(&r), ["message_start", "content_block_start", "ping", "error"]);
+    assert_eq!(
+        names(&r),
+        ["message_start", "content_block_start", "ping", "error"]
+    );
     let err: Value = serde_json::from_str(&r.events()[3].1).unwrap();
-    assert_eq!(err, json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}));
+    assert_eq!(
+        err,
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    );
 
-    sim.set_faults(vec![FaultRule::new(FaultKind::ErrorAfterContent)]).unwrap();
+    sim.set_faults(vec![FaultRule::new(FaultKind::ErrorAfterContent)])
+        .unwrap();
     let n = names(&anthropic(sim.addr(), req.clone()).await);
-    assert_eq!(&n[3..], ["content_block_delta", "content_block_delta", "error"]);
+    assert_eq!(
+        &n[3..],
+        ["content_block_delta", "content_block_delta", "error"]
+    );
 
-    sim.set_faults(vec![FaultRule::new(FaultKind::Truncated)]).unwrap();
+    sim.set_faults(vec![FaultRule::new(FaultKind::Truncated)])
+        .unwrap();
     let n = names(&anthropic(sim.addr(), req.clone()).await);
-    assert!(n.len() > 4 && n[3..].iter().all(|e| e == "content_block_delta"), "{n:?}");
+    assert!(
+        n.len() > 4 && n[3..].iter().all(|e| e == "content_block_delta"),
+        "{n:?}"
+    );
 
-    sim.set_faults(vec![FaultRule::new(FaultKind::MalformedJson)]).unwrap();
+    sim.set_faults(vec![FaultRule::new(FaultKind::MalformedJson)])
+        .unwrap();
     let r = anthropic(sim.addr(), req.clone()).await;
-    let bad = r.events().iter().filter(|(_, d)| serde_json::from_str::<Value>(d).is_err()).count();
+    let bad = r
+        .events()
+        .iter()
+        .filter(|(_, d)| serde_json::from_str::<Value>(d).is_err())
+        .count();
     assert_eq!(bad, 1);
     assert_eq!(names(&r).last().unwrap(), "message_stop");
 }
@@ -210,10 +350,19 @@ async fn anthropic_stream_faults() {
 #[tokio::test]
 async fn families_times_and_seeded_probability() {
     let sim = sim().await;
-    sim.set_faults(vec![FaultRule::status(500).family(Family::Openai).times(2)]).unwrap();
-    assert_eq!(anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10)).await.status, 200);
+    sim.set_faults(vec![FaultRule::status(500).family(Family::Openai).times(2)])
+        .unwrap();
+    assert_eq!(
+        anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10))
+            .await
+            .status,
+        200
+    );
     for expected in [500, 500, 200] {
-        assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, expected);
+        assert_eq!(
+            openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+            expected
+        );
     }
 
     async fn pattern(seed: u64) -> Vec<u16> {
@@ -256,12 +405,22 @@ async fn timeline_phases_switch_on_time() {
     assert_eq!(status().await, 200);
     step(1).await; // t = 10 s
     assert_eq!(status().await, 503);
-    assert_eq!(anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10)).await.status, 200);
+    assert_eq!(
+        anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10))
+            .await
+            .status,
+        200
+    );
     step(19_999).await;
     assert_eq!(status().await, 503);
     step(1).await; // t = 30 s: overloaded, both families
     assert_eq!(status().await, 503);
-    assert_eq!(anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10)).await.status, 529);
+    assert_eq!(
+        anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10))
+            .await
+            .status,
+        529
+    );
     step(5_000).await; // t = 35 s: past the last phase, healthy
     assert_eq!(status().await, 200);
     let s = sim.stats();
@@ -270,8 +429,11 @@ async fn timeline_phases_switch_on_time() {
     assert_eq!(s.outcome("ok"), 4);
 
     // Setting a timeline restarts it now.
-    sim.set_timeline(vec![Phase::new(1.0, vec![]), Phase::forever(vec![FaultRule::status(500)])])
-        .unwrap();
+    sim.set_timeline(vec![
+        Phase::new(1.0, vec![]),
+        Phase::forever(vec![FaultRule::status(500)]),
+    ])
+    .unwrap();
     assert_eq!(status().await, 200);
     step(1000).await;
     assert_eq!(status().await, 500);
@@ -284,16 +446,35 @@ async fn control_endpoints() {
     let sim = sim().await;
     let addr = sim.addr();
     let post = |path: &'static str, body: Value| async move {
-        send(addr, "POST", path, &[("content-type", "application/json")], body.to_string())
-            .await
-            .unwrap()
+        send(
+            addr,
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            body.to_string(),
+        )
+        .await
+        .unwrap()
     };
-    let r = post("/_sim/faults", json!({"faults": [{"kind": "status", "status": 502, "times": 1}]})).await;
+    let r = post(
+        "/_sim/faults",
+        json!({"faults": [{"kind": "status", "status": 502, "times": 1}]}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 502);
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 200);
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+        502
+    );
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+        200
+    );
 
-    let stats = send(sim.addr(), "GET", "/_sim/stats", &[], "").await.unwrap().json();
+    let stats = send(sim.addr(), "GET", "/_sim/stats", &[], "")
+        .await
+        .unwrap()
+        .json();
     assert_eq!(stats, serde_json::to_value(sim.stats()).unwrap());
     assert_eq!(stats["requests"], 2);
     assert_eq!(stats["by_status"]["502"], 1);
@@ -301,21 +482,57 @@ async fn control_endpoints() {
     assert_eq!(stats["by_endpoint"]["chat_completions"], 2);
 
     // Bad plans are refused with the field named, and change nothing.
-    let r = post("/_sim/faults", json!({"faults": [{"kind": "status", "statuss": 502}]})).await;
+    let r = post(
+        "/_sim/faults",
+        json!({"faults": [{"kind": "status", "statuss": 502}]}),
+    )
+    .await;
     assert_eq!(r.status, 400);
-    assert!(r.json()["error"].as_str().unwrap().contains("statuss"), "{}", r.text());
-    let r = post("/_sim/faults", json!({"faults": [{"kind": "hang", "probability": 2}]})).await;
-    assert!(r.json()["error"].as_str().unwrap().contains("faults[0].probability"), "{}", r.text());
-    let r = post("/_sim/limits", json!({"time_scale": 60, "openai": {"rpm": 1, "tpm": 100000}})).await;
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("statuss"),
+        "{}",
+        r.text()
+    );
+    let r = post(
+        "/_sim/faults",
+        json!({"faults": [{"kind": "hang", "probability": 2}]}),
+    )
+    .await;
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("faults[0].probability"),
+        "{}",
+        r.text()
+    );
+    let r = post(
+        "/_sim/limits",
+        json!({"time_scale": 60, "openai": {"rpm": 1, "tpm": 100000}}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 200);
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 429);
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+        200
+    );
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+        429
+    );
 
     // Reset: zero stats, fresh limit windows, and the faults' `times` counters start over.
     assert_eq!(post("/_sim/reset", json!({})).await.status, 200);
     assert_eq!(sim.stats(), portcullis_sim::Stats::default());
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 502);
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 200, "fresh window");
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+        502
+    );
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+        200,
+        "fresh window"
+    );
 }
 
 #[tokio::test]

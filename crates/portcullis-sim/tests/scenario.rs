@@ -14,13 +14,20 @@ async fn the_example_outage_scenario_loads_and_runs() {
     assert_eq!(s.limits.time_scale, 60.0);
     assert_eq!(s.timeline.len(), 3);
     assert_eq!(s.timeline[1].faults[1].kind, FaultKind::Overloaded);
-    let sim = Simulator::builder().scenario_file(path).unwrap().start().await.unwrap();
+    let sim = Simulator::builder()
+        .scenario_file(path)
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
     sim.shutdown().await;
 }
 
 #[test]
 fn toml_errors_name_the_field() {
-    let m = message(Scenario::from_toml_str("[[faults]]\nkind = \"status\"\nstatuss = 503\n"));
+    let m = message(Scenario::from_toml_str(
+        "[[faults]]\nkind = \"status\"\nstatuss = 503\n",
+    ));
     assert!(m.contains("statuss"), "{m}");
     let m = message(Scenario::from_toml_str("[[faults]]\nstatus = 503\n"));
     assert!(m.contains("missing field `kind`"), "{m}");
@@ -46,19 +53,40 @@ fn json_errors_name_the_field() {
 fn invalid_values_name_the_path() {
     let cases = [
         ("[[faults]]\nkind = \"status\"\n", "faults[0].status"),
-        ("[[faults]]\nkind = \"status\"\nstatus = 200\n", "faults[0].status"),
-        ("[[faults]]\nkind = \"hang\"\nprobability = 1.5\n", "faults[0].probability"),
-        ("[[faults]]\nkind = \"hang\"\nlatency_ms = 5\n", "faults[0].latency_ms"),
+        (
+            "[[faults]]\nkind = \"status\"\nstatus = 200\n",
+            "faults[0].status",
+        ),
+        (
+            "[[faults]]\nkind = \"hang\"\nprobability = 1.5\n",
+            "faults[0].probability",
+        ),
+        (
+            "[[faults]]\nkind = \"hang\"\nlatency_ms = 5\n",
+            "faults[0].latency_ms",
+        ),
         ("[[faults]]\nkind = \"latency\"\n", "faults[0].latency_ms"),
-        ("[[faults]]\nkind = \"reset\"\nretry_after_secs = 1\n", "faults[0].retry_after_secs"),
-        ("[[timeline]]\n[[timeline]]\nduration_secs = 1\n", "timeline[0].duration_secs"),
-        ("[[timeline]]\nduration_secs = -1\n", "timeline[0].duration_secs"),
+        (
+            "[[faults]]\nkind = \"reset\"\nretry_after_secs = 1\n",
+            "faults[0].retry_after_secs",
+        ),
+        (
+            "[[timeline]]\n[[timeline]]\nduration_secs = 1\n",
+            "timeline[0].duration_secs",
+        ),
+        (
+            "[[timeline]]\nduration_secs = -1\n",
+            "timeline[0].duration_secs",
+        ),
         (
             "[[timeline]]\nduration_secs = 1\nfaults = [{ kind = \"status\", status = 99 }]\n",
             "timeline[0].faults[0].status",
         ),
         ("[limits]\ntime_scale = 0\n", "limits.time_scale"),
-        ("[limits.anthropic]\noutput_tpm = 0\n", "limits.anthropic.output_tpm"),
+        (
+            "[limits.anthropic]\noutput_tpm = 0\n",
+            "limits.anthropic.output_tpm",
+        ),
         ("max_body_bytes = 0\n", "max_body_bytes"),
     ];
     for (text, field) in cases {
@@ -81,14 +109,24 @@ async fn files_and_start_report_errors() {
         Err(ScenarioError::Io { .. })
     ));
     let json = dir.join("s.json");
-    std::fs::write(&json, r#"{"seed": 3, "faults": [{"kind": "reset", "family": "openai"}]}"#)
-        .unwrap();
+    std::fs::write(
+        &json,
+        r#"{"seed": 3, "faults": [{"kind": "reset", "family": "openai"}]}"#,
+    )
+    .unwrap();
     assert_eq!(Scenario::from_path(&json).unwrap().seed, 3);
     std::fs::remove_dir_all(&dir).unwrap();
 
     // start() validates a scenario built in code too.
     let mut bad = Scenario::default();
     bad.limits.time_scale = f64::NAN;
-    let err = Simulator::builder().scenario(bad).start().await.unwrap_err();
-    assert!(matches!(err, SimError::Scenario(ScenarioError::Invalid { .. })), "{err}");
+    let err = Simulator::builder()
+        .scenario(bad)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SimError::Scenario(ScenarioError::Invalid { .. })),
+        "{err}"
+    );
 }
