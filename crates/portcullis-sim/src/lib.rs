@@ -122,7 +122,7 @@ pub use scenario::{
     Scenario, ScenarioError,
 };
 pub use stats::Stats;
-pub use wire::{SimBody, go_duration, rfc3339};
+pub use wire::{go_duration, rfc3339};
 
 use state::{Shared, lock};
 
