@@ -14,7 +14,7 @@
 //!   bodies in each provider's shape.
 //! - Deterministic text, seeded by the request and [`Scenario::seed`]; `max_tokens` gives
 //!   `length` / `max_tokens`; stop sequences are honoured. OpenAI prompt tokens are counted by
-//!   [`portcullis_core::OpenAiTokenizer::count_messages`], exactly as the client counts them.
+//!   [`portcullis_core::TokenEstimator::count_messages`] of [`portcullis_core::OpenAiTokenizer`], exactly as the client counts them.
 //!   Anthropic input tokens are o200k text tokens + 7 (at most what the client's
 //!   [`portcullis_core::AnthropicEstimator`] estimates, as against the real API), and
 //!   `count_tokens` agrees with `/v1/messages`.
@@ -122,7 +122,7 @@ pub use scenario::{
     Scenario, ScenarioError,
 };
 pub use stats::Stats;
-pub use wire::{SimBody, go_duration, rfc3339};
+pub use wire::{go_duration, rfc3339};
 
 use state::{Shared, lock};
 

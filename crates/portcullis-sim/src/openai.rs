@@ -23,7 +23,7 @@ fn invalid(field: &'static str, msg: &str) -> WireError<'static> {
 }
 
 /// Reads a Chat Completions request; prompt tokens are counted exactly as the client's
-/// [`OpenAiTokenizer::count_messages`] counts them.
+/// `OpenAiTokenizer::count_messages` counts them.
 pub(crate) fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
     if !v.is_object() {
         return Err(WireError::new(
