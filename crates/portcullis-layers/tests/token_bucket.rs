@@ -222,6 +222,36 @@ async fn dropped_middle_waiter_is_never_called() {
     );
 }
 
+/// A whole queue dropped in any order gives every reservation back: a waiter cancelled in
+/// the middle keeps what it could not return until the ones after it are gone too.
+#[tokio::test(start_paused = true)]
+async fn a_queue_dropped_in_any_order_is_refunded_in_full() {
+    for order in [
+        [0, 1, 2, 3, 4],
+        [4, 3, 2, 1, 0],
+        [1, 3, 0, 4, 2],
+        [2, 0, 4, 1, 3],
+    ] {
+        let l = layer(limits((3, 1.0), (1000, 1000.0)), Duration::from_secs(60));
+        let h = l.handle();
+        let mut svc = l.layer(provider(Log::default(), Arc::default()));
+        for _ in 0..3 {
+            svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+        }
+        let mut queued: Vec<_> = (0..5)
+            .map(|_| Some(tokio_test::task::spawn(svc.clone().oneshot(req("m", 1)))))
+            .collect();
+        for q in queued.iter_mut().flatten() {
+            assert!(q.poll().is_pending());
+        }
+        assert_eq!(requests(&h, "m"), -5.0);
+        for i in order {
+            queued[i] = None;
+        }
+        assert_eq!(requests(&h, "m"), 0.0, "order {order:?}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn over_capacity_fails_fast_and_consumes_nothing() {
     let l = layer(limits((5, 1.0), (100, 1.0)), Duration::from_secs(60));

@@ -237,6 +237,12 @@ impl Simulator {
             .await
             .map_err(SimError::Bind)?;
         let addr = listener.local_addr().map_err(SimError::Bind)?;
+        // Build the BPE tables now, off the runtime, rather than on the first request (about
+        // a second in release builds, which would otherwise show as first-request latency).
+        let warm = tokio::task::spawn_blocking(|| {
+            portcullis_core::OpenAiTokenizer::new(portcullis_core::Encoding::O200k);
+        });
+        let _ = warm.await;
         let shared = Arc::new(Shared::new(&self.scenario));
         let task = tokio::spawn(server::serve(listener, shared.clone()));
         Ok(SimHandle {

@@ -27,7 +27,7 @@ const MAX_TOKENS: u32 = 8;
 const SAFETY: f64 = 0.97;
 /// The first part of the run is the initial burst, the last part the drain: goodput counts
 /// the steady part in between.
-const STEADY: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(10));
+const STEADY: (Duration, Duration) = (Duration::from_secs(4), Duration::from_secs(10));
 
 pub async fn run(seed: u64) -> Result<Report, Box<dyn std::error::Error>> {
     let mut stacks_json = Vec::new();

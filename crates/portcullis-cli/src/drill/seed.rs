@@ -144,11 +144,14 @@ impl Breaker {
     }
 }
 
+/// The RPM and TPM buckets of one `provider:model`.
+type BucketPair = Arc<(Mutex<Bucket>, Mutex<Bucket>)>;
+
 struct Lane {
     name: String,
     provider: Provider,
     breaker: Mutex<Breaker>,
-    buckets: Mutex<HashMap<String, Arc<(Mutex<Bucket>, Mutex<Bucket>)>>>,
+    buckets: Mutex<HashMap<String, BucketPair>>,
 }
 
 /// The seed's `ResilientLLMClient`: per provider, rate limit → breaker → retry → provider; then

@@ -33,6 +33,9 @@
 //! - any other refund returns `min(refund, rate·(tat_after_it - latest_admission))`, the part
 //!   provably unused by the reservations scheduled after it, and nothing for a bucket that was
 //!   full again (or clamped, or re-limited) since;
+//! - a reservation cancelled in the middle of the queue keeps what it could not return then;
+//!   once every reservation after it is undone too, that rest is returned, so a queue dropped
+//!   in any order gives everything back;
 //! - waiters already sleeping keep their slot (it never moves later); the refund goes to the
 //!   next reservations.
 //!
@@ -305,6 +308,22 @@ struct KeyState {
     floor: Nanos,
     paused_until: Nanos,
     seq: u64,
+    /// Reservations cancelled while later ones were queued: only part of their cost could be
+    /// returned then. When every reservation after one of them is undone, the rest is.
+    cancelled: Vec<Cancelled>,
+}
+
+/// At most this many mid-queue cancellations are remembered per key.
+const MAX_CANCELLED: usize = 64;
+
+/// A reservation cancelled in the middle of the queue, waiting to become the tail.
+#[derive(Debug)]
+struct Cancelled {
+    seq: u64,
+    /// What it charged each bucket that was not yet returned.
+    owed: [Nanos; 4],
+    epoch: [u64; 4],
+    prev_floor: Nanos,
 }
 
 impl KeyState {
@@ -317,6 +336,7 @@ impl KeyState {
             floor: now,
             paused_until: now,
             seq: 0,
+            cancelled: Vec::new(),
         }
     }
 
@@ -553,6 +573,7 @@ where
             Settlement::Used(cost) => cost.per_bucket(),
         };
         let tail = settlement == Settlement::Cancelled && s.seq == t.seq;
+        let mut owed = [0; 4];
         for i in 0..4 {
             let Some(b) = s.buckets[i] else { continue };
             if actual[i] > t.cost[i] {
@@ -562,18 +583,46 @@ where
                 }
                 s.tat[i] = s.tat[i].max(now) + b.refill_time(actual[i] - t.cost[i]);
             } else if actual[i] < t.cost[i] && s.epoch[i] == t.epoch[i] {
+                let charged = t.tat_after[i] - t.tat_before[i];
                 let refund = if tail {
-                    t.tat_after[i] - t.tat_before[i]
+                    charged
                 } else {
                     b.refill_time(t.cost[i] - actual[i])
                         .min(t.tat_after[i].saturating_sub(s.floor))
                 };
                 s.tat[i] = s.tat[i].saturating_sub(refund);
+                owed[i] = charged.saturating_sub(refund);
             }
         }
         if tail {
             s.floor = t.prev_floor;
             s.seq = t.seq - 1;
+            // Earlier reservations cancelled mid-queue are now the tail: return the rest.
+            while let Some(pos) = s.cancelled.iter().position(|c| c.seq == s.seq) {
+                let c = s.cancelled.swap_remove(pos);
+                for i in 0..4 {
+                    if s.buckets[i].is_some() && s.epoch[i] == c.epoch[i] {
+                        s.tat[i] = s.tat[i].saturating_sub(c.owed[i]);
+                    }
+                }
+                s.floor = c.prev_floor;
+                s.seq = c.seq - 1;
+            }
+        } else if settlement == Settlement::Cancelled {
+            // Kept even when nothing is owed: it links the chain to the reservations before it.
+            if s.cancelled.len() == MAX_CANCELLED {
+                // Bounded memory: the oldest entry's rest is forgone (never over-generous).
+                let oldest = (0..s.cancelled.len()).min_by_key(|&i| s.cancelled[i].seq);
+                if let Some(i) = oldest {
+                    s.cancelled.swap_remove(i);
+                }
+            }
+            s.cancelled.push(Cancelled {
+                seq: t.seq,
+                owed,
+                epoch: t.epoch,
+                prev_floor: t.prev_floor,
+            });
         }
     }
 
