@@ -375,7 +375,7 @@ struct Shared<K> {
 /// let redis = RedisConfig::new("redis://127.0.0.1:6379/")
 ///     .failure_policy(FailurePolicy::FailOpen)
 ///     .timeout(Duration::from_millis(50));
-/// let store = RedisStore::new("openai", limits.clone(), redis)?;
+/// let store: RedisStore = RedisStore::new("openai", limits.clone(), redis)?;
 /// store.ping().await?; // optional: check Redis answers at startup
 /// let layer = TokenBucketLayer::from_store("openai", store, limits.max_wait);
 /// # let _ = layer; Ok(()) }

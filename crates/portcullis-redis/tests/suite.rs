@@ -98,7 +98,10 @@ async fn window_invariant_under_load<St: Probe>(make: impl Fn(TokenBucketConfigA
         t.await.unwrap();
     }
     let admitted = log.lock().unwrap().clone();
-    assert!(admitted.len() >= expected, "every caller not cancelled is served");
+    assert!(
+        admitted.len() >= expected,
+        "every caller not cancelled is served"
+    );
     let slack = Duration::from_millis(3);
     let requests: Vec<_> = admitted.iter().map(|(t, _)| (*t, 1)).collect();
     check_window(&requests, req, slack, "requests").unwrap();
@@ -137,7 +140,10 @@ async fn refusals_consume_nothing<St: Probe>(make: impl Fn(TokenBucketConfigArg)
     }
     let after = store.now_levels("m").await;
     assert!(close(after.tokens(), before.tokens().unwrap()), "{after:?}");
-    assert!(close(after.requests(), before.requests().unwrap()), "{after:?}");
+    assert!(
+        close(after.requests(), before.requests().unwrap()),
+        "{after:?}"
+    );
 }
 
 /// Real usage below the estimate is refunded, above it charged; the latest reservation,
@@ -145,16 +151,25 @@ async fn refusals_consume_nothing<St: Probe>(make: impl Fn(TokenBucketConfigArg)
 async fn refunds_and_reconciliation<St: Probe>(make: impl Fn(TokenBucketConfigArg) -> St) {
     let store = make(config(limits((100, SLOW), (1000, SLOW))));
     let k = key("m");
-    let a = store.reserve(&k, cost(1, 500), Duration::ZERO).await.unwrap();
+    let a = store
+        .reserve(&k, cost(1, 500), Duration::ZERO)
+        .await
+        .unwrap();
     store.settle(a.ticket, Settlement::Used(cost(1, 100)));
     let l = store.now_levels("m").await;
     assert!(close(l.tokens(), 900.0), "{l:?}");
-    let b = store.reserve(&k, cost(1, 100), Duration::ZERO).await.unwrap();
+    let b = store
+        .reserve(&k, cost(1, 100), Duration::ZERO)
+        .await
+        .unwrap();
     store.settle(b.ticket, Settlement::Used(cost(1, 300)));
     let l = store.now_levels("m").await;
     assert!(close(l.tokens(), 600.0), "{l:?}");
     assert!(close(l.requests(), 98.0), "{l:?}");
-    let c = store.reserve(&k, cost(1, 50), Duration::ZERO).await.unwrap();
+    let c = store
+        .reserve(&k, cost(1, 50), Duration::ZERO)
+        .await
+        .unwrap();
     store.settle(c.ticket, Settlement::Cancelled);
     let l = store.now_levels("m").await;
     assert!(close(l.tokens(), 600.0), "{l:?}");
@@ -173,14 +188,20 @@ async fn pause_delays_admission_of_its_key_only<St: Probe>(
     store.pause(&k, Duration::from_millis(300));
     store.sync().await;
     let start = Instant::now();
-    let a = store.reserve(&k, cost(1, 1), Duration::from_secs(1)).await.unwrap();
+    let a = store
+        .reserve(&k, cost(1, 1), Duration::from_secs(1))
+        .await
+        .unwrap();
     let waited = a.wait + start.elapsed();
     assert!(
         (Duration::from_millis(200)..=Duration::from_millis(320)).contains(&waited),
         "{waited:?}"
     );
     assert!(store.paused_for(&a.ticket).is_some());
-    let b = store.reserve(&other, cost(1, 1), Duration::ZERO).await.unwrap();
+    let b = store
+        .reserve(&other, cost(1, 1), Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!(b.wait, Duration::ZERO);
     // A pause longer than the allowed wait is a refusal.
     store.pause(&k, Duration::from_secs(30));
@@ -197,7 +218,10 @@ async fn pause_delays_admission_of_its_key_only<St: Probe>(
 async fn clamp_lowers_never_raises<St: Probe>(make: impl Fn(TokenBucketConfigArg) -> St) {
     let store = make(config(limits((100, SLOW), (1000, SLOW))));
     let k = key("m");
-    let a = store.reserve(&k, cost(1, 100), Duration::ZERO).await.unwrap();
+    let a = store
+        .reserve(&k, cost(1, 100), Duration::ZERO)
+        .await
+        .unwrap();
     drop(a);
     store.clamp(
         &k,
@@ -226,7 +250,10 @@ async fn clamp_lowers_never_raises<St: Probe>(make: impl Fn(TokenBucketConfigArg
 async fn set_limits_keeps_levels<St: Probe>(make: impl Fn(TokenBucketConfigArg) -> St) {
     let store = make(config(limits((100, SLOW), (1000, SLOW))));
     let k = key("m");
-    store.reserve(&k, cost(1, 400), Duration::ZERO).await.unwrap();
+    store
+        .reserve(&k, cost(1, 400), Duration::ZERO)
+        .await
+        .unwrap();
     store.set_limits(&k, limits((100, SLOW), (2000, SLOW)));
     let l = store.now_levels("m").await;
     assert!(close(l.tokens(), 600.0), "{l:?}");
@@ -234,7 +261,10 @@ async fn set_limits_keeps_levels<St: Probe>(make: impl Fn(TokenBucketConfigArg) 
     store.set_limits(&k, limits((100, SLOW), (500, SLOW)));
     let l = store.now_levels("m").await;
     assert!(close(l.tokens(), 500.0), "{l:?}");
-    let a = store.reserve(&k, cost(1, 500), Duration::ZERO).await.unwrap();
+    let a = store
+        .reserve(&k, cost(1, 500), Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!(a.wait, Duration::ZERO);
     assert!(matches!(
         store.reserve(&k, cost(1, 501), Duration::ZERO).await,

@@ -17,9 +17,8 @@ use tower::Service;
 
 /// A fresh redis-server. CI installs it (`.ci/run`); without it these tests fail, saying so.
 pub fn server() -> LocalRedis {
-    LocalRedis::start().unwrap_or_else(|e| {
-        panic!("the portcullis-redis tests need a real redis-server: {e}")
-    })
+    LocalRedis::start()
+        .unwrap_or_else(|e| panic!("the portcullis-redis tests need a real redis-server: {e}"))
 }
 
 /// A Redis config for tests: a generous timeout (a loaded CI machine must not fail open).
