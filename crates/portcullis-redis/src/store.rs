@@ -618,43 +618,43 @@ fn key_name(name: &str, label: &str) -> String {
     }
 }
 
-/// The configuration with every limit scaled by `share` (capacities at least 1).
-fn scaled(config: &TokenBucketConfig, share: f64) -> Result<TokenBucketConfig, Error> {
+/// Every bucket of `limits` scaled by `share` (capacities at least 1).
+fn scale(limits: KeyLimits, share: f64) -> Result<KeyLimits, Error> {
     if share >= 1.0 {
-        return Ok(config.clone());
+        return Ok(limits);
     }
-    let scale = |l: &KeyLimits| -> Result<KeyLimits, Error> {
-        let mut out = KeyLimits::unlimited();
-        let b = l.buckets().map(|r| {
-            r.map(|r| {
-                Rate::new(
-                    ((r.capacity() as f64 * share).floor() as u64).max(1),
-                    r.refill_per_sec() * share,
-                )
-            })
-            .transpose()
-        });
-        let [a, b2, c, d] = b;
-        if let Some(r) = a? {
-            out = out.with_requests(r);
-        }
-        if let Some(r) = b2? {
-            out = out.with_tokens(r);
-        }
-        if let Some(r) = c? {
-            out = out.with_input_tokens(r);
-        }
-        if let Some(r) = d? {
-            out = out.with_output_tokens(r);
-        }
-        Ok(out)
+    let rate = |r: Option<Rate>| {
+        r.map(|r| {
+            let capacity = ((r.capacity() as f64 * share).floor() as u64).max(1);
+            Rate::new(capacity, r.refill_per_sec() * share)
+        })
+        .transpose()
     };
+    let [requests, tokens, input, output] = limits.buckets();
+    let mut out = KeyLimits::unlimited();
+    if let Some(r) = rate(requests)? {
+        out = out.with_requests(r);
+    }
+    if let Some(r) = rate(tokens)? {
+        out = out.with_tokens(r);
+    }
+    if let Some(r) = rate(input)? {
+        out = out.with_input_tokens(r);
+    }
+    if let Some(r) = rate(output)? {
+        out = out.with_output_tokens(r);
+    }
+    Ok(out)
+}
+
+/// The configuration with every limit scaled by `share`: the fail-open fallback's.
+fn scaled(config: &TokenBucketConfig, share: f64) -> Result<TokenBucketConfig, Error> {
     let mut out = config.clone();
     for l in out.limits.values_mut() {
-        *l = scale(l)?;
+        *l = scale(*l, share)?;
     }
     if let Some(d) = out.default.as_mut() {
-        *d = scale(d)?;
+        *d = scale(*d, share)?;
     }
     Ok(out)
 }
@@ -760,10 +760,9 @@ where
 
     fn set_limits(&self, key: &K, limits: KeyLimits) {
         let share = self.shared.remote.config.fail_open_share;
-        if let Ok(local) = scaled(&TokenBucketConfig::new().default_limits(limits), share) {
-            if let Some(l) = local.default {
-                self.shared.local.set_limits(key, l);
-            }
+        // Scaling valid limits by a share in (0, 1] cannot fail.
+        if let Ok(local) = scale(limits, share) {
+            self.shared.local.set_limits(key, local);
         }
         let entry = self.entry(key);
         let old = std::mem::replace(&mut lock(&entry.state).limits, limits);

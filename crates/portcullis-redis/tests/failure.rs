@@ -186,7 +186,8 @@ async fn a_hung_redis_costs_at_most_the_timeout() {
     until_shared(&store).await;
 }
 
-/// Redis down at startup: the store builds (it connects lazily), and `ping` says why.
+/// Redis down at startup: the store builds (it connects lazily), `ping` says so, and the
+/// fallback keeps its share of each limit.
 #[tokio::test]
 async fn unreachable_at_startup() {
     let port = {
@@ -195,16 +196,28 @@ async fn unreachable_at_startup() {
     };
     let store: RedisStore = RedisStore::new(
         "t",
-        config(limits((10, 10.0), (100, 100.0))),
+        config(limits((8, 0.001), (100, 100.0))),
         portcullis_redis::RedisConfig::new(format!("redis://127.0.0.1:{port}/"))
             .timeout(TIMEOUT)
-            .retry_interval(Duration::from_millis(100)),
+            .retry_interval(Duration::from_millis(100))
+            .fail_open_share(0.25),
     )
     .unwrap();
     assert!(store.ping().await.is_err());
     let k: Arc<str> = Arc::from("m");
-    let a = store.reserve(&k, one(), Duration::ZERO).await.unwrap();
-    assert!(!a.ticket.is_shared(), "fail-open is the default");
+    for _ in 0..2 {
+        let a = store.reserve(&k, one(), Duration::ZERO).await.unwrap();
+        assert!(!a.ticket.is_shared(), "fail-open is the default");
+    }
+    assert!(
+        matches!(
+            store.reserve(&k, one(), Duration::ZERO).await,
+            Err(Refusal::Throttled { .. })
+        ),
+        "a quarter of 8 requests"
+    );
+    let levels = store.levels(&k).unwrap();
+    assert_eq!(levels.limits.requests.unwrap().capacity(), 2);
     let _server = LocalRedis::start_on(port).unwrap();
     until_shared(&store).await;
 }

@@ -43,7 +43,8 @@ local function save()
     'floor', int(floor), 'paused', int(paused), 'seq', int(seq))
   -- Idle keys expire once every bucket is full again and no pause or queue is left, plus a margin.
   local last = math.max(floor, paused, tat[1], tat[2], tat[3], tat[4])
-  redis.call('PEXPIRE', key, math.ceil((last - now) / 1000) + margin)
+  -- (At most 1e10 ms: absurdly slow rates must not overflow the expiry.)
+  redis.call('PEXPIRE', key, math.min(math.ceil((last - now) / 1000) + margin, 1e10))
 end
 
 -- now, floor, paused, t1..t4: what the client caches to show levels.
