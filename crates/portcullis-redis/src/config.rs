@@ -10,13 +10,18 @@ use crate::Error;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
-    /// Admit through a local in-memory bucket with the same limits (or the ones given by
-    /// [`RedisConfig::fallback`]). Keeps serving; the fleet may exceed the shared limit by up to
-    /// its number of instances while Redis is away. A `warn` event marks each outage's start.
+    /// Admit through a local in-memory bucket with the same limits, or with
+    /// [`RedisConfig::fail_open_share`] of them. Keeps serving; with the full limits, the fleet
+    /// may exceed the shared limit by up to its number of instances while Redis is away. A
+    /// `warn` event marks each outage's start, an `info` event its end.
     #[default]
     FailOpen,
-    /// Refuse admissions with `Throttled` (its `retry_after` is the time until Redis is tried
-    /// again). Never exceeds the shared limit; serves nothing while Redis is away.
+    /// Refuse admissions with [`Refusal::Throttled`], which the token bucket returns as a
+    /// `portcullis_core::Throttled` error (`ErrorKind::Throttled`); its
+    /// `retry_after` is the time until Redis is tried again. Never exceeds the shared limit;
+    /// serves nothing while Redis is away. A `warn` event marks each outage's start.
+    ///
+    /// [`Refusal::Throttled`]: portcullis_layers::token_bucket::Refusal::Throttled
     FailClosed,
 }
 
