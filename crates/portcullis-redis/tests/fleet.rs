@@ -48,7 +48,7 @@ async fn stacks_sharing_redis_never_over_admit() {
             .with_requests(req)
             .with_tokens(tok),
     );
-    let slack = Duration::from_millis(3);
+    let slack = SLACK;
 
     let shared = run_fleet(3, 10, || redis_store(&server, cfg.clone())).await;
     let requests: Vec<_> = shared.iter().map(|(t, _)| (*t, 1)).collect();

@@ -102,7 +102,7 @@ async fn window_invariant_under_load<St: Probe>(make: impl Fn(TokenBucketConfigA
         admitted.len() >= expected,
         "every caller not cancelled is served"
     );
-    let slack = Duration::from_millis(3);
+    let slack = SLACK;
     let requests: Vec<_> = admitted.iter().map(|(t, _)| (*t, 1)).collect();
     check_window(&requests, req, slack, "requests").unwrap();
     check_window(&admitted, tok, slack, "tokens").unwrap();

@@ -87,6 +87,11 @@ pub fn req(model: &str, max_tokens: u32) -> ChatRequest {
     ChatRequest::new(model, vec![ChatMessage::user("x")]).max_tokens(max_tokens)
 }
 
+/// How far an admission seen by the provider may be from its slot, in real time on a loaded CI
+/// machine: timer ticks and task scheduling for both stores; for Redis also the spread of the
+/// replies' delays (the slot is computed on the server, the wait starts when the reply is read).
+pub const SLACK: Duration = Duration::from_millis(20);
+
 pub type Log = Arc<Mutex<Vec<(Instant, u64)>>>;
 
 /// A provider that logs each call's instant and cost, and reports usage = the estimate.
