@@ -70,27 +70,30 @@ impl Entry {
     fn levels(&self) -> Option<Levels> {
         let st = lock(&self.state);
         let seen = st.seen.as_ref()?;
-        let now = Entry::server_now(seen);
-        let s = &seen.0;
-        let mut levels = [None; 4];
-        let mut queued = s.floor.max(s.paused);
-        for (i, rate) in st.limits.buckets().into_iter().enumerate() {
-            if let Some(r) = rate {
-                let upu = micros_per_unit(r);
-                let cap = r.capacity() as f64;
-                let debt = (s.tat[i] - now).max(0) as f64;
-                levels[i] = Some(cap - debt / upu);
-                queued = queued.max(s.tat[i] - (cap * upu).floor() as i64);
-            }
-        }
-        let paused = s.paused - now;
-        Some(Levels::new(
-            st.limits,
-            levels,
-            (paused > 0).then(|| Duration::from_micros(paused as u64)),
-            Duration::from_micros((queued - now).max(0) as u64),
-        ))
+        Some(levels_of(st.limits, &seen.0, Entry::server_now(seen)))
     }
+}
+
+/// The levels of a key with `limits` in server state `s`, at server time `now` (µs).
+fn levels_of(limits: KeyLimits, s: &State, now: i64) -> Levels {
+    let mut levels = [None; 4];
+    let mut queued = s.floor.max(s.paused);
+    for (i, rate) in limits.buckets().into_iter().enumerate() {
+        if let Some(r) = rate {
+            let upu = micros_per_unit(r);
+            let cap = r.capacity() as f64;
+            let debt = (s.tat[i] - now).max(0) as f64;
+            levels[i] = Some(cap - debt / upu);
+            queued = queued.max(s.tat[i] - (cap * upu).floor() as i64);
+        }
+    }
+    let paused = s.paused - now;
+    Levels::new(
+        limits,
+        levels,
+        (paused > 0).then(|| Duration::from_micros(paused as u64)),
+        Duration::from_micros((queued - now).max(0) as u64),
+    )
 }
 
 pub(crate) fn micros(d: Duration) -> i64 {
@@ -562,8 +565,9 @@ where
         let reply = remote
             .run(&entry, &remote.scripts.fetch, limits, |_| {})
             .await?;
-        entry.observe(State::parse(&reply)?);
-        Ok(entry.levels().expect("just observed"))
+        let state = State::parse(&reply)?;
+        entry.observe(state);
+        Ok(levels_of(limits, &state, state.now))
     }
 
     fn entry(&self, key: &K) -> Arc<Entry> {
