@@ -297,8 +297,9 @@ impl TokenBucketConfig {
         Ok(())
     }
 
-    /// The limits for a key label under a layer name.
-    pub(crate) fn resolve(&self, name: &str, label: &str) -> Option<KeyLimits> {
+    /// The limits for a key label under a layer name: `name:label`, then `label`, then
+    /// `default` (`None`: not limited). Shared stores resolve their keys with it too.
+    pub fn resolve(&self, name: &str, label: &str) -> Option<KeyLimits> {
         if !name.is_empty() {
             let mut full = String::with_capacity(name.len() + 1 + label.len());
             full.push_str(name);

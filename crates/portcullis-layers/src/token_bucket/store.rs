@@ -216,6 +216,21 @@ pub struct Levels {
 }
 
 impl Levels {
+    /// A snapshot, for stores outside this crate.
+    pub fn new(
+        limits: KeyLimits,
+        levels: [Option<f64>; 4],
+        paused_for: Option<Duration>,
+        queued_for: Duration,
+    ) -> Self {
+        Levels {
+            limits,
+            levels,
+            paused_for,
+            queued_for,
+        }
+    }
+
     /// Requests left now.
     pub fn requests(&self) -> Option<f64> {
         self.levels[0]

@@ -1,0 +1,81 @@
+use std::fmt;
+use std::time::Duration;
+
+use portcullis_layers::token_bucket::ConfigError;
+
+/// What can go wrong building a [`RedisStore`](crate::RedisStore), talking to Redis outside
+/// admissions, or starting a [`LocalRedis`](crate::LocalRedis).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The token bucket configuration is invalid.
+    Config(ConfigError),
+    /// The Redis URL does not parse.
+    InvalidUrl(String),
+    /// A duration out of range (zero, or above one hour).
+    InvalidDuration {
+        /// Which setting.
+        what: &'static str,
+        /// Its value.
+        value: Duration,
+    },
+    /// `fail_open_share` outside (0, 1].
+    InvalidShare(f64),
+    /// The store must be built inside a Tokio runtime (it spawns its background task there).
+    NoRuntime,
+    /// Redis answered with an error, or the connection failed.
+    Redis(redis::RedisError),
+    /// Redis did not answer within the timeout.
+    Timeout(Duration),
+    /// `redis-server` is not on the `PATH`.
+    ServerNotFound,
+    /// `redis-server` could not be started, or did not answer in time.
+    ServerStart(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Config(e) => write!(f, "token bucket configuration: {e}"),
+            Error::InvalidUrl(e) => write!(f, "invalid Redis URL: {e}"),
+            Error::InvalidDuration { what, value } => {
+                write!(
+                    f,
+                    "{what} must be positive and at most one hour, got {value:?}"
+                )
+            }
+            Error::InvalidShare(s) => write!(f, "fail_open_share must be in (0, 1], got {s}"),
+            Error::NoRuntime => f.write_str("a RedisStore must be built inside a Tokio runtime"),
+            Error::Redis(e) => write!(f, "redis: {e}"),
+            Error::Timeout(d) => write!(f, "redis did not answer within {d:?}"),
+            Error::ServerNotFound => f.write_str(
+                "`redis-server` is not on the PATH: install it (Debian/Ubuntu: \
+                 `apt-get install redis-server`, macOS: `brew install redis`) or point to a \
+                 running Redis with a URL",
+            ),
+            Error::ServerStart(e) => write!(f, "could not start redis-server: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Config(e) => Some(e),
+            Error::Redis(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(e)
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        Error::Redis(e)
+    }
+}

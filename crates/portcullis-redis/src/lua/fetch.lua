@@ -1,0 +1,2 @@
+-- FETCH: the state, read only.
+return state()

@@ -1,0 +1,106 @@
+//! The Lua scripts (one atomic round trip each) and their replies.
+
+use std::time::Duration;
+
+use portcullis_layers::token_bucket::Refusal;
+use redis::Script;
+
+use crate::Error;
+
+const PRELUDE: &str = include_str!("lua/prelude.lua");
+
+/// Every script: the shared prelude (load the key, `TIME`, helpers) followed by its body.
+pub(crate) struct Scripts {
+    pub(crate) reserve: Script,
+    pub(crate) settle: Script,
+    pub(crate) pause: Script,
+    pub(crate) clamp: Script,
+    pub(crate) set_limits: Script,
+    pub(crate) fetch: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        let s = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+        Scripts {
+            reserve: s(include_str!("lua/reserve.lua")),
+            settle: s(include_str!("lua/settle.lua")),
+            pause: s(include_str!("lua/pause.lua")),
+            clamp: s(include_str!("lua/clamp.lua")),
+            set_limits: s(include_str!("lua/set_limits.lua")),
+            fetch: s(include_str!("lua/fetch.lua")),
+        }
+    }
+}
+
+fn bad_reply(reply: &[i64]) -> Error {
+    Error::Redis(redis::RedisError::from((
+        redis::ErrorKind::Parse,
+        "unexpected script reply",
+        format!("{reply:?}"),
+    )))
+}
+
+/// A key's state on the server (µs on the server's clock).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct State {
+    pub(crate) now: i64,
+    pub(crate) floor: i64,
+    pub(crate) paused: i64,
+    pub(crate) tat: [i64; 4],
+}
+
+impl State {
+    pub(crate) fn parse(r: &[i64]) -> Result<State, Error> {
+        match r {
+            [now, floor, paused, t0, t1, t2, t3] => Ok(State {
+                now: *now,
+                floor: *floor,
+                paused: *paused,
+                tat: [*t0, *t1, *t2, *t3],
+            }),
+            _ => Err(bad_reply(r)),
+        }
+    }
+}
+
+/// What a granted reservation needs to be settled.
+pub(crate) struct Granted {
+    pub(crate) seq: i64,
+    pub(crate) prev_floor: i64,
+    pub(crate) tat_before: [i64; 4],
+    pub(crate) tat_after: [i64; 4],
+    pub(crate) epoch: [i64; 4],
+}
+
+fn four(r: &[i64]) -> [i64; 4] {
+    [r[0], r[1], r[2], r[3]]
+}
+
+/// The reply of the reserve script: a refusal, or the wait, the ticket and the new state.
+pub(crate) type Reserved = Result<(Duration, Granted, State), Refusal>;
+
+pub(crate) fn parse_reserve(r: &[i64]) -> Result<Reserved, Error> {
+    let pos = |v: i64| v.max(0) as u64;
+    match r {
+        [1, cost, capacity] => Ok(Err(Refusal::OverCapacity {
+            cost: pos(*cost),
+            capacity: pos(*capacity),
+        })),
+        [2, wait] => Ok(Err(Refusal::Throttled {
+            retry_after: Duration::from_micros(pos(*wait)),
+        })),
+        [0, wait, seq, prev_floor, rest @ ..] if rest.len() == 19 => Ok(Ok((
+            Duration::from_micros(pos(*wait)),
+            Granted {
+                seq: *seq,
+                prev_floor: *prev_floor,
+                tat_before: four(&rest[0..4]),
+                tat_after: four(&rest[4..8]),
+                epoch: four(&rest[8..12]),
+            },
+            State::parse(&rest[12..])?,
+        ))),
+        _ => Err(bad_reply(r)),
+    }
+}

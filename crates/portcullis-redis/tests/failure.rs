@@ -1,0 +1,223 @@
+//! Redis down, slow, and back: fail open with one warning, or fail closed with a typed error,
+//! always within the timeout; reconnection when Redis returns.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use portcullis_core::ErrorKind;
+use portcullis_layers::token_bucket::{BucketStore, Cost, Refusal, TokenBucketLayer};
+use portcullis_redis::{FailurePolicy, LocalRedis, RedisStore};
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+const TIMEOUT: Duration = Duration::from_millis(50);
+/// The timeout, plus what a loaded machine may add around it.
+const BOUND: Duration = Duration::from_millis(250);
+
+/// Captured log lines.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let me = self.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || me.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_default(sub)
+    }
+    fn count(&self, needle: &str) -> usize {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .matches(needle)
+            .count()
+    }
+}
+
+fn store(server: &LocalRedis, policy: FailurePolicy) -> RedisStore {
+    RedisStore::new(
+        "t",
+        config(limits((1000, 1000.0), (100_000, 100_000.0))),
+        redis_config(server)
+            .timeout(TIMEOUT)
+            .retry_interval(Duration::from_millis(100))
+            .failure_policy(policy),
+    )
+    .unwrap()
+}
+
+fn one() -> Cost {
+    Cost {
+        requests: 1,
+        input_tokens: 0,
+        output_tokens: 10,
+    }
+}
+
+/// Reserves until a reservation is made in Redis again, or panics after 3 s.
+async fn until_shared(store: &RedisStore) {
+    let k: Arc<str> = Arc::from("m");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if let Ok(a) = store.reserve(&k, one(), Duration::ZERO).await {
+            if a.ticket.is_shared() {
+                assert!(!store.is_degraded());
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "no reconnection within 3 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn fail_open_serves_locally_warns_once_and_reconnects() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    let server = server();
+    let port = server.port();
+    let store = store(&server, FailurePolicy::FailOpen);
+    store.ping().await.unwrap();
+    let k: Arc<str> = Arc::from("m");
+    let a = store.reserve(&k, one(), Duration::ZERO).await.unwrap();
+    assert!(a.ticket.is_shared());
+
+    server.kill();
+    for _ in 0..20 {
+        let start = Instant::now();
+        let a = store.reserve(&k, one(), Duration::ZERO).await.unwrap();
+        assert!(start.elapsed() < BOUND, "took {:?}", start.elapsed());
+        assert!(!a.ticket.is_shared(), "served by the local fallback");
+        store.settle(
+            a.ticket,
+            portcullis_layers::token_bucket::Settlement::Cancelled,
+        );
+    }
+    assert!(store.is_degraded());
+    // The layer keeps serving too.
+    let svc = TokenBucketLayer::from_store("t", store.clone(), Duration::from_secs(1))
+        .with_cost(MaxTokens)
+        .layer(provider(Log::default()));
+    svc.oneshot(req("m", 10)).await.unwrap();
+    assert_eq!(logs.count("failing open"), 1, "one warning per outage");
+
+    let _server = LocalRedis::start_on(port).unwrap();
+    until_shared(&store).await;
+    assert_eq!(logs.count("answers again"), 1);
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_within_the_timeout_and_reconnects() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    let server = server();
+    let port = server.port();
+    let store = store(&server, FailurePolicy::FailClosed);
+    store.ping().await.unwrap();
+    let k: Arc<str> = Arc::from("m");
+    store.reserve(&k, one(), Duration::ZERO).await.unwrap();
+
+    server.kill();
+    for _ in 0..5 {
+        let start = Instant::now();
+        match store.reserve(&k, one(), Duration::ZERO).await {
+            Err(Refusal::Throttled { retry_after }) => {
+                assert!(retry_after <= Duration::from_millis(100), "{retry_after:?}")
+            }
+            other => panic!("expected Throttled, got {other:?}"),
+        }
+        assert!(start.elapsed() < BOUND, "took {:?}", start.elapsed());
+    }
+    // Through the layer: a typed error, not a hang.
+    let svc = TokenBucketLayer::from_store("t", store.clone(), Duration::from_secs(1))
+        .with_cost(MaxTokens)
+        .layer(provider(Log::default()));
+    let start = Instant::now();
+    let err = svc.oneshot(req("m", 10)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Throttled);
+    assert!(err.retry_after().is_some());
+    assert!(start.elapsed() < BOUND, "took {:?}", start.elapsed());
+    assert_eq!(logs.count("failing closed"), 1, "one warning per outage");
+
+    let _server = LocalRedis::start_on(port).unwrap();
+    until_shared(&store).await;
+}
+
+/// A Redis that stops answering (SIGSTOP) costs at most the timeout per round trip.
+#[tokio::test]
+async fn a_hung_redis_costs_at_most_the_timeout() {
+    let server = server();
+    let store = store(&server, FailurePolicy::FailClosed);
+    let k: Arc<str> = Arc::from("m");
+    store.reserve(&k, one(), Duration::ZERO).await.unwrap();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &server.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    let start = Instant::now();
+    let r = store.reserve(&k, one(), Duration::ZERO).await;
+    let took = start.elapsed();
+    assert!(matches!(r, Err(Refusal::Throttled { .. })), "{r:?}");
+    assert!(took >= TIMEOUT && took < BOUND, "took {took:?}");
+    // Background updates are bounded too: flush returns.
+    store.pause(&k, Duration::from_millis(1));
+    tokio::time::timeout(BOUND, store.flush()).await.unwrap();
+    signal("-CONT");
+    until_shared(&store).await;
+}
+
+/// Redis down at startup: the store builds (it connects lazily), `ping` says so, and the
+/// fallback keeps its share of each limit.
+#[tokio::test]
+async fn unreachable_at_startup() {
+    let port = {
+        let server = server();
+        server.port()
+    };
+    let store: RedisStore = RedisStore::new(
+        "t",
+        config(limits((8, 0.001), (100, 100.0))),
+        portcullis_redis::RedisConfig::new(format!("redis://127.0.0.1:{port}/"))
+            .timeout(TIMEOUT)
+            .retry_interval(Duration::from_millis(100))
+            .fail_open_share(0.25),
+    )
+    .unwrap();
+    assert!(store.ping().await.is_err());
+    let k: Arc<str> = Arc::from("m");
+    for _ in 0..2 {
+        let a = store.reserve(&k, one(), Duration::ZERO).await.unwrap();
+        assert!(!a.ticket.is_shared(), "fail-open is the default");
+    }
+    assert!(
+        matches!(
+            store.reserve(&k, one(), Duration::ZERO).await,
+            Err(Refusal::Throttled { .. })
+        ),
+        "a quarter of 8 requests"
+    );
+    let levels = store.levels(&k).unwrap();
+    assert_eq!(levels.limits.requests.unwrap().capacity(), 2);
+    let _server = LocalRedis::start_on(port).unwrap();
+    until_shared(&store).await;
+}

@@ -1,0 +1,120 @@
+//! Several stacks (separate stores, separate connections) sharing one Redis; keys in Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use portcullis_layers::token_bucket::{BucketStore, Cost, Rate, TokenBucketLayer};
+use portcullis_redis::RedisStore;
+use redis::AsyncCommands;
+use tower::{Layer, ServiceExt};
+
+/// Runs `stacks` token bucket services, each over its own store from `make`, with `callers`
+/// concurrent callers each; returns every admission.
+async fn run_fleet<St: Probe>(
+    stacks: usize,
+    callers: usize,
+    make: impl Fn() -> St,
+) -> Vec<(tokio::time::Instant, u64)> {
+    let log = Log::default();
+    let mut tasks = Vec::new();
+    for _ in 0..stacks {
+        let svc = TokenBucketLayer::from_store("t", make(), Duration::from_secs(10))
+            .with_cost(MaxTokens)
+            .layer(provider(log.clone()));
+        for i in 0..callers {
+            let fut = svc.clone().oneshot(req("m", 10 + (i as u32 % 4) * 10));
+            tasks.push(tokio::spawn(fut));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let admitted = log.lock().unwrap().clone();
+    assert_eq!(admitted.len(), stacks * callers);
+    admitted
+}
+
+/// Three stacks sharing one Redis stay under one limit together; three with their own
+/// in-memory buckets (the control) exceed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stacks_sharing_redis_never_over_admit() {
+    let server = server();
+    let (req, tok) = (Rate::new(4, 80.0).unwrap(), Rate::new(100, 2000.0).unwrap());
+    let cfg = config(
+        portcullis_layers::token_bucket::KeyLimits::unlimited()
+            .with_requests(req)
+            .with_tokens(tok),
+    );
+    let slack = SLACK;
+
+    let shared = run_fleet(3, 10, || redis_store(&server, cfg.clone())).await;
+    let requests: Vec<_> = shared.iter().map(|(t, _)| (*t, 1)).collect();
+    check_window(&requests, req, slack, "requests").unwrap();
+    check_window(&shared, tok, slack, "tokens").unwrap();
+
+    let local = run_fleet(3, 10, || memory_store(cfg.clone())).await;
+    let requests: Vec<_> = local.iter().map(|(t, _)| (*t, 1)).collect();
+    assert!(
+        check_window(&requests, req, slack, "requests").is_err(),
+        "the control must over-admit, or this test proves nothing"
+    );
+}
+
+/// Keys are named `{prefix}{name}:{label}` and expire once full again plus the idle TTL.
+#[tokio::test]
+async fn keys_are_prefixed_and_expire_when_idle() {
+    let server = server();
+    let cfg = config(limits((10, 1000.0), (100, 1000.0)));
+    let store: RedisStore = RedisStore::new(
+        "openai",
+        cfg,
+        redis_config(&server)
+            .prefix("app1:")
+            .idle_ttl(Duration::from_millis(100)),
+    )
+    .unwrap();
+    let k: Arc<str> = Arc::from("gpt-4o-mini");
+    assert_eq!(store.redis_key(&k), "app1:openai:gpt-4o-mini");
+    let cost = Cost {
+        requests: 1,
+        input_tokens: 0,
+        output_tokens: 50,
+    };
+    store.reserve(&k, cost, Duration::ZERO).await.unwrap();
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl: i64 = conn.pttl("app1:openai:gpt-4o-mini").await.unwrap();
+    // 50 tokens at 1000/s: full again in 50 ms, plus 100 ms.
+    assert!((100..=150).contains(&ttl), "pttl {ttl}");
+    // Real time: Redis expires keys on its own clock.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let exists: bool = conn.exists("app1:openai:gpt-4o-mini").await.unwrap();
+    assert!(!exists, "an idle key expires");
+    // A fresh key after expiry starts full.
+    let a = store.reserve(&k, cost, Duration::ZERO).await.unwrap();
+    assert_eq!(a.wait, Duration::ZERO);
+}
+
+/// Two stores with different prefixes do not share buckets.
+#[tokio::test]
+async fn prefixes_isolate() {
+    let server = server();
+    let cfg = config(limits((1, 0.001), (100, 1000.0)));
+    let a: RedisStore =
+        RedisStore::new("t", cfg.clone(), redis_config(&server).prefix("a:")).unwrap();
+    let b: RedisStore = RedisStore::new("t", cfg, redis_config(&server).prefix("b:")).unwrap();
+    let k: Arc<str> = Arc::from("m");
+    let one = Cost {
+        requests: 1,
+        ..Cost::default()
+    };
+    a.reserve(&k, one, Duration::ZERO).await.unwrap();
+    b.reserve(&k, one, Duration::ZERO).await.unwrap();
+    assert!(a.reserve(&k, one, Duration::ZERO).await.is_err());
+}
