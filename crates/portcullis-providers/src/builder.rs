@@ -1,0 +1,57 @@
+//! Builder methods both providers share (generated into each builder by a macro, so that each
+//! builder is a plain, documented type).
+
+/// Expands to the shared builder methods; the builder must have a `common: BuilderCommon` field.
+macro_rules! common_builder_methods {
+    ($env:literal) => {
+        /// Sets the base URL (see the type's docs for the default). A key is never sent over
+        /// plain `http://` to a host other than loopback: [`build`](Self::build) refuses it.
+        pub fn base_url(mut self, url: impl Into<String>) -> Self {
+            self.common.base_url = url.into();
+            self
+        }
+
+        /// Uses this key instead of the
+        #[doc = concat!("`", $env, "`")]
+        /// environment variable (the default).
+        pub fn api_key(mut self, key: $crate::ApiKey) -> Self {
+            self.common.key = $crate::transport::KeySource::Key(key);
+            self
+        }
+
+        /// Sends no key at all (a local server that needs none).
+        pub fn without_api_key(mut self) -> Self {
+            self.common.key = $crate::transport::KeySource::None;
+            self
+        }
+
+        /// Shares an existing transport (and its connection pool). It replaces the transport
+        /// settings of this builder.
+        pub fn transport(mut self, transport: $crate::Transport) -> Self {
+            self.common.transport = Some(transport);
+            self
+        }
+
+        /// Sets the transport settings (validated by [`build`](Self::build)).
+        pub fn transport_config(mut self, config: $crate::TransportConfig) -> Self {
+            self.common.config = config;
+            self
+        }
+
+        /// Caps the response body (default 32 MiB); more is
+        #[doc = "[`ResponseTooLarge`](portcullis_core::ErrorKind::ResponseTooLarge)."]
+        pub fn max_response_bytes(mut self, n: usize) -> Self {
+            self.common.config.max_response_bytes = n;
+            self
+        }
+
+        /// Sets the TCP connect timeout (default 10 s).
+        pub fn connect_timeout(mut self, timeout: std::time::Duration) -> Self {
+            self.common.config.connect_timeout_ms =
+                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+            self
+        }
+    };
+}
+
+pub(crate) use common_builder_methods;

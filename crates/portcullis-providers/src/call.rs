@@ -1,0 +1,254 @@
+//! What both providers do the same way: send one request, map a non-2xx status, read a complete
+//! body, or drive an SSE body through a provider's event parser up to the commit point.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_core::Stream;
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request};
+use http_body_util::{Full, Limited};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use portcullis_core::{
+    ChatStream, CompletionResult, ErrorKind, FinishReason, LlmError, RateLimitHints, StreamChunk,
+    StreamMeta, Usage,
+};
+use tokio::time::Instant;
+
+use crate::sse::{SseDecoder, SseEvent, SseStream};
+use crate::transport::{ApiKey, Endpoint};
+
+/// The future a provider service returns: the HTTP call, boxed (the call does I/O anyway).
+#[must_use = "futures do nothing unless polled"]
+pub struct ResponseFuture<T> {
+    inner: Pin<Box<dyn Future<Output = Result<T, LlmError>> + Send + 'static>>,
+}
+
+impl<T> ResponseFuture<T> {
+    pub(crate) fn new<F>(f: F) -> Self
+    where
+        F: Future<Output = Result<T, LlmError>> + Send + 'static,
+    {
+        ResponseFuture { inner: Box::pin(f) }
+    }
+}
+
+impl<T> Future for ResponseFuture<T> {
+    type Output = Result<T, LlmError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<T> fmt::Debug for ResponseFuture<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResponseFuture")
+    }
+}
+
+/// A parsed complete (non-streaming) response body.
+pub(crate) struct Parsed {
+    pub(crate) content: String,
+    pub(crate) usage: Usage,
+    pub(crate) model: String,
+    pub(crate) finish_reason: FinishReason,
+}
+
+/// What one SSE event meant to a provider's parser.
+pub(crate) enum Step {
+    /// Nothing for the caller (ping, block start, role-only delta…).
+    Skip,
+    /// New content: the first one is the commit point.
+    Content(String),
+    /// The end of the stream, with the final chunk (finish reason and usage).
+    End(StreamChunk),
+}
+
+/// A provider's stream state machine.
+pub(crate) trait EventParser: Send + Unpin + 'static {
+    /// Handles one event. `key` scrubs error messages.
+    fn on_event(&mut self, ev: SseEvent, key: Option<&ApiKey>) -> Result<Step, LlmError>;
+    /// The model the provider resolved (empty until the stream said).
+    fn model(&self) -> &str;
+    /// The message for a body that ended before the end event.
+    const TRUNCATED: &'static str;
+}
+
+/// A protocol error (malformed JSON, a missing field).
+pub(crate) fn protocol(what: impl fmt::Display) -> LlmError {
+    LlmError::new(ErrorKind::Protocol, format!("malformed response: {what}"))
+}
+
+/// Builds a POST of a JSON body with the endpoint's headers.
+fn post(ep: &Endpoint, body: Vec<u8>, stream: bool) -> Result<Request<Full<Bytes>>, LlmError> {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(ep.url.clone())
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| LlmError::new(ErrorKind::Configuration, "invalid request").with_source(e))?;
+    let h = req.headers_mut();
+    h.extend(ep.headers.clone());
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let accept = if stream {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    h.insert(ACCEPT, HeaderValue::from_static(accept));
+    Ok(req)
+}
+
+/// One complete call: send, map the status, read and parse the body.
+pub(crate) async fn complete(
+    ep: Arc<Endpoint>,
+    model: Arc<str>,
+    body: Result<Vec<u8>, LlmError>,
+    parse: fn(&[u8]) -> Result<Parsed, LlmError>,
+) -> Result<CompletionResult, LlmError> {
+    let start = Instant::now();
+    let req = post(&ep, body?, false)?;
+    tracing::debug!(provider = ep.provider, model = %model, "sending completion request");
+    let resp = ep
+        .transport
+        .send(req)
+        .await
+        .map_err(|e| ep.finish_error(e, None))?;
+    if !resp.status().is_success() {
+        return Err(ep.status_error(resp).await);
+    }
+    let (parts, body) = resp.into_parts();
+    let request_id = ep.request_id(&parts.headers);
+    let bytes = ep
+        .transport
+        .read(body)
+        .await
+        .map_err(|e| ep.finish_error(e, request_id.as_deref()))?;
+    let p = parse(&bytes).map_err(|e| ep.finish_error(e, request_id.as_deref()))?;
+    let mut r = CompletionResult::new(ep.provider, p.model, p.content)
+        .with_usage(p.usage)
+        .with_finish_reason(p.finish_reason);
+    r.latency = start.elapsed();
+    r.request_id = request_id;
+    r.rate_limits = RateLimitHints::from_headers(&parts.headers);
+    tracing::debug!(
+        provider = ep.provider,
+        model = %r.model,
+        latency_ms = r.latency.as_millis() as u64,
+        finish_reason = %r.finish_reason,
+        "completion done"
+    );
+    Ok(r)
+}
+
+/// One streaming call: send, map the status, then read events until the commit point (the first
+/// content chunk, or the end of a stream with no content), or the error before it.
+pub(crate) async fn stream<P: EventParser>(
+    ep: Arc<Endpoint>,
+    model: Arc<str>,
+    body: Result<Vec<u8>, LlmError>,
+    parser: P,
+) -> Result<ChatStream, LlmError> {
+    let req = post(&ep, body?, true)?;
+    tracing::debug!(provider = ep.provider, model = %model, "sending streaming request");
+    let resp = ep
+        .transport
+        .send(req)
+        .await
+        .map_err(|e| ep.finish_error(e, None))?;
+    if !resp.status().is_success() {
+        return Err(ep.status_error(resp).await);
+    }
+    let (parts, body) = resp.into_parts();
+    let request_id = ep.request_id(&parts.headers);
+    let decoder = SseDecoder::with_limits(
+        ep.transport.config().max_event_bytes,
+        ep.transport.config().max_event_bytes,
+    );
+    let mut events = EventStream {
+        sse: SseStream::new(ep.transport.limit(body), decoder),
+        parser,
+        first: None,
+        committed: false,
+        done: false,
+        request_id: request_id.clone(),
+        ep: ep.clone(),
+    };
+    let first = std::future::poll_fn(|cx| Pin::new(&mut events).poll_next(cx)).await;
+    match first {
+        Some(Ok(chunk)) => {
+            events.first = Some(chunk);
+            let mut meta = StreamMeta::new(ep.provider, events.parser.model());
+            meta.request_id = request_id;
+            meta.rate_limits = RateLimitHints::from_headers(&parts.headers);
+            tracing::debug!(provider = ep.provider, model = %meta.model, "stream committed");
+            Ok(ChatStream::new(meta, events))
+        }
+        Some(Err(e)) => Err(e),
+        None => Err(ep.finish_error(protocol(P::TRUNCATED), request_id.as_deref())),
+    }
+}
+
+pin_project! {
+    /// A provider's parser over an SSE body. Errors after the commit point become
+    /// `StreamInterrupted` (their provider type and code kept).
+    struct EventStream<P> {
+        #[pin]
+        sse: SseStream<Limited<Incoming>>,
+        parser: P,
+        first: Option<StreamChunk>,
+        committed: bool,
+        done: bool,
+        request_id: Option<String>,
+        ep: Arc<Endpoint>,
+    }
+}
+
+impl<P: EventParser> Stream for EventStream<P> {
+    type Item = Result<StreamChunk, LlmError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut this = self.project();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        loop {
+            if *this.done {
+                // Read what is already there (the body's end, usually) so that the connection
+                // can go back to the pool; never wait for more.
+                while let Poll::Ready(Some(_)) = this.sse.as_mut().poll_next(cx) {}
+                return Poll::Ready(None);
+            }
+            let step = match std::task::ready!(this.sse.as_mut().poll_next(cx)) {
+                Some(Ok(ev)) => this.parser.on_event(ev, this.ep.key.as_ref()),
+                Some(Err(e)) => Err(e),
+                None => Err(protocol(P::TRUNCATED)),
+            };
+            let item = match step {
+                Ok(Step::Skip) => continue,
+                Ok(Step::Content(text)) => {
+                    *this.committed = true;
+                    Ok(StreamChunk::delta(text))
+                }
+                Ok(Step::End(chunk)) => {
+                    *this.done = true;
+                    Ok(chunk)
+                }
+                Err(e) => {
+                    *this.done = true;
+                    let mut e = this.ep.finish_error(e, this.request_id.as_deref());
+                    if *this.committed {
+                        tracing::debug!(provider = this.ep.provider, kind = %e.kind(), "stream interrupted after content");
+                        e = e.with_kind(ErrorKind::StreamInterrupted);
+                    }
+                    Err(e)
+                }
+            };
+            return Poll::Ready(Some(item));
+        }
+    }
+}
