@@ -1,0 +1,322 @@
+//! The breaker's configuration: trip policies, recovery, half-open probes. Serde-deserializable
+//! and validated by [`CircuitBreakerConfig::validate`].
+//!
+//! Durations are written in milliseconds (`"recovery_timeout": 60000`), as everywhere in
+//! Portcullis.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The longest duration any setting may hold (one year): keeps instant arithmetic in range.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How the breaker of one key is configured.
+///
+/// The defaults are the seed's: trip after 5 consecutive failures, stay open 60 s, close after
+/// 3 successful half-open probes.
+///
+/// ```
+/// use std::time::Duration;
+/// use portcullis_layers::circuit_breaker::{CircuitBreakerConfig, TripPolicy, Window};
+///
+/// let config: CircuitBreakerConfig = serde_json::from_str(r#"{
+///     "trip": {"failure_rate": {"threshold": 0.5, "window": {"count": 20}, "min_calls": 10}},
+///     "recovery_timeout": 30000
+/// }"#).unwrap();
+/// assert_eq!(config.recovery_timeout, Duration::from_secs(30));
+/// assert_eq!(config.trip, TripPolicy::failure_rate(0.5, Window::Count(20), 10));
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// When a CLOSED breaker opens.
+    pub trip: TripPolicy,
+    /// Optionally, also open when too many calls are slow.
+    pub slow_calls: Option<SlowCallPolicy>,
+    /// How long the breaker stays OPEN before it lets probes through (seed: 60 s).
+    #[serde(with = "millis")]
+    pub recovery_timeout: Duration,
+    /// Optionally, lengthen the open duration on each consecutive trip.
+    pub open_backoff: Option<OpenBackoff>,
+    /// How many probes HALF_OPEN admits at once, and how many must succeed to close (seed: 3).
+    pub half_open_probes: u32,
+    /// How long a half-open probe may hold its permit. After that its permit is handed to the
+    /// next call and its late outcome is ignored, so a hung probe cannot wedge the breaker.
+    #[serde(with = "millis")]
+    pub max_probe_wait: Duration,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            trip: TripPolicy::consecutive(5),
+            slow_calls: None,
+            recovery_timeout: Duration::from_secs(60),
+            open_backoff: None,
+            half_open_probes: 3,
+            max_probe_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// When a CLOSED breaker opens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TripPolicy {
+    /// After `threshold` failures in a row (the seed's policy). A success resets the count.
+    ConsecutiveFailures {
+        /// Failures in a row that open the breaker.
+        threshold: u32,
+    },
+    /// When the failure rate over a sliding window reaches `threshold`, once the window holds
+    /// at least `min_calls` outcomes.
+    FailureRate {
+        /// Failure rate in `(0, 1]` that opens the breaker.
+        threshold: f64,
+        /// The sliding window.
+        window: Window,
+        /// Outcomes the window must hold before the rate is judged.
+        min_calls: u32,
+    },
+}
+
+impl TripPolicy {
+    /// [`TripPolicy::ConsecutiveFailures`].
+    pub fn consecutive(threshold: u32) -> Self {
+        TripPolicy::ConsecutiveFailures { threshold }
+    }
+
+    /// [`TripPolicy::FailureRate`].
+    pub fn failure_rate(threshold: f64, window: Window, min_calls: u32) -> Self {
+        TripPolicy::FailureRate {
+            threshold,
+            window,
+            min_calls,
+        }
+    }
+}
+
+/// A sliding window of outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Window {
+    /// The last `n` outcomes.
+    Count(u32),
+    /// The outcomes of the last duration (milliseconds in serde). Outcomes age out in steps of
+    /// a tenth of the window.
+    Time(#[serde(with = "millis")] Duration),
+}
+
+/// Open the breaker when the share of slow calls reaches `rate`.
+///
+/// A call is slow when its outcome (success or failure) arrives `threshold` or more after its
+/// admission; a stream's outcome arrives when it ends. A slow half-open probe counts as a
+/// failed probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowCallPolicy {
+    /// Calls at least this long are slow.
+    #[serde(with = "millis")]
+    pub threshold: Duration,
+    /// Slow-call rate in `(0, 1]` that opens the breaker.
+    pub rate: f64,
+    /// The sliding window.
+    pub window: Window,
+    /// Outcomes the window must hold before the rate is judged.
+    pub min_calls: u32,
+}
+
+/// Each consecutive trip (a failed half-open probe reopens the breaker) multiplies the open
+/// duration by `multiplier`, up to `max`. A breaker that closes again starts over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenBackoff {
+    /// Factor applied per consecutive trip, at least 1.
+    pub multiplier: f64,
+    /// The longest open duration.
+    #[serde(with = "millis")]
+    pub max: Duration,
+}
+
+/// A configuration value the breaker cannot work with.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The field must be greater than zero.
+    Zero {
+        /// The field, as in serde.
+        field: &'static str,
+    },
+    /// A rate outside `(0, 1]`, or a multiplier below 1 or not finite.
+    OutOfRange {
+        /// The field, as in serde.
+        field: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// A duration over [`MAX_DURATION`].
+    TooLong {
+        /// The field, as in serde.
+        field: &'static str,
+        /// The value given.
+        value: Duration,
+    },
+    /// `min_calls` exceeds the size of a count window: the rate could never be judged.
+    MinCallsExceedWindow {
+        /// The field, as in serde.
+        field: &'static str,
+        /// The minimum number of calls.
+        min_calls: u32,
+        /// The window size.
+        window: u32,
+    },
+    /// The open-backoff cap is shorter than the recovery timeout.
+    BackoffMaxBelowRecovery {
+        /// The cap.
+        max: Duration,
+        /// The recovery timeout.
+        recovery_timeout: Duration,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Zero { field } => write!(f, "circuit breaker: `{field}` must be > 0"),
+            ConfigError::OutOfRange { field, value } => {
+                write!(f, "circuit breaker: `{field}` = {value} is out of range")
+            }
+            ConfigError::TooLong { field, value } => write!(
+                f,
+                "circuit breaker: `{field}` = {value:?} exceeds {MAX_DURATION:?}"
+            ),
+            ConfigError::MinCallsExceedWindow {
+                field,
+                min_calls,
+                window,
+            } => write!(
+                f,
+                "circuit breaker: `{field}.min_calls` = {min_calls} exceeds its window of {window} calls"
+            ),
+            ConfigError::BackoffMaxBelowRecovery {
+                max,
+                recovery_timeout,
+            } => write!(
+                f,
+                "circuit breaker: `open_backoff.max` = {max:?} is below `recovery_timeout` = {recovery_timeout:?}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn duration(field: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        Err(ConfigError::Zero { field })
+    } else if value > MAX_DURATION {
+        Err(ConfigError::TooLong { field, value })
+    } else {
+        Ok(())
+    }
+}
+
+fn rate(field: &'static str, value: f64) -> Result<(), ConfigError> {
+    // `!(x > 0)` also rejects NaN.
+    if !(value > 0.0 && value <= 1.0) {
+        return Err(ConfigError::OutOfRange { field, value });
+    }
+    Ok(())
+}
+
+fn window(field: &'static str, window: Window, min_calls: u32) -> Result<(), ConfigError> {
+    match window {
+        Window::Count(0) => Err(ConfigError::Zero { field }),
+        Window::Count(n) if min_calls > n => Err(ConfigError::MinCallsExceedWindow {
+            field,
+            min_calls,
+            window: n,
+        }),
+        Window::Count(_) => Ok(()),
+        Window::Time(d) => duration(field, d),
+    }
+}
+
+impl CircuitBreakerConfig {
+    /// Checks every value; the layer's constructor calls it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match &self.trip {
+            TripPolicy::ConsecutiveFailures { threshold: 0 } => {
+                return Err(ConfigError::Zero {
+                    field: "trip.consecutive_failures.threshold",
+                });
+            }
+            TripPolicy::ConsecutiveFailures { .. } => {}
+            TripPolicy::FailureRate {
+                threshold,
+                window: w,
+                min_calls,
+            } => {
+                rate("trip.failure_rate.threshold", *threshold)?;
+                window("trip.failure_rate.window", *w, *min_calls)?;
+            }
+        }
+        if let Some(slow) = &self.slow_calls {
+            duration("slow_calls.threshold", slow.threshold)?;
+            rate("slow_calls.rate", slow.rate)?;
+            window("slow_calls.window", slow.window, slow.min_calls)?;
+        }
+        duration("recovery_timeout", self.recovery_timeout)?;
+        duration("max_probe_wait", self.max_probe_wait)?;
+        if self.half_open_probes == 0 {
+            return Err(ConfigError::Zero {
+                field: "half_open_probes",
+            });
+        }
+        if let Some(b) = &self.open_backoff {
+            if !(b.multiplier >= 1.0 && b.multiplier.is_finite()) {
+                return Err(ConfigError::OutOfRange {
+                    field: "open_backoff.multiplier",
+                    value: b.multiplier,
+                });
+            }
+            duration("open_backoff.max", b.max)?;
+            if b.max < self.recovery_timeout {
+                return Err(ConfigError::BackoffMaxBelowRecovery {
+                    max: b.max,
+                    recovery_timeout: self.recovery_timeout,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// How long the breaker stays open after its `trips`-th consecutive trip (1 for the first).
+    pub(crate) fn open_duration(&self, trips: u32) -> Duration {
+        let Some(b) = &self.open_backoff else {
+            return self.recovery_timeout;
+        };
+        let exp = i32::try_from(trips.saturating_sub(1)).unwrap_or(i32::MAX);
+        let secs = self.recovery_timeout.as_secs_f64() * b.multiplier.powi(exp);
+        Duration::try_from_secs_f64(secs)
+            .unwrap_or(b.max)
+            .min(b.max)
+    }
+}
+
+/// A `Duration` as integer milliseconds.
+pub(crate) mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(crate) fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(v.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}

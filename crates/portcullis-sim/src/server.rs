@@ -1,0 +1,220 @@
+//! The hyper server: the accept loop, routing, the control endpoints and `GET /v1/models`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::api::{self, Answer, Endpoint};
+use crate::scenario::{FaultPlan, Limits, json_error};
+use crate::state::{Shared, lock};
+use crate::stats::Stats;
+use crate::wire::{self, SimBody};
+
+/// The error a service returns to make hyper drop the connection without an answer.
+#[derive(Debug)]
+pub(crate) struct DropConnection;
+
+impl std::fmt::Display for DropConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("simulated connection reset")
+    }
+}
+
+impl std::error::Error for DropConnection {}
+
+/// Accepts connections until `shutdown` is set, then closes them gracefully (at most 5 s).
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut stop = shared.shutdown.subscribe();
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let shared = shared.clone();
+                let service = service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { route(&shared, req).await }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "simulator connection ended");
+                    }
+                });
+            }
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+async fn route(
+    shared: &Shared,
+    req: Request<Incoming>,
+) -> Result<Response<SimBody>, DropConnection> {
+    let (parts, body) = req.into_parts();
+    let endpoint = match (&parts.method, parts.uri.path()) {
+        (&Method::POST, "/v1/chat/completions") => Some(Endpoint::ChatCompletions),
+        (&Method::POST, "/v1/messages") => Some(Endpoint::Messages),
+        (&Method::POST, "/v1/messages/count_tokens") => Some(Endpoint::CountTokens),
+        _ => None,
+    };
+    let path = parts.uri.path();
+    if path.starts_with("/_sim/") {
+        return Ok(control(shared, &parts.method, path, body).await);
+    }
+    shared.stats(|s| {
+        s.requests += 1;
+        let name = match (endpoint, path) {
+            (Some(e), _) => e.name(),
+            (None, "/v1/models") => "models",
+            _ => "not_found",
+        };
+        Stats::bump(&mut s.by_endpoint, name);
+    });
+    let answer = match endpoint {
+        Some(e) => api::handle(shared, e, parts.headers, body).await,
+        None if parts.method == Method::GET && path == "/v1/models" => {
+            Answer {
+                response: Some(models(&parts.headers)),
+                outcome: "ok".into(),
+            }
+        }
+        None => not_found(shared, &parts.headers, &parts.method, path),
+    };
+    shared.stats(|s| {
+        if !answer.outcome.is_empty() {
+            Stats::bump(&mut s.by_outcome, &answer.outcome);
+        }
+        if let Some(r) = &answer.response {
+            *s.by_status.entry(r.status().as_u16()).or_insert(0) += 1;
+        }
+    });
+    answer.response.ok_or(DropConnection)
+}
+
+/// Anthropic's SDK sends `anthropic-version` and `x-api-key`; OpenAI's neither.
+fn looks_anthropic(h: &HeaderMap) -> bool {
+    h.contains_key("anthropic-version") || h.contains_key("x-api-key")
+}
+
+fn not_found(shared: &Shared, h: &HeaderMap, method: &Method, path: &str) -> Answer {
+    let family = if looks_anthropic(h) {
+        crate::scenario::Family::Anthropic
+    } else {
+        crate::scenario::Family::Openai
+    };
+    let rid = wire::request_id(family, &mut *lock(&shared.rng));
+    let err = wire::WireError::new(404, format!("Invalid URL ({method} {path})"));
+    let mut response = wire::error_body(family, &rid, &err);
+    api::set_request_id(family, response.headers_mut(), &rid);
+    Answer {
+        response: Some(response),
+        outcome: "not_found".into(),
+    }
+}
+
+const MODELS: &[&str] = &[
+    "gpt-4o-mini",
+    "gpt-4o",
+    "gpt-4.1-mini",
+    "gpt-5-nano",
+    "claude-sonnet-4-5",
+    "claude-haiku-4-5",
+    "claude-opus-4-1",
+];
+
+/// `GET /v1/models`, in the shape of whichever API the headers look like.
+fn models(h: &HeaderMap) -> Response<SimBody> {
+    let body = if looks_anthropic(h) {
+        let data: Vec<Value> = MODELS
+            .iter()
+            .filter(|m| m.starts_with("claude"))
+            .map(|m| {
+                json!({"type": "model", "id": m, "display_name": m,
+                       "created_at": "2025-09-29T00:00:00Z"})
+            })
+            .collect();
+        json!({
+            "first_id": data.first().map(|d| d["id"].clone()),
+            "last_id": data.last().map(|d| d["id"].clone()),
+            "has_more": false,
+            "data": data,
+        })
+    } else {
+        let data: Vec<Value> = MODELS
+            .iter()
+            .filter(|m| !m.starts_with("claude"))
+            .map(|m| json!({"id": m, "object": "model", "created": 1_715_367_049, "owned_by": "system"}))
+            .collect();
+        json!({"object": "list", "data": data})
+    };
+    wire::json_response(StatusCode::OK, &body)
+}
+
+/// `GET /_sim/stats`, `POST /_sim/faults` (a [`FaultPlan`]), `POST /_sim/limits` (a
+/// [`Limits`]), `POST /_sim/reset`.
+async fn control(shared: &Shared, method: &Method, path: &str, body: Incoming) -> Response<SimBody> {
+    let ok = |v: Value| wire::json_response(StatusCode::OK, &v);
+    let bad = |msg: String| wire::json_response(StatusCode::BAD_REQUEST, &json!({"error": msg}));
+    match (method, path) {
+        (&Method::GET, "/_sim/stats") => {
+            let stats = lock(&shared.stats).clone();
+            ok(serde_json::to_value(stats).unwrap_or(Value::Null))
+        }
+        (&Method::POST, "/_sim/reset") => {
+            *lock(&shared.stats) = Stats::default();
+            lock(&shared.limiter).reset();
+            shared.restart_plan();
+            ok(json!({"ok": true}))
+        }
+        (&Method::POST, "/_sim/faults") => match read_json::<FaultPlan>(body).await {
+            Ok(plan) => match plan.validate() {
+                Ok(()) => {
+                    shared.set_plan(plan);
+                    ok(json!({"ok": true}))
+                }
+                Err(e) => bad(e.to_string()),
+            },
+            Err(e) => bad(e),
+        },
+        (&Method::POST, "/_sim/limits") => match read_json::<Limits>(body).await {
+            Ok(limits) => match limits.validate() {
+                Ok(()) => {
+                    lock(&shared.limiter).set_limits(limits);
+                    ok(json!({"ok": true}))
+                }
+                Err(e) => bad(e.to_string()),
+            },
+            Err(e) => bad(e),
+        },
+        _ => wire::json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": format!("no control endpoint {method} {path}")}),
+        ),
+    }
+}
+
+async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, String> {
+    let bytes: Bytes = Limited::new(body, 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    serde_json::from_str(&text).map_err(|e| json_error(&text, &e).to_string())
+}
