@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use criterion::measurement::WallTime;
 use portcullis_core::{ChatMessage, ChatRequest, LlmError, TokenCost};
+use portcullis_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use portcullis_layers::retry::{RetryLayer, StandardPolicy};
 use portcullis_layers::token_bucket::{KeyLimits, TokenBucketConfig, TokenBucketLayer};
 use portcullis_layers::{DeadlineLayer, Entry, FallbackLayer, TimeoutLayer};
@@ -117,6 +118,18 @@ fn tiny_bucket() -> TokenBucketLayer<portcullis_layers::ByModel, fn(&ChatRequest
 
 fn fallback() -> FallbackLayer<Mock, ChatRequest> {
     FallbackLayer::new("primary", vec![Entry::new("secondary", Mock)])
+}
+
+/// The breaker with its defaults (5 consecutive failures, 60 s recovery, 3 probes).
+fn breaker() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::new("openai", CircuitBreakerConfig::default()).expect("breaker")
+}
+
+/// A breaker forced open for the bench's model: every call is refused with `CircuitOpen`.
+fn open_breaker() -> CircuitBreakerLayer {
+    let layer = breaker();
+    layer.handle().force_open("gpt-4o-mini");
+    layer
 }
 
 fn timeout() -> TimeoutLayer {
@@ -221,6 +234,7 @@ macro_rules! cases {
 
         // Ours, each alone.
         $run(g, "portcullis/retry", retry().layer(Mock));
+        $run(g, "portcullis/circuit_breaker", breaker().layer(Mock));
         $run(g, "portcullis/token_bucket", ample_bucket().layer(Mock));
         $run(g, "portcullis/fallback", fallback().layer(Mock));
         $run(g, "portcullis/timeout", timeout().layer(Mock));
@@ -229,7 +243,7 @@ macro_rules! cases {
             "portcullis/deadline",
             DeadlineLayer::new(Duration::from_secs(60)).layer(Mock),
         );
-        // The recommended stack, outermost first: deadline → retry → (breaker) → bucket →
+        // The recommended stack, outermost first: deadline → retry → breaker → bucket →
         // timeout → provider.
         $run(
             g,
@@ -237,11 +251,13 @@ macro_rules! cases {
             ServiceBuilder::new()
                 .layer(DeadlineLayer::new(Duration::from_secs(60)))
                 .layer(retry())
+                .layer(breaker())
                 .layer(ample_bucket())
                 .layer(timeout())
                 .service(Mock),
         );
         // Refusals.
+        $run(g, "portcullis/circuit_open", open_breaker().layer(Mock));
         $run(g, "portcullis/bucket_over_capacity", tiny_bucket().layer(Mock));
 
         // tower's built-ins.
