@@ -16,8 +16,8 @@ use std::sync::{Arc, Barrier};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use portcullis_core::{ChatMessage, ChatRequest, LlmError, TokenCost};
 use portcullis_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use portcullis_layers::retry::{RetryLayer, StandardPolicy};
@@ -98,12 +98,9 @@ fn retry() -> RetryLayer<StandardPolicy> {
 fn bucket_layer(
     limits: KeyLimits,
 ) -> TokenBucketLayer<portcullis_layers::ByModel, fn(&ChatRequest) -> TokenCost> {
-    TokenBucketLayer::new(
-        "openai",
-        TokenBucketConfig::new().default_limits(limits),
-    )
-    .expect("bucket")
-    .with_cost(flat_cost as fn(&ChatRequest) -> TokenCost)
+    TokenBucketLayer::new("openai", TokenBucketConfig::new().default_limits(limits))
+        .expect("bucket")
+        .with_cost(flat_cost as fn(&ChatRequest) -> TokenCost)
 }
 
 /// A bucket that never makes anyone wait: a trillion requests and tokens per minute.
@@ -258,7 +255,11 @@ macro_rules! cases {
         );
         // Refusals.
         $run(g, "portcullis/circuit_open", open_breaker().layer(Mock));
-        $run(g, "portcullis/bucket_over_capacity", tiny_bucket().layer(Mock));
+        $run(
+            g,
+            "portcullis/bucket_over_capacity",
+            tiny_bucket().layer(Mock),
+        );
 
         // tower's built-ins.
         $run(
@@ -286,8 +287,16 @@ macro_rules! cases {
         }
 
         // tower-resilience.
-        $run(g, "tower-resilience/retry", tr_retry::<LlmError>().layer(Mock));
-        $run(g, "tower-resilience/circuit_breaker", tr_breaker().layer(Mock));
+        $run(
+            g,
+            "tower-resilience/retry",
+            tr_retry::<LlmError>().layer(Mock),
+        );
+        $run(
+            g,
+            "tower-resilience/circuit_breaker",
+            tr_breaker().layer(Mock),
+        );
         $run(g, "tower-resilience/rate_limiter", tr_limiter().layer(Mock));
         $run(
             g,

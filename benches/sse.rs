@@ -41,7 +41,9 @@ const RECORDINGS: &[(&str, &[u8])] = &[
     ),
     (
         "openai_gpt5",
-        include_bytes!("../crates/portcullis-providers/tests/data/openai/ai-gateway_stream_text.sse"),
+        include_bytes!(
+            "../crates/portcullis-providers/tests/data/openai/ai-gateway_stream_text.sse"
+        ),
     ),
     (
         "anthropic_text",
@@ -95,8 +97,11 @@ fn e2e_bench(c: &mut Criterion) {
         .block_on(Simulator::builder().seed(1).start())
         .expect("simulator");
     let base = sim.openai_base_url();
-    let req = ChatRequest::new("gpt-4o-mini", vec![ChatMessage::user("Tell me about pelicans")])
-        .max_tokens(MAX_TOKENS);
+    let req = ChatRequest::new(
+        "gpt-4o-mini",
+        vec![ChatMessage::user("Tell me about pelicans")],
+    )
+    .max_tokens(MAX_TOKENS);
 
     // (a) raw hyper: the same request body the provider sends, the body drained frame by frame.
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
