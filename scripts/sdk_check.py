@@ -18,7 +18,7 @@ BASE = sys.argv[1].rstrip("/")
 OPENAI_KEY = "sk-sim-not-a-real-key"
 ANTHROPIC_KEY = "sk-ant-sim-not-a-real-key"
 OPENAI_MODEL = "gpt-4o-mini"
-CLAUDE_MODEL = "claude-sonnet-4-5"
+CLAUDE_MODEL = "claude-haiku-4-5"
 
 
 def control(method, path, body=None):

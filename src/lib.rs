@@ -1,11 +1,24 @@
 //! # portcullis
 //!
 //! Resilient LLM API clients as tower middleware. This facade re-exports the workspace's
-//! crates.
+//! crates and adds [`Stack`], the recommended composition of the layers over the providers.
+//!
+//! | crate | what |
+//! |---|---|
+//! | [`core`] | chat types, [`LlmError`] and its classification, rate-limit hints, token estimation |
+//! | [`layers`] | retry, circuit breaker, token bucket, fallback, timeouts (no hyper) |
+//! | [`providers`] | OpenAI and Anthropic over hyper + rustls, one SSE decoder |
+//! | [`sim`] | the simulated OpenAI + Anthropic server every test, example and drill runs against |
 #![forbid(unsafe_code)]
+
+pub mod stack;
 
 pub use portcullis_core as core;
 pub use portcullis_core::*;
 pub use portcullis_layers as layers;
 pub use portcullis_providers as providers;
 pub use portcullis_sim as sim;
+pub use stack::{
+    Api, Completions, ProviderConfig, ProviderHandles, ProviderStack, Stack, StackBuilder,
+    StackConfig, StackError, Streams,
+};

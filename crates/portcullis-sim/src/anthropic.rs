@@ -64,7 +64,11 @@ pub(crate) fn parse(v: &Value, needs_max_tokens: bool) -> Result<Parsed, WireErr
             .iter()
             .filter_map(|s| s.as_str().map(str::to_owned))
             .collect(),
-        Some(_) => return Err(bad("stop_sequences: Input should be a valid list of strings")),
+        Some(_) => {
+            return Err(bad(
+                "stop_sequences: Input should be a valid list of strings",
+            ));
+        }
     };
     let stream = match v.get("stream") {
         None | Some(Value::Null) => false,

@@ -231,16 +231,24 @@ where
 
     let costs: Vec<u64> = match family {
         Family::Anthropic => vec![1, parsed.input_tokens, parsed.max_tokens.unwrap_or(0)],
-        _ => vec![
-            1,
-            parsed.input_tokens + parsed.max_tokens.unwrap_or(0),
-        ],
+        _ => vec![1, parsed.input_tokens + parsed.max_tokens.unwrap_or(0)],
     };
-    let decision =
-        lock(&shared.limiter).check(family, &key, &parsed.model, &costs, tokio::time::Instant::now());
+    let decision = lock(&shared.limiter).check(
+        family,
+        &key,
+        &parsed.model,
+        &costs,
+        tokio::time::Instant::now(),
+    );
     if let Some(refusal) = decision.refused {
         let view = decision.views[refusal.which];
-        let err = rate_limit_error(family, &parsed.model, refusal.which, view, refusal.requested);
+        let err = rate_limit_error(
+            family,
+            &parsed.model,
+            refusal.which,
+            view,
+            refusal.requested,
+        );
         let mut a = fail(err, "rate_limited");
         if let Some(r) = a.response.as_mut() {
             retry_after_headers(family, r.headers_mut(), refusal.retry_after);
@@ -260,7 +268,10 @@ where
     );
     let generated: Generated = generate(seed, encoding, parsed.max_tokens, &parsed.stops);
     if family == Family::Anthropic {
-        let unused = parsed.max_tokens.unwrap_or(0).saturating_sub(generated.tokens);
+        let unused = parsed
+            .max_tokens
+            .unwrap_or(0)
+            .saturating_sub(generated.tokens);
         lock(&shared.limiter).refund(family, &key, model, 2, unused);
     }
     let ctx = Ctx {
@@ -350,10 +361,9 @@ fn fault_error(family: Family, rule: &FaultRule) -> (WireError<'static>, Option<
             .code("billing_not_active"),
             None,
         ),
-        FaultKind::Overloaded if anthropic => (
-            WireError::new(529, wire::status_message(family, 529)),
-            None,
-        ),
+        FaultKind::Overloaded if anthropic => {
+            (WireError::new(529, wire::status_message(family, 529)), None)
+        }
         FaultKind::Overloaded => (
             WireError::new(
                 503,

@@ -7,9 +7,9 @@ use rand::{Rng, SeedableRng};
 const WORDS: &[&str] = &[
     "the", "pelican", "river", "quiet", "bright", "model", "answer", "gate", "stone", "keeps",
     "watch", "over", "a", "small", "harbor", "where", "boats", "rest", "at", "night", "and",
-    "light", "falls", "softly", "on", "old", "walls", "every", "morning", "brings", "new",
-    "tide", "with", "patient", "birds", "that", "sing", "of", "distant", "hills", "calm",
-    "wind", "carries", "salt", "across", "fields", "green", "under", "clear", "sky",
+    "light", "falls", "softly", "on", "old", "walls", "every", "morning", "brings", "new", "tide",
+    "with", "patient", "birds", "that", "sing", "of", "distant", "hills", "calm", "wind",
+    "carries", "salt", "across", "fields", "green", "under", "clear", "sky",
 ];
 
 /// Why the text ended.

@@ -201,7 +201,15 @@ mod tests {
         );
         // A third of a window later, one request fits again.
         let t1 = t0 + Duration::from_millis(334);
-        assert!(l.check(Family::Openai, "k", "m", &[1, 10], t1).refused.is_none());
-        assert!(l.check(Family::Openai, "k", "m", &[1, 10], t1).refused.is_some());
+        assert!(
+            l.check(Family::Openai, "k", "m", &[1, 10], t1)
+                .refused
+                .is_none()
+        );
+        assert!(
+            l.check(Family::Openai, "k", "m", &[1, 10], t1)
+                .refused
+                .is_some()
+        );
     }
 }

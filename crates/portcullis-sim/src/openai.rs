@@ -191,9 +191,7 @@ pub(crate) fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Re
         json!({"role": "assistant", "content": "", "refusal": null}),
         None,
     )];
-    let content = pieces
-        .iter()
-        .map(|t| chunk(json!({ "content": t }), None));
+    let content = pieces.iter().map(|t| chunk(json!({ "content": t }), None));
     match mangle {
         Mangle::ErrorBeforeContent => {
             events.push(error());

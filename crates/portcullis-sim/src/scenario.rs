@@ -270,7 +270,10 @@ impl FaultRule {
             (_, None) => {}
         }
         if self.retry_after_secs.is_some() && self.kind != FaultKind::RateLimit {
-            return bad("retry_after_secs", "only allowed with kind = \"rate_limit\"");
+            return bad(
+                "retry_after_secs",
+                "only allowed with kind = \"rate_limit\"",
+            );
         }
         Ok(())
     }

@@ -88,12 +88,10 @@ async fn route(
     });
     let answer = match endpoint {
         Some(e) => api::handle(shared, e, parts.headers, body).await,
-        None if parts.method == Method::GET && path == "/v1/models" => {
-            Answer {
-                response: Some(models(&parts.headers)),
-                outcome: "ok".into(),
-            }
-        }
+        None if parts.method == Method::GET && path == "/v1/models" => Answer {
+            response: Some(models(&parts.headers)),
+            outcome: "ok".into(),
+        },
         None => not_found(shared, &parts.headers, &parts.method, path),
     };
     shared.stats(|s| {
@@ -168,7 +166,12 @@ fn models(h: &HeaderMap) -> Response<SimBody> {
 
 /// `GET /_sim/stats`, `POST /_sim/faults` (a [`FaultPlan`]), `POST /_sim/limits` (a
 /// [`Limits`]), `POST /_sim/reset`.
-async fn control(shared: &Shared, method: &Method, path: &str, body: Incoming) -> Response<SimBody> {
+async fn control(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    body: Incoming,
+) -> Response<SimBody> {
     let ok = |v: Value| wire::json_response(StatusCode::OK, &v);
     let bad = |msg: String| wire::json_response(StatusCode::BAD_REQUEST, &json!({"error": msg}));
     match (method, path) {

@@ -38,7 +38,11 @@ impl FaultState {
     fn new(plan: FaultPlan, start: Instant) -> Self {
         FaultState {
             fired: vec![0; plan.faults.len()],
-            fired_phase: plan.timeline.iter().map(|p| vec![0; p.faults.len()]).collect(),
+            fired_phase: plan
+                .timeline
+                .iter()
+                .map(|p| vec![0; p.faults.len()])
+                .collect(),
             plan,
             start,
         }
@@ -137,7 +141,10 @@ impl Shared {
         } = &mut *state;
         let base = plan.faults.iter().zip(fired.iter_mut());
         let timed = match phase {
-            Some(i) => plan.timeline[i].faults.iter().zip(fired_phase[i].iter_mut()),
+            Some(i) => plan.timeline[i]
+                .faults
+                .iter()
+                .zip(fired_phase[i].iter_mut()),
             None => [].iter().zip([].iter_mut()),
         };
         let mut chosen = Chosen::default();

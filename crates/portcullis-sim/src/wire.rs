@@ -244,7 +244,11 @@ pub(crate) fn request_id(family: Family, rng: &mut impl Rng) -> String {
 pub fn go_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
-        return if d.is_zero() { "0s".into() } else { "1ms".into() };
+        return if d.is_zero() {
+            "0s".into()
+        } else {
+            "1ms".into()
+        };
     }
     if ms < 1000 {
         return format!("{ms}ms");

@@ -13,7 +13,11 @@ fn assert_anthropic_error(r: &Reply, status: u16, kind: &str) {
     let v = r.json();
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], kind, "{v}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
     assert_eq!(v["request_id"], r.header("request-id"));
     assert_eq!(v.as_object().unwrap().len(), 3);
 }
@@ -31,7 +35,10 @@ async fn message_shape_usage_and_headers() {
     let r = anthropic(sim.addr(), req.clone()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("content-type"), "application/json");
-    assert_eq!(r.header("content-length").parse::<usize>().unwrap(), r.body.len());
+    assert_eq!(
+        r.header("content-length").parse::<usize>().unwrap(),
+        r.body.len()
+    );
     let rid = r.header("request-id");
     assert!(rid.starts_with("req_011C") && rid.len() == 28, "{rid}");
     for name in ["requests", "tokens", "input-tokens", "output-tokens"] {
@@ -56,7 +63,10 @@ async fn message_shape_usage_and_headers() {
         ChatMessage::system("You are a helpful assistant."),
         ChatMessage::user("What is the capital of France?"),
     ]);
-    assert!(est >= input && est <= input + 3, "estimate {est}, true {input}");
+    assert!(
+        est >= input && est <= input + 3,
+        "estimate {est}, true {input}"
+    );
     // Output TPM was charged max_tokens, then settled to the real output.
     let out = u["output_tokens"].as_u64().unwrap();
     assert!(out > 5);
@@ -77,7 +87,10 @@ async fn message_shape_usage_and_headers() {
         sim.addr(),
         "POST",
         "/v1/messages/count_tokens",
-        &[("authorization", "Bearer k"), ("anthropic-version", "2023-06-01")],
+        &[
+            ("authorization", "Bearer k"),
+            ("anthropic-version", "2023-06-01"),
+        ],
         count_req.to_string(),
     )
     .await
@@ -90,7 +103,12 @@ async fn message_shape_usage_and_headers() {
 #[tokio::test]
 async fn stream_has_the_full_event_sequence() {
     let sim = Simulator::builder().start().await.unwrap();
-    let plain = anthropic(sim.addr(), message("claude-haiku-4-5", "Name a pelican", 200)).await.json();
+    let plain = anthropic(
+        sim.addr(),
+        message("claude-haiku-4-5", "Name a pelican", 200),
+    )
+    .await
+    .json();
     let mut req = message("claude-haiku-4-5", "Name a pelican", 200);
     req["stream"] = json!(true);
     let r = anthropic(sim.addr(), req).await;
@@ -98,20 +116,29 @@ async fn stream_has_the_full_event_sequence() {
     assert_eq!(r.header("content-type"), "text/event-stream; charset=utf-8");
     let events = r.events();
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_deref().unwrap()).collect();
-    let deltas = names.iter().filter(|n| **n == "content_block_delta").count();
+    let deltas = names
+        .iter()
+        .filter(|n| **n == "content_block_delta")
+        .count();
     assert!(deltas >= 5);
     let mut expected = vec!["message_start", "content_block_start", "ping"];
     expected.extend(std::iter::repeat_n("content_block_delta", deltas));
     expected.extend(["content_block_stop", "message_delta", "message_stop"]);
     assert_eq!(names, expected);
-    let data: Vec<Value> = events.iter().map(|(_, d)| serde_json::from_str(d).unwrap()).collect();
+    let data: Vec<Value> = events
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
     for (name, d) in names.iter().zip(&data) {
         assert_eq!(d["type"], *name, "each event's data names its type");
     }
     let start = &data[0]["message"];
     assert!(start["id"].as_str().unwrap().starts_with("msg_01"));
     assert_eq!(start["usage"]["output_tokens"], 1);
-    assert_eq!(start["usage"]["input_tokens"], plain["usage"]["input_tokens"]);
+    assert_eq!(
+        start["usage"]["input_tokens"],
+        plain["usage"]["input_tokens"]
+    );
     let text: String = data
         .iter()
         .filter_map(|d| d["delta"]["text"].as_str())
@@ -119,18 +146,28 @@ async fn stream_has_the_full_event_sequence() {
     assert_eq!(text, plain["content"][0]["text"]);
     let delta = &data[data.len() - 2];
     assert_eq!(delta["delta"]["stop_reason"], "end_turn");
-    assert_eq!(delta["usage"]["output_tokens"], plain["usage"]["output_tokens"]);
-    assert_eq!(delta["usage"]["input_tokens"], plain["usage"]["input_tokens"]);
+    assert_eq!(
+        delta["usage"]["output_tokens"],
+        plain["usage"]["output_tokens"]
+    );
+    assert_eq!(
+        delta["usage"]["input_tokens"],
+        plain["usage"]["input_tokens"]
+    );
 }
 
 #[tokio::test]
 async fn max_tokens_and_stop_sequences() {
     let sim = Simulator::builder().start().await.unwrap();
-    let v = anthropic(sim.addr(), message("claude-sonnet-4-5", "Write", 3)).await.json();
+    let v = anthropic(sim.addr(), message("claude-sonnet-4-5", "Write", 3))
+        .await
+        .json();
     assert_eq!(v["stop_reason"], "max_tokens");
     assert_eq!(v["usage"]["output_tokens"], 3);
 
-    let full = anthropic(sim.addr(), message("claude-sonnet-4-5", "Write", 500)).await.json();
+    let full = anthropic(sim.addr(), message("claude-sonnet-4-5", "Write", 500))
+        .await
+        .json();
     let full = full["content"][0]["text"].as_str().unwrap().to_owned();
     let mut req = message("claude-sonnet-4-5", "Write", 500);
     req["stop_sequences"] = json!(["."]);
@@ -149,16 +186,29 @@ async fn max_tokens_and_stop_sequences() {
 
 #[tokio::test]
 async fn request_errors_in_anthropic_shape() {
-    let sim = Simulator::builder().max_body_bytes(1024).start().await.unwrap();
+    let sim = Simulator::builder()
+        .max_body_bytes(1024)
+        .start()
+        .await
+        .unwrap();
     let addr = sim.addr();
     let body = message("claude-sonnet-4-5", "hi", 10).to_string();
-    let r = send(addr, "POST", "/v1/messages", &[], body.clone()).await.unwrap();
+    let r = send(addr, "POST", "/v1/messages", &[], body.clone())
+        .await
+        .unwrap();
     assert_anthropic_error(&r, 401, "authentication_error");
-    let r = send(addr, "POST", "/v1/messages", &[("x-api-key", "")], body).await.unwrap();
+    let r = send(addr, "POST", "/v1/messages", &[("x-api-key", "")], body)
+        .await
+        .unwrap();
     assert_anthropic_error(&r, 401, "authentication_error");
     let r = anthropic(addr, json!({"model": "claude-sonnet-4-5", "messages": []})).await;
     assert_anthropic_error(&r, 400, "invalid_request_error");
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("max_tokens"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens")
+    );
     let r = anthropic(addr, json!([1, 2])).await;
     assert_anthropic_error(&r, 400, "invalid_request_error");
     let r = anthropic(addr, message("claude-sonnet-4-5", &"x".repeat(2000), 10)).await;

@@ -22,7 +22,13 @@ fn limits(openai: OpenAiLimits, anthropic: AnthropicLimits) -> Limits {
 #[tokio::test(start_paused = true)]
 async fn openai_rpm_refuses_the_request_after_the_limit() {
     let sim = Simulator::builder()
-        .limits(limits(OpenAiLimits { rpm: 3, tpm: 1_000_000 }, AnthropicLimits::default()))
+        .limits(limits(
+            OpenAiLimits {
+                rpm: 3,
+                tpm: 1_000_000,
+            },
+            AnthropicLimits::default(),
+        ))
         .start()
         .await
         .unwrap();
@@ -30,7 +36,10 @@ async fn openai_rpm_refuses_the_request_after_the_limit() {
         let r = openai(sim.addr(), chat("gpt-4o-mini", "hi")).await;
         assert_eq!(r.status, 200, "request {i}");
         assert_eq!(r.header("x-ratelimit-limit-requests"), "3");
-        assert_eq!(r.header("x-ratelimit-remaining-requests"), (2 - i).to_string());
+        assert_eq!(
+            r.header("x-ratelimit-remaining-requests"),
+            (2 - i).to_string()
+        );
     }
     let r = openai(sim.addr(), chat("gpt-4o-mini", "hi")).await;
     assert_eq!(r.status, 429);
@@ -39,21 +48,38 @@ async fn openai_rpm_refuses_the_request_after_the_limit() {
     assert_eq!(e["error"]["code"], "rate_limit_exceeded");
     assert!(e["error"]["param"].is_null());
     let msg = e["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("requests per min (RPM): Limit 3, Used 3, Requested 1"), "{msg}");
+    assert!(
+        msg.contains("requests per min (RPM): Limit 3, Used 3, Requested 1"),
+        "{msg}"
+    );
     // One request refills in 1/3 s: retry-after rounds up to 1 s, retry-after-ms is exact.
     assert_eq!(r.header("retry-after"), "1");
     assert_eq!(r.header("retry-after-ms"), "334");
     assert_eq!(r.header("x-ratelimit-remaining-requests"), "0");
-    assert_eq!(parse_go_duration(r.header("x-ratelimit-reset-requests")), Some(Duration::from_secs(1)));
+    assert_eq!(
+        parse_go_duration(r.header("x-ratelimit-reset-requests")),
+        Some(Duration::from_secs(1))
+    );
 
     // Other keys and other models have their own windows.
-    assert_eq!(openai_with_key(sim.addr(), "another-key", chat("gpt-4o-mini", "hi")).await.status, 200);
+    assert_eq!(
+        openai_with_key(sim.addr(), "another-key", chat("gpt-4o-mini", "hi"))
+            .await
+            .status,
+        200
+    );
     assert_eq!(openai(sim.addr(), chat("gpt-4o", "hi")).await.status, 200);
 
     // Continuous refill: after 1/3 s exactly one more request passes.
     tokio::time::advance(Duration::from_millis(334)).await;
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 200);
-    assert_eq!(openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status, 429);
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+        200
+    );
+    assert_eq!(
+        openai(sim.addr(), chat("gpt-4o-mini", "hi")).await.status,
+        429
+    );
     let s = sim.stats();
     assert_eq!(s.outcome("rate_limited"), 2);
     assert_eq!(s.outcome("ok"), 6);
@@ -68,7 +94,10 @@ async fn openai_tpm_precharges_max_tokens() {
     // Room for exactly two requests.
     let tpm = 2 * per_request + per_request / 2;
     let sim = Simulator::builder()
-        .limits(limits(OpenAiLimits { rpm: 1000, tpm }, AnthropicLimits::default()))
+        .limits(limits(
+            OpenAiLimits { rpm: 1000, tpm },
+            AnthropicLimits::default(),
+        ))
         .start()
         .await
         .unwrap();
@@ -97,13 +126,22 @@ async fn anthropic_rpm_and_split_tpm() {
     let sim = Simulator::builder()
         .limits(limits(
             OpenAiLimits::default(),
-            AnthropicLimits { rpm: 2, input_tpm: 1_000_000, output_tpm: 1_000_000 },
+            AnthropicLimits {
+                rpm: 2,
+                input_tpm: 1_000_000,
+                output_tpm: 1_000_000,
+            },
         ))
         .start()
         .await
         .unwrap();
     for _ in 0..2 {
-        assert_eq!(anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10)).await.status, 200);
+        assert_eq!(
+            anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10))
+                .await
+                .status,
+            200
+        );
     }
     let r = anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 10)).await;
     assert_eq!(r.status, 429);
@@ -119,7 +157,11 @@ async fn anthropic_rpm_and_split_tpm() {
     // Output TPM is charged max_tokens up front: 600 of 1000 fits once, not twice at once.
     sim.set_limits(limits(
         OpenAiLimits::default(),
-        AnthropicLimits { rpm: 100, input_tpm: 1_000_000, output_tpm: 1000 },
+        AnthropicLimits {
+            rpm: 100,
+            input_tpm: 1_000_000,
+            output_tpm: 1000,
+        },
     ))
     .unwrap();
     let big = message("claude-haiku-4-5", "hi", 600);
@@ -131,16 +173,30 @@ async fn anthropic_rpm_and_split_tpm() {
     assert_eq!(second.status, if 1000 - out >= 600 { 200 } else { 429 });
     let r = anthropic(sim.addr(), message("claude-haiku-4-5", "hi", 1001)).await;
     assert_eq!(r.status, 429, "more than the whole output window");
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("output tokens"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("output tokens")
+    );
 
     // Input TPM.
     sim.set_limits(limits(
         OpenAiLimits::default(),
-        AnthropicLimits { rpm: 100, input_tpm: 20, output_tpm: 100_000 },
+        AnthropicLimits {
+            rpm: 100,
+            input_tpm: 20,
+            output_tpm: 100_000,
+        },
     ))
     .unwrap();
     let long = message("claude-haiku-4-5", &"word ".repeat(30), 10);
     let r = anthropic(sim.addr(), long).await;
     assert_eq!(r.status, 429);
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("input tokens"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("input tokens")
+    );
 }

@@ -78,7 +78,9 @@ async fn completion_shape_usage_and_headers() {
 #[tokio::test]
 async fn stream_with_usage_matches_the_plain_answer() {
     let sim = Simulator::builder().start().await.unwrap();
-    let plain = openai(sim.addr(), chat("gpt-4o-mini", "Tell me a story")).await.json();
+    let plain = openai(sim.addr(), chat("gpt-4o-mini", "Tell me a story"))
+        .await
+        .json();
     let mut req = chat("gpt-4o-mini", "Tell me a story");
     req["stream"] = json!(true);
     req["stream_options"] = json!({"include_usage": true});
@@ -94,7 +96,11 @@ async fn stream_with_usage_matches_the_plain_answer() {
         .collect();
     assert!(chunks.len() >= 8, "several chunks");
     let id = &chunks[0]["id"];
-    assert!(chunks.iter().all(|c| c["id"] == *id && c["object"] == "chat.completion.chunk"));
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["id"] == *id && c["object"] == "chat.completion.chunk")
+    );
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let text: String = chunks
         .iter()
@@ -107,8 +113,14 @@ async fn stream_with_usage_matches_the_plain_answer() {
     assert!(finish["usage"].is_null());
     let last = &chunks[chunks.len() - 1];
     assert_eq!(last["choices"], json!([]));
-    assert_eq!(last["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"]);
-    assert_eq!(last["usage"]["completion_tokens"], plain["usage"]["completion_tokens"]);
+    assert_eq!(
+        last["usage"]["prompt_tokens"],
+        plain["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        plain["usage"]["completion_tokens"]
+    );
 
     // Without include_usage: no usage chunk at all.
     let mut req = chat("gpt-4o-mini", "Tell me a story");
@@ -134,8 +146,13 @@ async fn max_tokens_and_stop_sequences() {
     let w = openai(sim.addr(), req).await.json();
     assert_eq!(w["choices"][0]["message"], v["choices"][0]["message"]);
 
-    let full = openai(sim.addr(), chat("gpt-4o-mini", "Write a lot")).await.json();
-    let full = full["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let full = openai(sim.addr(), chat("gpt-4o-mini", "Write a lot"))
+        .await
+        .json();
+    let full = full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let mut req = chat("gpt-4o-mini", "Write a lot");
     req["stop"] = json!(["zzz", "."]);
     let v = openai(sim.addr(), req).await.json();
@@ -146,18 +163,39 @@ async fn max_tokens_and_stop_sequences() {
 
 #[tokio::test]
 async fn request_errors_in_openai_shape() {
-    let sim = Simulator::builder().max_body_bytes(2048).start().await.unwrap();
+    let sim = Simulator::builder()
+        .max_body_bytes(2048)
+        .start()
+        .await
+        .unwrap();
     let addr = sim.addr();
     // No key.
-    let r = send(addr, "POST", "/v1/chat/completions", &[], chat("gpt-4o", "hi").to_string())
-        .await
-        .unwrap();
+    let r = send(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat("gpt-4o", "hi").to_string(),
+    )
+    .await
+    .unwrap();
     assert_openai_error(&r, 401, "invalid_request_error");
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("API key"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("API key")
+    );
     // x-api-key is not OpenAI's auth.
-    let r = send(addr, "POST", "/v1/chat/completions", &[("x-api-key", "k")], "{}")
-        .await
-        .unwrap();
+    let r = send(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-api-key", "k")],
+        "{}",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 401);
     // Not JSON.
     let r = send(
@@ -200,12 +238,24 @@ async fn request_errors_in_openai_shape() {
 #[tokio::test]
 async fn models_in_both_shapes() {
     let sim = Simulator::builder().start().await.unwrap();
-    let o = send(sim.addr(), "GET", "/v1/models", &[("authorization", "Bearer k")], "")
-        .await
-        .unwrap()
-        .json();
+    let o = send(
+        sim.addr(),
+        "GET",
+        "/v1/models",
+        &[("authorization", "Bearer k")],
+        "",
+    )
+    .await
+    .unwrap()
+    .json();
     assert_eq!(o["object"], "list");
-    assert!(o["data"].as_array().unwrap().iter().all(|m| m["object"] == "model"));
+    assert!(
+        o["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["object"] == "model")
+    );
     let a = send(
         sim.addr(),
         "GET",
@@ -217,6 +267,12 @@ async fn models_in_both_shapes() {
     .unwrap()
     .json();
     assert_eq!(a["has_more"], false);
-    assert!(a["data"].as_array().unwrap().iter().all(|m| m["type"] == "model"));
+    assert!(
+        a["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["type"] == "model")
+    );
     assert_eq!(sim.stats().endpoint("models"), 2);
 }

@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 /// The longest duration any setting may hold (one year): keeps instant arithmetic in range.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// The largest count window, in calls (each key keeps one byte per call of its window).
+pub const MAX_WINDOW_CALLS: u32 = 1_000_000;
+
+/// The most half-open probes (each key keeps a slot per probe).
+pub const MAX_HALF_OPEN_PROBES: u32 = 10_000;
+
 /// How the breaker of one key is configured.
 ///
 /// The defaults are the seed's: trip after 5 consecutive failures, stay open 60 s, close after
@@ -45,6 +51,8 @@ pub struct CircuitBreakerConfig {
     pub half_open_probes: u32,
     /// How long a half-open probe may hold its permit. After that its permit is handed to the
     /// next call and its late outcome is ignored, so a hung probe cannot wedge the breaker.
+    /// A streamed probe holds its permit until the stream ends: keep this above the longest
+    /// expected stream. (Default 30 s.)
     #[serde(with = "millis")]
     pub max_probe_wait: Duration,
 }
@@ -150,7 +158,8 @@ pub enum ConfigError {
         /// The field, as in serde.
         field: &'static str,
     },
-    /// A rate outside `(0, 1]`, or a multiplier below 1 or not finite.
+    /// A rate outside `(0, 1]`, a multiplier below 1 or not finite, a count window over
+    /// [`MAX_WINDOW_CALLS`], or more probes than [`MAX_HALF_OPEN_PROBES`].
     OutOfRange {
         /// The field, as in serde.
         field: &'static str,
@@ -235,6 +244,10 @@ fn rate(field: &'static str, value: f64) -> Result<(), ConfigError> {
 fn window(field: &'static str, window: Window, min_calls: u32) -> Result<(), ConfigError> {
     match window {
         Window::Count(0) => Err(ConfigError::Zero { field }),
+        Window::Count(n) if n > MAX_WINDOW_CALLS => Err(ConfigError::OutOfRange {
+            field,
+            value: f64::from(n),
+        }),
         Window::Count(n) if min_calls > n => Err(ConfigError::MinCallsExceedWindow {
             field,
             min_calls,
@@ -274,6 +287,12 @@ impl CircuitBreakerConfig {
         if self.half_open_probes == 0 {
             return Err(ConfigError::Zero {
                 field: "half_open_probes",
+            });
+        }
+        if self.half_open_probes > MAX_HALF_OPEN_PROBES {
+            return Err(ConfigError::OutOfRange {
+                field: "half_open_probes",
+                value: f64::from(self.half_open_probes),
             });
         }
         if let Some(b) = &self.open_backoff {

@@ -55,7 +55,9 @@ pub struct CircuitBreakerLayer<F = ByModel, K = Arc<str>> {
 }
 
 impl CircuitBreakerLayer {
-    /// A layer named `name` (the provider, e.g. `"openai"`), keyed by model.
+    /// A layer named `name` (the provider, e.g. `"openai"`), keyed by model, with a validated
+    /// configuration. Key by something else with [`key_by`](Self::key_by),
+    /// [`key_fn`](Self::key_fn) or [`single_key`](Self::single_key) (any request type).
     pub fn new(
         name: impl Into<Arc<str>>,
         config: CircuitBreakerConfig,

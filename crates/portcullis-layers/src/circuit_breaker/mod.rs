@@ -34,8 +34,8 @@ mod state;
 mod window;
 
 pub use config::{
-    CircuitBreakerConfig, ConfigError, MAX_DURATION, OpenBackoff, SlowCallPolicy, TripPolicy,
-    Window,
+    CircuitBreakerConfig, ConfigError, MAX_DURATION, MAX_HALF_OPEN_PROBES, MAX_WINDOW_CALLS,
+    OpenBackoff, SlowCallPolicy, TripPolicy, Window,
 };
 pub use future::ResponseFuture;
 pub use handle::{

@@ -247,7 +247,6 @@ where
         emit(event);
         result
     }
-
 }
 
 /// Records how an admitted call ended; lets a permit forget its key's type.

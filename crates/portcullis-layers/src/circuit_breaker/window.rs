@@ -79,7 +79,7 @@ impl Recorder {
                     totals.failures -= u32::from(*cell & FAILURE != 0);
                     totals.slow -= u32::from(*cell & SLOW != 0);
                 }
-                *cell = u8::from(failure) * FAILURE | u8::from(slow) * SLOW;
+                *cell = (u8::from(failure) * FAILURE) | (u8::from(slow) * SLOW);
                 add(totals);
                 *next = (*next + 1) % ring.len();
             }
@@ -181,7 +181,7 @@ mod tests {
         assert_eq!(r.totals(at(9999)).calls, 2);
         assert_eq!(r.totals(at(10_000)).calls, 1);
         assert_eq!(r.totals(at(10_000)).failures, 0);
-        assert_eq!(r.totals(at(15_999)).calls, 1);
-        assert_eq!(r.totals(at(16_000)).calls, 0);
+        assert_eq!(r.totals(at(14_999)).calls, 1);
+        assert_eq!(r.totals(at(15_000)).calls, 0);
     }
 }

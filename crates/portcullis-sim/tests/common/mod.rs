@@ -66,10 +66,12 @@ pub async fn send(
     body: impl Into<Bytes>,
 ) -> Result<Reply, hyper::Error> {
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -94,7 +96,10 @@ pub async fn openai_with_key(addr: SocketAddr, key: &str, body: Value) -> Reply 
         addr,
         "POST",
         "/v1/chat/completions",
-        &[("authorization", &auth), ("content-type", "application/json")],
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
         body.to_string(),
     )
     .await

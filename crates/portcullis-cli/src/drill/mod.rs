@@ -1,0 +1,201 @@
+//! `portcullis drill`: the same seeded scenario and workload through three stacks, one after
+//! another, against in-process simulators with time compressed.
+//!
+//! - `bare`: the provider alone (in `rate-limit`, with the official SDKs' retry: 2 retries
+//!   honouring `retry-after`);
+//! - `seed`: a faithful port of the seed's classes ([`seed`]), flaws included;
+//! - `portcullis`: the [`Stack`](portcullis::Stack).
+//!
+//! Every duration of every stack is its real-world default multiplied by [`SCALE`], so that a
+//! 60 s breaker recovery lasts 3 s here; where two stacks share a concept they get the same
+//! value.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+mod outage;
+mod rate_limit;
+pub mod seed;
+mod stacks;
+mod storm;
+mod svg;
+pub mod workload;
+
+/// Real time per simulated second: 1/20, so a 60 s recovery timeout lasts 3 s.
+pub const SCALE: f64 = 1.0 / 20.0;
+
+/// Scales a real-world duration to drill time.
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(SCALE)
+}
+
+/// Which drill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    /// The primary answers 503 for a middle phase; a secondary provider exists.
+    Outage,
+    /// One simulator enforces RPM and TPM; the offered load is about twice the token limit.
+    RateLimit,
+    /// The primary answers 503 to everything; no fallback.
+    Storm,
+    /// All three, one after another.
+    All,
+}
+
+/// Arguments of `portcullis drill`.
+#[derive(Debug, clap::Args)]
+pub struct DrillArgs {
+    /// Which drill to run.
+    #[arg(value_enum)]
+    which: Which,
+    /// Print one JSON object per drill (an array for `all`).
+    #[arg(long)]
+    json: bool,
+    /// Seeds the simulators, the jitter and the workload.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Write a timeline chart of the outage drill to this SVG file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+/// A drill's result: the JSON object, plus what the chart needs.
+pub struct Report {
+    /// `{"drill", "seed", "scenario", "stacks": [...]}`.
+    pub json: Value,
+    /// Per stack: its name and its outcomes, for the chart.
+    pub timelines: Vec<svg::Timeline>,
+}
+
+/// Progress on stderr, when it is a terminal.
+pub fn progress(msg: &str) {
+    if std::io::stderr().is_terminal() {
+        eprintln!("{msg}");
+    }
+}
+
+pub async fn run(args: DrillArgs) -> ExitCode {
+    let which: &[Which] = match args.which {
+        Which::All => &[Which::Outage, Which::RateLimit, Which::Storm],
+        Which::Outage => &[Which::Outage],
+        Which::RateLimit => &[Which::RateLimit],
+        Which::Storm => &[Which::Storm],
+    };
+    if args.svg.is_some() && !which.contains(&Which::Outage) {
+        eprintln!("error: --svg draws the outage drill; run `drill outage --svg FILE`");
+        return ExitCode::from(2);
+    }
+    let mut reports = Vec::new();
+    for w in which {
+        let result = match w {
+            Which::Outage => outage::run(args.seed).await,
+            Which::RateLimit => rate_limit::run(args.seed).await,
+            Which::Storm => storm::run(args.seed).await,
+            Which::All => unreachable!("expanded above"),
+        };
+        match result {
+            Ok(r) => {
+                if *w == Which::Outage {
+                    if let Some(path) = &args.svg {
+                        if let Err(e) = svg::write(path, &r.timelines) {
+                            eprintln!("error: writing {}: {e}", path.display());
+                            return ExitCode::FAILURE;
+                        }
+                        progress(&format!("wrote {}", path.display()));
+                    }
+                }
+                if !args.json {
+                    print_table(&r.json);
+                }
+                reports.push(r.json);
+            }
+            Err(e) => {
+                eprintln!("error: drill {w:?}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if args.json {
+        let out = if args.which == Which::All {
+            Value::Array(reports)
+        } else {
+            reports.remove(0)
+        };
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    }
+    ExitCode::SUCCESS
+}
+
+/// Prints a drill's stacks as a table: one row per metric, one column per stack.
+fn print_table(report: &Value) {
+    let name = report["drill"].as_str().unwrap_or("?");
+    println!(
+        "\n== drill {name}: {}",
+        report["scenario"]["description"].as_str().unwrap_or("")
+    );
+    let Some(stacks) = report["stacks"].as_array() else {
+        return;
+    };
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    if let Some(first) = stacks.first().and_then(|s| s.as_object()) {
+        for (key, value) in first {
+            if key == "name" {
+                continue;
+            }
+            let keys: Vec<String> = match value {
+                Value::Object(m) => m.keys().map(|k| format!("{key}.{k}")).collect(),
+                _ => vec![key.clone()],
+            };
+            for k in keys {
+                let cells = stacks.iter().map(|s| cell(lookup(s, &k))).collect();
+                rows.push((k, cells));
+            }
+        }
+    }
+    let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(6).max(6);
+    print!("{:w0$}", "metric");
+    for s in stacks {
+        print!("  {:>14}", s["name"].as_str().unwrap_or("?"));
+    }
+    println!();
+    for (k, cells) in rows {
+        print!("{k:w0$}");
+        for c in cells {
+            print!("  {c:>14}");
+        }
+        println!();
+    }
+}
+
+fn lookup<'a>(v: &'a Value, dotted: &str) -> &'a Value {
+    dotted.split('.').fold(v, |v, k| &v[k])
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.3}"),
+            _ => n.to_string(),
+        },
+        Value::Array(a) => format!("{} items", a.len()),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Latency percentiles of a run.
+pub fn latency(outcomes: &[workload::Outcome], with_max: bool) -> Value {
+    let mut v = json!({
+        "p50": workload::percentile_ms(outcomes, 50.0),
+        "p99": workload::percentile_ms(outcomes, 99.0),
+    });
+    if with_max {
+        v["max"] = json!(workload::percentile_ms(outcomes, 100.0));
+    }
+    v
+}

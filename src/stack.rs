@@ -1,0 +1,677 @@
+//! The recommended composition: the seed's `ResilientLLMClient`, done as tower layers.
+//!
+//! Outermost first:
+//!
+//! 1. **deadline** ([`DeadlineLayer`]): stamps the overall deadline on the request;
+//! 2. **fallback** ([`Fallback`]): the providers in order, primary first;
+//! 3. per provider:
+//!    1. **retry** ([`RetryLayer`]),
+//!    2. **circuit breaker** ([`CircuitBreakerLayer`]),
+//!    3. **token bucket** ([`TokenBucketLayer`], when the provider has limits),
+//!    4. **attempt timeout** ([`TimeoutLayer`]) (and, for streams, an idle limit),
+//!    5. the provider.
+//!
+//! Why this order:
+//!
+//! - every attempt is a breaker sample, and an open breaker stops the retries at once (its
+//!   refusal is not retryable) and sends the request to the next provider;
+//! - the limiter charges every attempt, because providers charge every attempt;
+//! - an open breaker burns no quota: a refused call never reaches the bucket;
+//! - an attempt timeout counts as a breaker failure.
+//!
+//! # The seed's order
+//!
+//! The seed wrapped rate limit → breaker → retry (outermost first). It stays expressible by
+//! hand with the same layers:
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use portcullis::layers::{CircuitBreakerLayer, RetryLayer, TimeoutLayer, TokenBucketLayer};
+//! # use portcullis::layers::{circuit_breaker::CircuitBreakerConfig, token_bucket::{KeyLimits, TokenBucketConfig}};
+//! # use portcullis::{ChatRequest, CompletionResult, LlmError};
+//! # fn provider() -> impl tower::Service<ChatRequest, Response = CompletionResult, Error = LlmError, Future = impl Send> + Clone + Send {
+//! #     tower::service_fn(|r: ChatRequest| async move { Ok::<_, LlmError>(CompletionResult::new("openai", r.model.to_string(), "hi")) })
+//! # }
+//! let limits = TokenBucketConfig::new().limit("gpt-4o-mini", KeyLimits::rpm_tpm(500, 200_000).unwrap());
+//! let seed_order = tower::ServiceBuilder::new()
+//!     .layer(TokenBucketLayer::new("openai", limits).unwrap())
+//!     .layer(CircuitBreakerLayer::new("openai", CircuitBreakerConfig::default()).unwrap())
+//!     .layer(RetryLayer::standard())
+//!     .layer(TimeoutLayer::new(Duration::from_secs(30)))
+//!     .service(provider());
+//! # let _ = seed_order;
+//! ```
+//!
+//! The trade-off: there, a whole retried call is one breaker sample (so a dead upstream takes
+//! `threshold × (max_retries + 1)` calls to trip), the limiter charges a call once however many
+//! attempts it makes (so retries can exceed the provider's limits), and an open breaker is only
+//! discovered after waiting for a token.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use portcullis_core::{ChatRequest, ChatStream, CompletionResult, LlmError};
+use portcullis_layers::circuit_breaker::{
+    self, CircuitBreakerConfig, CircuitBreakerHandle, Window,
+};
+use portcullis_layers::retry::{self, RetryConfig, StandardPolicy};
+use portcullis_layers::timeout::{
+    Deadline, DeadlineLayer, StreamIdle, StreamIdleLayer, Timeout, TimeoutLayer,
+};
+use portcullis_layers::token_bucket::{self, TokenBucketConfig, TokenBucketHandle};
+use portcullis_layers::{
+    CircuitBreaker, CircuitBreakerLayer, Entry, Fallback, Retry, RetryLayer, TokenBucket,
+    TokenBucketLayer,
+};
+use portcullis_providers::{
+    AnthropicProvider, AnthropicStream, ApiKey, OpenAiProvider, OpenAiStream, ResponseFuture,
+};
+use serde::{Deserialize, Serialize};
+use tower::util::Either;
+use tower::{Layer, Service};
+
+/// The default overall deadline: enough for the seed's four 30 s attempts and their backoff.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(150);
+/// The default attempt timeout (the seed's).
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One of the built-in providers, as a complete-call service.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    /// OpenAI Chat Completions.
+    OpenAi(OpenAiProvider),
+    /// Anthropic Messages.
+    Anthropic(AnthropicProvider),
+}
+
+/// One of the built-in providers, as a streaming service.
+#[derive(Debug, Clone)]
+pub enum ProviderStream {
+    /// OpenAI Chat Completions, streaming.
+    OpenAi(OpenAiStream),
+    /// Anthropic Messages, streaming.
+    Anthropic(AnthropicStream),
+}
+
+impl Provider {
+    /// The streaming service of the same provider (same settings, same connection pool).
+    pub fn streaming(&self) -> ProviderStream {
+        match self {
+            Provider::OpenAi(p) => ProviderStream::OpenAi(p.streaming()),
+            Provider::Anthropic(p) => ProviderStream::Anthropic(p.streaming()),
+        }
+    }
+}
+
+impl Service<ChatRequest> for Provider {
+    type Response = CompletionResult;
+    type Error = LlmError;
+    type Future = ResponseFuture<CompletionResult>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
+        match self {
+            Provider::OpenAi(p) => p.poll_ready(cx),
+            Provider::Anthropic(p) => p.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, req: ChatRequest) -> Self::Future {
+        match self {
+            Provider::OpenAi(p) => p.call(req),
+            Provider::Anthropic(p) => p.call(req),
+        }
+    }
+}
+
+impl Service<ChatRequest> for ProviderStream {
+    type Response = ChatStream;
+    type Error = LlmError;
+    type Future = ResponseFuture<ChatStream>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
+        match self {
+            ProviderStream::OpenAi(p) => p.poll_ready(cx),
+            ProviderStream::Anthropic(p) => p.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, req: ChatRequest) -> Self::Future {
+        match self {
+            ProviderStream::OpenAi(p) => p.call(req),
+            ProviderStream::Anthropic(p) => p.call(req),
+        }
+    }
+}
+
+/// The per-provider chain: retry → breaker → (bucket) → attempt timeout → `S`.
+pub type ProviderChain<S> =
+    Retry<CircuitBreaker<Either<TokenBucket<Timeout<S>>, Timeout<S>>>, StandardPolicy>;
+
+/// The completion service a [`Stack`] yields.
+pub type Completions<S = Provider> = Deadline<Fallback<ProviderChain<S>, ChatRequest>>;
+
+/// The streaming service a [`Stack`] yields.
+pub type Streams<S = ProviderStream> =
+    Deadline<Fallback<ProviderChain<StreamIdle<S>>, ChatRequest>>;
+
+/// Why a [`Stack`] could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StackError {
+    /// No provider was given.
+    NoProviders,
+    /// Two providers share a name.
+    DuplicateName(String),
+    /// An attempt timeout is longer than the overall deadline: the last attempt could never
+    /// time out on its own.
+    AttemptTimeoutExceedsDeadline {
+        /// The provider.
+        provider: String,
+        /// Its attempt timeout.
+        attempt_timeout: Duration,
+        /// The overall deadline.
+        deadline: Duration,
+    },
+    /// A time-based breaker window shorter than twice the attempt timeout: a slow failure
+    /// would age out before the next one arrives, so the breaker could never see a rate.
+    BreakerWindowTooShort {
+        /// The provider.
+        provider: String,
+        /// The window.
+        window: Duration,
+        /// The attempt timeout.
+        attempt_timeout: Duration,
+    },
+    /// A retry setting is invalid.
+    Retry(String, retry::ConfigError),
+    /// A breaker setting is invalid.
+    Breaker(String, circuit_breaker::ConfigError),
+    /// A limit is invalid.
+    Limits(String, token_bucket::ConfigError),
+    /// A provider could not be built (a missing key, a bad URL).
+    Provider(String, LlmError),
+    /// A duration is zero where it must not be.
+    ZeroDuration(&'static str),
+}
+
+impl fmt::Display for StackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StackError::NoProviders => f.write_str("a stack needs at least one provider"),
+            StackError::DuplicateName(n) => write!(f, "two providers are named {n:?}"),
+            StackError::AttemptTimeoutExceedsDeadline {
+                provider,
+                attempt_timeout,
+                deadline,
+            } => write!(
+                f,
+                "provider {provider:?}: attempt timeout {attempt_timeout:?} is longer than the deadline {deadline:?}"
+            ),
+            StackError::BreakerWindowTooShort {
+                provider,
+                window,
+                attempt_timeout,
+            } => write!(
+                f,
+                "provider {provider:?}: breaker window {window:?} is shorter than twice the attempt timeout {attempt_timeout:?}"
+            ),
+            StackError::Retry(p, e) => write!(f, "provider {p:?}: retry: {e}"),
+            StackError::Breaker(p, e) => write!(f, "provider {p:?}: breaker: {e}"),
+            StackError::Limits(p, e) => write!(f, "provider {p:?}: limits: {e}"),
+            StackError::Provider(p, e) => write!(f, "provider {p:?}: {e}"),
+            StackError::ZeroDuration(what) => write!(f, "{what} must be greater than zero"),
+        }
+    }
+}
+
+impl std::error::Error for StackError {}
+
+/// One provider of a stack, with its resilience settings.
+#[derive(Debug, Clone)]
+pub struct ProviderStack<S, Q> {
+    name: Cow<'static, str>,
+    complete: S,
+    stream: Q,
+    model: Option<String>,
+    larger_context: bool,
+    retry: RetryConfig,
+    breaker: CircuitBreakerConfig,
+    limits: Option<TokenBucketConfig>,
+    attempt_timeout: Duration,
+    stream_idle: Duration,
+}
+
+impl ProviderStack<Provider, ProviderStream> {
+    /// An OpenAI provider named `"openai"`.
+    pub fn openai(provider: OpenAiProvider) -> Self {
+        let p = Provider::OpenAi(provider);
+        ProviderStack::new(portcullis_core::OPENAI, p.clone(), p.streaming())
+    }
+
+    /// An Anthropic provider named `"anthropic"`.
+    pub fn anthropic(provider: AnthropicProvider) -> Self {
+        let p = Provider::Anthropic(provider);
+        ProviderStack::new(portcullis_core::ANTHROPIC, p.clone(), p.streaming())
+    }
+}
+
+impl<S, Q> ProviderStack<S, Q> {
+    /// A provider named `name`, with its complete-call and streaming services, and the default
+    /// settings: the seed's retry (3 retries, 1 s → 30 s backoff) with full jitter and a retry
+    /// budget, the seed's breaker (5 consecutive failures, 60 s, 3 probes), no limits, a 30 s
+    /// attempt timeout, and a 30 s idle limit for streams.
+    pub fn new(name: impl Into<Cow<'static, str>>, complete: S, stream: Q) -> Self {
+        ProviderStack {
+            name: name.into(),
+            complete,
+            stream,
+            model: None,
+            larger_context: false,
+            retry: RetryConfig::default(),
+            breaker: CircuitBreakerConfig::default(),
+            limits: None,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            stream_idle: DEFAULT_ATTEMPT_TIMEOUT,
+        }
+    }
+
+    /// Renames the provider (for logs, breaker keys and handles).
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sends this provider's requests to `model` instead of the caller's.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// Declares a larger context window: context-length errors of earlier providers go here.
+    pub fn larger_context(mut self, yes: bool) -> Self {
+        self.larger_context = yes;
+        self
+    }
+
+    /// Sets the retry settings.
+    pub fn retry(mut self, config: RetryConfig) -> Self {
+        self.retry = config;
+        self
+    }
+
+    /// Sets the breaker settings.
+    pub fn breaker(mut self, config: CircuitBreakerConfig) -> Self {
+        self.breaker = config;
+        self
+    }
+
+    /// Sets RPM / TPM limits (a token bucket per model).
+    pub fn limits(mut self, config: TokenBucketConfig) -> Self {
+        self.limits = Some(config);
+        self
+    }
+
+    /// Sets the attempt timeout (also the time-to-first-chunk limit of streams).
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// Sets the idle limit between chunks of a stream.
+    pub fn stream_idle_timeout(mut self, idle: Duration) -> Self {
+        self.stream_idle = idle;
+        self
+    }
+
+    fn validate(&self, deadline: Duration) -> Result<(), StackError> {
+        let provider = self.name.to_string();
+        if self.attempt_timeout.is_zero() {
+            return Err(StackError::ZeroDuration("attempt timeout"));
+        }
+        if self.stream_idle.is_zero() {
+            return Err(StackError::ZeroDuration("stream idle timeout"));
+        }
+        if self.attempt_timeout > deadline {
+            return Err(StackError::AttemptTimeoutExceedsDeadline {
+                provider,
+                attempt_timeout: self.attempt_timeout,
+                deadline,
+            });
+        }
+        let windows = [
+            match &self.breaker.trip {
+                circuit_breaker::TripPolicy::FailureRate {
+                    window: Window::Time(w),
+                    ..
+                } => Some(*w),
+                _ => None,
+            },
+            match &self.breaker.slow_calls {
+                Some(s) => match s.window {
+                    Window::Time(w) => Some(w),
+                    Window::Count(_) => None,
+                },
+                None => None,
+            },
+        ];
+        for window in windows.into_iter().flatten() {
+            if window < self.attempt_timeout * 2 {
+                return Err(StackError::BreakerWindowTooShort {
+                    provider,
+                    window,
+                    attempt_timeout: self.attempt_timeout,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Stack`].
+#[derive(Debug, Clone)]
+pub struct StackBuilder<S, Q> {
+    deadline: Duration,
+    providers: Vec<ProviderStack<S, Q>>,
+}
+
+/// The handles of one provider's layers.
+#[derive(Debug, Clone)]
+pub struct ProviderHandles {
+    /// The provider's name.
+    pub name: String,
+    /// Its circuit breakers (one per model).
+    pub breaker: CircuitBreakerHandle<Arc<str>>,
+    /// Its token buckets, when it has limits.
+    pub limiter: Option<TokenBucketHandle<token_bucket::MemoryStore>>,
+}
+
+/// The recommended stack over one or more providers. See the [module docs](self).
+///
+/// ```
+/// use portcullis::{ChatMessage, ChatRequest, ErrorKind, Stack, ProviderStack};
+/// use portcullis::providers::{ApiKey, OpenAiProvider, AnthropicProvider};
+/// use portcullis::sim::{FaultKind, FaultRule, Family, Simulator};
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // The primary is down (503 on every OpenAI call); Anthropic answers.
+/// let sim = Simulator::builder()
+///     .fault(FaultRule::status(503).family(Family::OpenAi))
+///     .start().await?;
+/// let key = || ApiKey::new("sk-test").unwrap();
+/// let openai = OpenAiProvider::builder().base_url(sim.openai_base_url()).api_key(key()).build()?;
+/// let anthropic = AnthropicProvider::builder().base_url(sim.anthropic_base_url()).api_key(key()).build()?;
+/// let stack = Stack::builder()
+///     .provider(ProviderStack::openai(openai))
+///     .provider(ProviderStack::anthropic(anthropic).model("claude-haiku-4-5"))
+///     .build()?;
+/// let req = ChatRequest::new("gpt-4o-mini", vec![ChatMessage::user("Hello")]).max_tokens(20);
+/// let res = stack.completions().oneshot(req).await?;
+/// assert_eq!(res.provider, "anthropic");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Stack<S = Provider, Q = ProviderStream> {
+    completions: Completions<S>,
+    streams: Streams<Q>,
+    handles: Vec<ProviderHandles>,
+}
+
+impl Stack {
+    /// A builder with the default deadline and no provider.
+    pub fn builder<S, Q>() -> StackBuilder<S, Q> {
+        StackBuilder {
+            deadline: DEFAULT_DEADLINE,
+            providers: Vec::new(),
+        }
+    }
+
+    /// Builds a stack of the built-in providers from a configuration.
+    pub fn from_config(config: &StackConfig) -> Result<Stack, StackError> {
+        let mut builder = Stack::builder().deadline(Duration::from_millis(config.deadline_ms));
+        for p in &config.providers {
+            let err = |e| StackError::Provider(p.name.clone(), e);
+            let key = match &p.api_key_env {
+                Some(var) => Some(ApiKey::from_env(var).map_err(err)?),
+                None => None,
+            };
+            let mut ps = match p.api {
+                Api::Openai => {
+                    let mut b = OpenAiProvider::builder();
+                    if let Some(url) = &p.base_url {
+                        b = b.base_url(url.clone());
+                    }
+                    if let Some(k) = key {
+                        b = b.api_key(k);
+                    }
+                    ProviderStack::openai(b.build().map_err(err)?)
+                }
+                Api::Anthropic => {
+                    let mut b = AnthropicProvider::builder();
+                    if let Some(url) = &p.base_url {
+                        b = b.base_url(url.clone());
+                    }
+                    if let Some(k) = key {
+                        b = b.api_key(k);
+                    }
+                    ProviderStack::anthropic(b.build().map_err(err)?)
+                }
+            };
+            ps = ps
+                .name(p.name.clone())
+                .larger_context(p.larger_context)
+                .retry(p.retry.clone())
+                .breaker(p.breaker.clone())
+                .attempt_timeout(Duration::from_millis(p.attempt_timeout_ms))
+                .stream_idle_timeout(Duration::from_millis(p.stream_idle_timeout_ms));
+            if let Some(m) = &p.model {
+                ps = ps.model(m.clone());
+            }
+            if let Some(l) = &p.limits {
+                ps = ps.limits(l.clone());
+            }
+            builder = builder.provider(ps);
+        }
+        builder.build()
+    }
+}
+
+impl<S, Q> StackBuilder<S, Q>
+where
+    S: Service<ChatRequest, Response = CompletionResult, Error = LlmError> + Clone + Send + 'static,
+    S::Future: Send,
+    Q: Service<ChatRequest, Response = ChatStream, Error = LlmError> + Clone + Send + 'static,
+    Q::Future: Send,
+{
+    /// Sets the overall deadline of a call, retries and waits included (default 150 s).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Adds a provider; the first one added is the primary.
+    pub fn provider(mut self, provider: ProviderStack<S, Q>) -> Self {
+        self.providers.push(provider);
+        self
+    }
+
+    /// Validates the settings and composes the stack.
+    pub fn build(self) -> Result<Stack<S, Q>, StackError> {
+        if self.providers.is_empty() {
+            return Err(StackError::NoProviders);
+        }
+        if self.deadline.is_zero() {
+            return Err(StackError::ZeroDuration("deadline"));
+        }
+        let mut complete_entries = Vec::new();
+        let mut stream_entries = Vec::new();
+        let mut handles = Vec::new();
+        for p in self.providers {
+            p.validate(self.deadline)?;
+            let name = p.name.to_string();
+            if handles.iter().any(|h: &ProviderHandles| h.name == name) {
+                return Err(StackError::DuplicateName(name));
+            }
+            let policy = p
+                .retry
+                .build()
+                .map_err(|e| StackError::Retry(name.clone(), e))?;
+            let retry = RetryLayer::new(policy);
+            let breaker = CircuitBreakerLayer::new(name.clone(), p.breaker.clone())
+                .map_err(|e| StackError::Breaker(name.clone(), e))?;
+            let bucket = match &p.limits {
+                Some(l) => Some(
+                    TokenBucketLayer::new(name.clone(), l.clone())
+                        .map_err(|e| StackError::Limits(name.clone(), e))?,
+                ),
+                None => None,
+            };
+            handles.push(ProviderHandles {
+                name: name.clone(),
+                breaker: breaker.handle(),
+                limiter: bucket.as_ref().map(|b| b.handle()),
+            });
+            let complete = TimeoutLayer::new(p.attempt_timeout).layer(p.complete);
+            let complete = compose(&retry, &breaker, bucket.as_ref(), complete);
+            let stream = StreamIdleLayer::new(p.stream_idle).layer(p.stream);
+            let stream = TimeoutLayer::new(p.attempt_timeout).layer(stream);
+            let stream = compose(&retry, &breaker, bucket.as_ref(), stream);
+            let mut ce = Entry::new(p.name.clone(), complete).larger_context(p.larger_context);
+            let mut se = Entry::new(p.name.clone(), stream).larger_context(p.larger_context);
+            if let Some(m) = &p.model {
+                ce = ce.model(m);
+                se = se.model(m);
+            }
+            complete_entries.push(ce);
+            stream_entries.push(se);
+        }
+        let deadline = DeadlineLayer::new(self.deadline);
+        let completions = Fallback::new(complete_entries).map_err(|_| StackError::NoProviders)?;
+        let streams = Fallback::new(stream_entries).map_err(|_| StackError::NoProviders)?;
+        Ok(Stack {
+            completions: deadline.layer(completions),
+            streams: deadline.layer(streams),
+            handles,
+        })
+    }
+}
+
+/// Puts retry → breaker → (bucket) over an attempt-timed service: one provider's chain.
+pub fn compose<T>(
+    retry: &RetryLayer<StandardPolicy>,
+    breaker: &CircuitBreakerLayer,
+    bucket: Option<&TokenBucketLayer>,
+    timed: Timeout<T>,
+) -> ProviderChain<T> {
+    let inner = match bucket {
+        Some(b) => Either::Left(b.layer(timed)),
+        None => Either::Right(timed),
+    };
+    retry.layer(breaker.layer(inner))
+}
+
+impl<S: Clone, Q: Clone> Stack<S, Q> {
+    /// The completion service: `Clone + Send`, a clone per task is cheap and shares all state.
+    pub fn completions(&self) -> Completions<S> {
+        self.completions.clone()
+    }
+
+    /// The streaming service: its future resolves at the first content chunk; failures before
+    /// it are retried and failed over, failures after it end the stream.
+    pub fn streams(&self) -> Streams<Q> {
+        self.streams.clone()
+    }
+
+    /// The handles of each provider's breaker and limiter, primary first.
+    pub fn handles(&self) -> &[ProviderHandles] {
+        &self.handles
+    }
+
+    /// The handles of the provider named `name`.
+    pub fn provider(&self, name: &str) -> Option<&ProviderHandles> {
+        self.handles.iter().find(|h| h.name == name)
+    }
+}
+
+/// Which wire format a configured provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Api {
+    /// OpenAI Chat Completions.
+    Openai,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+/// A [`Stack`] as configuration (serde: JSON, TOML, …). Validated by [`Stack::from_config`].
+///
+/// ```
+/// let config: portcullis::StackConfig = serde_json::from_str(r#"{
+///     "deadline_ms": 60000,
+///     "providers": [
+///         {"name": "openai", "api": "openai", "attempt_timeout_ms": 20000,
+///          "limits": {"limits": {"gpt-4o-mini": {"requests": 500, "tokens": 200000}}}},
+///         {"name": "anthropic", "api": "anthropic", "model": "claude-haiku-4-5"}
+///     ]
+/// }"#).unwrap();
+/// assert_eq!(config.providers.len(), 2);
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackConfig {
+    /// The overall deadline, in milliseconds (default 150 000).
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// The providers, primary first.
+    pub providers: Vec<ProviderConfig>,
+}
+
+/// One provider of a [`StackConfig`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Its name (logs, breaker keys, handles).
+    pub name: String,
+    /// Its wire format.
+    pub api: Api,
+    /// Its base URL (default: the provider's public API).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The environment variable holding its key (default: `OPENAI_API_KEY` /
+    /// `ANTHROPIC_API_KEY`).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The model to ask this provider for, instead of the caller's.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Whether it has a larger context window than the providers before it.
+    #[serde(default)]
+    pub larger_context: bool,
+    /// The attempt timeout, in milliseconds (default 30 000).
+    #[serde(default = "default_attempt_ms")]
+    pub attempt_timeout_ms: u64,
+    /// The idle limit between stream chunks, in milliseconds (default 30 000).
+    #[serde(default = "default_attempt_ms")]
+    pub stream_idle_timeout_ms: u64,
+    /// Retry settings.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Breaker settings.
+    #[serde(default)]
+    pub breaker: CircuitBreakerConfig,
+    /// RPM / TPM limits.
+    #[serde(default)]
+    pub limits: Option<TokenBucketConfig>,
+}
+
+fn default_deadline_ms() -> u64 {
+    DEFAULT_DEADLINE.as_millis() as u64
+}
+
+fn default_attempt_ms() -> u64 {
+    DEFAULT_ATTEMPT_TIMEOUT.as_millis() as u64
+}
