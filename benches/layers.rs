@@ -129,6 +129,22 @@ fn open_breaker() -> CircuitBreakerLayer {
     layer
 }
 
+/// The facade's [`portcullis::Stack`] over the mock (deadline → fallback → retry → breaker →
+/// (bucket) → timeout). Its bucket charges [`ChatCost`](portcullis_core::ChatCost), which runs
+/// the tokenizer on every call: so it is measured with and without limits.
+fn facade_stack(limits: bool) -> portcullis::stack::Completions<Mock> {
+    let mut provider = portcullis::ProviderStack::new("openai", Mock, Mock);
+    if limits {
+        let l = KeyLimits::rpm_tpm(1_000_000_000_000, 1_000_000_000_000).expect("limits");
+        provider = provider.limits(TokenBucketConfig::new().default_limits(l));
+    }
+    portcullis::Stack::builder()
+        .provider(provider)
+        .build()
+        .expect("stack")
+        .completions()
+}
+
 fn timeout() -> TimeoutLayer {
     TimeoutLayer::new(Duration::from_secs(30))
 }
@@ -253,6 +269,8 @@ macro_rules! cases {
                 .layer(timeout())
                 .service(Mock),
         );
+        $run(g, "portcullis/Stack_no_limits", facade_stack(false));
+        $run(g, "portcullis/Stack_chat_cost", facade_stack(true));
         // Refusals.
         $run(g, "portcullis/circuit_open", open_breaker().layer(Mock));
         $run(
