@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
-use portcullis_core::{ChatMessage, ChatRequest, LlmError, TokenCost};
+use portcullis_core::{
+    ChatMessage, ChatRequest, ChatStream, CompletionResult, LlmError, TokenCost,
+};
 use portcullis_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use portcullis_layers::retry::{RetryLayer, StandardPolicy};
 use portcullis_layers::token_bucket::{KeyLimits, TokenBucketConfig, TokenBucketLayer};
@@ -26,15 +28,16 @@ use portcullis_layers::{DeadlineLayer, Entry, FallbackLayer, TimeoutLayer};
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
-/// The always-ready mock provider: answers at once with a prebuilt `u64`, allocates nothing.
+/// The always-ready mock provider: answers at once with an empty `CompletionResult`, allocates
+/// nothing.
 /// The same for every case, so the differences between cases are the layers' own cost.
 #[derive(Clone, Copy, Debug, Default)]
 struct Mock;
 
 impl Service<ChatRequest> for Mock {
-    type Response = u64;
+    type Response = CompletionResult;
     type Error = LlmError;
-    type Future = Ready<Result<u64, LlmError>>;
+    type Future = Ready<Result<CompletionResult, LlmError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
         Poll::Ready(Ok(()))
@@ -42,7 +45,31 @@ impl Service<ChatRequest> for Mock {
 
     fn call(&mut self, req: ChatRequest) -> Self::Future {
         black_box(&req);
-        ready(Ok(42))
+        ready(Ok(answer()))
+    }
+}
+
+/// The mock's answer: a `CompletionResult` with empty strings and a `'static` provider name, so
+/// building it allocates nothing.
+fn answer() -> CompletionResult {
+    CompletionResult::new("openai", String::new(), String::new())
+}
+
+/// The streaming side the facade's `Stack` needs; never called by these benches.
+#[derive(Clone, Copy, Debug, Default)]
+struct NoStream;
+
+impl Service<ChatRequest> for NoStream {
+    type Response = ChatStream;
+    type Error = LlmError;
+    type Future = Ready<Result<ChatStream, LlmError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: ChatRequest) -> Self::Future {
+        unreachable!("the layer benches make no streaming call")
     }
 }
 
@@ -132,8 +159,8 @@ fn open_breaker() -> CircuitBreakerLayer {
 /// The facade's [`portcullis::Stack`] over the mock (deadline → fallback → retry → breaker →
 /// (bucket) → timeout). Its bucket charges [`ChatCost`](portcullis_core::ChatCost), which runs
 /// the tokenizer on every call: so it is measured with and without limits.
-fn facade_stack(limits: bool) -> portcullis::stack::Completions<Mock> {
-    let mut provider = portcullis::ProviderStack::new("openai", Mock, Mock);
+fn facade_stack(limits: bool) -> portcullis::Completions<Mock> {
+    let mut provider = portcullis::ProviderStack::new("openai", Mock, NoStream);
     if limits {
         let l = KeyLimits::rpm_tpm(1_000_000_000_000, 1_000_000_000_000).expect("limits");
         provider = provider.limits(TokenBucketConfig::new().default_limits(l));
@@ -155,9 +182,13 @@ fn timeout() -> TimeoutLayer {
 #[derive(Clone, Copy, Debug)]
 struct NeverRetry;
 
-impl<E> tower::retry::Policy<ChatRequest, u64, E> for NeverRetry {
+impl<E> tower::retry::Policy<ChatRequest, CompletionResult, E> for NeverRetry {
     type Future = Ready<()>;
-    fn retry(&mut self, _: &mut ChatRequest, _: &mut Result<u64, E>) -> Option<Self::Future> {
+    fn retry(
+        &mut self,
+        _: &mut ChatRequest,
+        _: &mut Result<CompletionResult, E>,
+    ) -> Option<Self::Future> {
         None
     }
     fn clone_request(&mut self, req: &ChatRequest) -> Option<ChatRequest> {
@@ -173,8 +204,8 @@ fn tr_breaker() -> tower_resilience::circuitbreaker::CircuitBreakerLayer {
         .expect("breaker")
 }
 
-fn tr_retry<E>() -> tower_resilience::retry::RetryLayer<ChatRequest, u64, E> {
-    tower_resilience::retry::RetryLayer::<ChatRequest, u64, E>::builder()
+fn tr_retry<E>() -> tower_resilience::retry::RetryLayer<ChatRequest, CompletionResult, E> {
+    tower_resilience::retry::RetryLayer::<ChatRequest, CompletionResult, E>::builder()
         .max_attempts(4)
         .exponential_backoff(Duration::from_secs(1))
         .build()

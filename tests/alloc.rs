@@ -20,7 +20,7 @@ use std::future::{Ready, ready};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use portcullis_core::{ChatMessage, ChatRequest, LlmError, TokenCost};
+use portcullis_core::{ChatMessage, ChatRequest, CompletionResult, LlmError, TokenCost};
 use portcullis_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use portcullis_layers::retry::{RetryLayer, StandardPolicy};
 use portcullis_layers::token_bucket::{KeyLimits, TokenBucketConfig, TokenBucketLayer};
@@ -76,15 +76,21 @@ fn allocations() -> u64 {
 struct Mock;
 
 impl Service<ChatRequest> for Mock {
-    type Response = u64;
+    type Response = CompletionResult;
     type Error = LlmError;
-    type Future = Ready<Result<u64, LlmError>>;
+    type Future = Ready<Result<CompletionResult, LlmError>>;
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
         Poll::Ready(Ok(()))
     }
     fn call(&mut self, _req: ChatRequest) -> Self::Future {
-        ready(Ok(42))
+        ready(Ok(answer()))
     }
+}
+
+/// The mock's answer: a `CompletionResult` with empty strings and a `'static` provider name, so
+/// building it allocates nothing.
+fn answer() -> CompletionResult {
+    CompletionResult::new("openai", String::new(), String::new())
 }
 
 const WARM_UP: u64 = 16;
