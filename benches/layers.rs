@@ -364,6 +364,10 @@ macro_rules! cases {
 }
 
 fn layers(c: &mut Criterion) {
+    // tower's `RateLimit::new` creates its timer at once, so the cases are built inside a
+    // runtime context (each case is then driven on runtimes of its own).
+    let rt = runtime();
+    let _enter = rt.enter();
     let mut g = c.benchmark_group("layers/1-thread");
     g.throughput(Throughput::Elements(1));
     cases!(&mut g, single, single_only: true);
