@@ -457,6 +457,9 @@ impl fmt::Display for LlmError {
         if !i.message.is_empty() {
             write!(f, ": {}", i.message)?;
         }
+        if let Some(d) = i.retry_after {
+            write!(f, " (retry after {d:?})")?;
+        }
         Ok(())
     }
 }
@@ -511,8 +514,9 @@ macro_rules! marker_error {
 
         impl From<$name> for LlmError {
             fn from(e: $name) -> LlmError {
-                let msg = e.to_string();
-                let mut err = LlmError::new($kind, msg);
+                // A static message where the fields are kept elsewhere: a refusal on the hot
+                // path allocates only the error's box.
+                let mut err = LlmError::new($kind, e.message());
                 err.0.retry_after = e.hint();
                 err
             }
@@ -557,30 +561,46 @@ marker_error!(
 
 trait Hint {
     fn hint(&self) -> Option<Duration>;
+    fn message(&self) -> Cow<'static, str>;
 }
 impl Hint for CircuitOpen {
     fn hint(&self) -> Option<Duration> {
         Some(self.retry_after)
+    }
+    fn message(&self) -> Cow<'static, str> {
+        Cow::Borrowed("circuit open")
     }
 }
 impl Hint for Throttled {
     fn hint(&self) -> Option<Duration> {
         Some(self.retry_after)
     }
+    fn message(&self) -> Cow<'static, str> {
+        Cow::Borrowed("throttled by the local rate limiter")
+    }
 }
 impl Hint for OverCapacity {
     fn hint(&self) -> Option<Duration> {
         None
+    }
+    fn message(&self) -> Cow<'static, str> {
+        Cow::Owned(self.to_string())
     }
 }
 impl Hint for DeadlineExceeded {
     fn hint(&self) -> Option<Duration> {
         None
     }
+    fn message(&self) -> Cow<'static, str> {
+        Cow::Borrowed("deadline exceeded")
+    }
 }
 impl Hint for AttemptTimedOut {
     fn hint(&self) -> Option<Duration> {
         None
+    }
+    fn message(&self) -> Cow<'static, str> {
+        Cow::Borrowed("attempt timed out")
     }
 }
 

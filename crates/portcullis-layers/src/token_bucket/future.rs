@@ -89,7 +89,8 @@ impl<K: KeyLabel, St: BucketStore<K>> Ctx<K, St> {
         let pause = retry_after
             .or_else(|| hints.and_then(|h| h.retry_after))
             .or(from_resets);
-        let key = KeyDisplay(&self.name, &self.key.label()).to_string();
+        let label = self.key.label();
+        let key = tracing::field::display(KeyDisplay(&self.name, &label));
         match pause {
             Some(d) => {
                 tracing::warn!(
@@ -198,7 +199,8 @@ where
                         }
                         Err(refusal) => {
                             this.state.set(State::Done);
-                            let key = KeyDisplay(&ctx.name, &ctx.key.label()).to_string();
+                            let label = ctx.key.label();
+                            let key = tracing::field::display(KeyDisplay(&ctx.name, &label));
                             return Poll::Ready(Err(match refusal {
                                 Refusal::OverCapacity { cost, capacity } => {
                                     tracing::info!(
