@@ -912,55 +912,6 @@ fn config_deserializes_with_defaults_and_rejects_unknown_fields() {
     );
 }
 
-/// Records the level of every event the crate logs.
-#[derive(Clone, Default)]
-struct Levels(Arc<std::sync::Mutex<Vec<tracing::Level>>>);
-
-impl tracing::Subscriber for Levels {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        if event.metadata().target().starts_with("portcullis_layers") {
-            self.0.lock().unwrap().push(*event.metadata().level());
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
-#[tokio::test(start_paused = true)]
-async fn each_transition_is_logged_once_warn_when_opening() {
-    let levels = Levels::default();
-    let _guard = tracing::subscriber::set_default(levels.clone());
-    let mut h = Harness::new(CircuitBreakerConfig::default());
-    trip(&mut h).await;
-    advance(60 * SEC).await;
-    upstream_error(h.fail().await); // half-open, then open again
-    advance(60 * SEC).await;
-    for _ in 0..3 {
-        h.ok().await.unwrap();
-    }
-    use tracing::Level;
-    assert_eq!(
-        *levels.0.lock().unwrap(),
-        vec![
-            Level::WARN,
-            Level::INFO,
-            Level::WARN,
-            Level::INFO,
-            Level::INFO
-        ]
-    );
-    assert_eq!(h.transitions().len(), 5);
-}
-
-/// A user's own error type: no allocation, no `LlmError`.
 #[derive(Debug, PartialEq)]
 enum JobError {
     Busy,
