@@ -349,3 +349,38 @@ impl Service<ChatRequest> for SeedClient {
         Box::pin(async move { this.complete(req).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The port keeps the seed's bug: 100 concurrent callers against a bucket of 10 at 10/s all
+    /// pass within about 0.1 s (they sleep, then all subtract).
+    #[tokio::test(start_paused = true)]
+    async fn the_seed_bucket_over_admits_concurrent_waiters() {
+        let bucket = Arc::new(Mutex::new(Bucket::new(10.0, 10.0)));
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..100 {
+            let b = bucket.clone();
+            tasks.spawn(async move {
+                acquire(&b, 1.0).await;
+                Instant::now()
+            });
+        }
+        let mut last = start;
+        while let Some(t) = tasks.join_next().await {
+            last = last.max(t.unwrap());
+        }
+        assert!(last - start <= Duration::from_millis(100), "{:?}", last - start);
+    }
+
+    #[test]
+    fn the_seed_retries_by_status_and_message() {
+        let quota = LlmError::new(ErrorKind::QuotaExhausted, "insufficient_quota").with_status(429);
+        assert!(seed_is_retryable(&quota), "the seed retries a 429 whatever its type");
+        let bad = LlmError::new(ErrorKind::InvalidRequest, "rate_limit mentioned in a 400");
+        assert!(seed_is_retryable(&bad), "and matches message text");
+        assert!(!seed_is_retryable(&LlmError::new(ErrorKind::Authentication, "no").with_status(401)));
+    }
+}
