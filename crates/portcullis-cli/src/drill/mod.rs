@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+mod fleet;
 mod outage;
 mod rate_limit;
 pub mod seed;
@@ -44,6 +45,8 @@ pub enum Which {
     Storm,
     /// All three, one after another.
     All,
+    /// N client instances share one provider's limits: local buckets vs one Redis.
+    Fleet,
 }
 
 /// Arguments of `portcullis drill`.
@@ -61,6 +64,68 @@ pub struct DrillArgs {
     /// Write a timeline chart of the outage drill to this SVG file.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// `fleet`: how many client instances.
+    #[arg(long, default_value_t = 4)]
+    instances: usize,
+    /// `fleet`: the Redis to share (default: start a throwaway `redis-server`).
+    #[arg(long)]
+    redis: Option<String>,
+    /// `fleet`: run the instances as separate OS processes.
+    #[arg(long)]
+    processes: bool,
+    /// Internal: run as one fleet instance.
+    #[arg(long, hide = true)]
+    worker: bool,
+    #[arg(long, hide = true)]
+    sim_url: Option<String>,
+    #[arg(long, hide = true)]
+    prefix: Option<String>,
+    #[arg(long, hide = true, default_value_t = 0)]
+    worker_index: u64,
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    rate: f64,
+}
+
+async fn run_fleet(args: &DrillArgs) -> ExitCode {
+    if args.worker {
+        let Some(sim) = &args.sim_url else { return ExitCode::from(2) };
+        let redis = match (&args.redis, &args.prefix) {
+            (Some(u), Some(p)) => Some((u.as_str(), p.as_str())),
+            _ => None,
+        };
+        return match fleet::worker(sim, redis, args.seed, args.worker_index, args.rate).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: fleet worker: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.instances == 0 {
+        eprintln!("error: --instances must be at least 1");
+        return ExitCode::from(2);
+    }
+    let redis = match fleet::redis(args.redis.clone()) {
+        Ok(r) => r,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    match fleet::run(args.seed, args.instances, &redis, args.processes).await {
+        Ok(r) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&r.json).unwrap_or_default());
+            } else {
+                print_table(&r.json);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: drill fleet: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// A drill's result: the JSON object, plus what the chart needs.
@@ -79,11 +144,15 @@ pub fn progress(msg: &str) {
 }
 
 pub async fn run(args: DrillArgs) -> ExitCode {
+    if args.which == Which::Fleet {
+        return run_fleet(&args).await;
+    }
     let which: &[Which] = match args.which {
         Which::All => &[Which::Outage, Which::RateLimit, Which::Storm],
         Which::Outage => &[Which::Outage],
         Which::RateLimit => &[Which::RateLimit],
         Which::Storm => &[Which::Storm],
+        Which::Fleet => &[],
     };
     if args.svg.is_some() && !which.contains(&Which::Outage) {
         eprintln!("error: --svg draws the outage drill; run `drill outage --svg FILE`");
@@ -95,7 +164,7 @@ pub async fn run(args: DrillArgs) -> ExitCode {
             Which::Outage => outage::run(args.seed).await,
             Which::RateLimit => rate_limit::run(args.seed).await,
             Which::Storm => storm::run(args.seed).await,
-            Which::All => unreachable!("expanded above"),
+            Which::All | Which::Fleet => unreachable!("expanded above"),
         };
         match result {
             Ok(r) => {

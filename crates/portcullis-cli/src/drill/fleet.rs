@@ -1,0 +1,251 @@
+//! `drill fleet`: N client instances share one provider's RPM / TPM limits.
+//!
+//! - `local`: every instance keeps its own in-memory bucket at the full limit (what a fleet
+//!   gets when each replica is configured alone);
+//! - `redis`: every instance draws from the same buckets in Redis ([`portcullis_redis`]).
+//!
+//! With `--processes`, the instances are separate OS processes (this binary, re-run as a
+//! hidden worker) and the outcomes come back as JSON lines.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use portcullis::ChatRequest;
+use portcullis::layers::token_bucket::{KeyLimits, Rate, TokenBucketConfig, TokenBucketLayer};
+use portcullis::layers::{CircuitBreakerLayer, RetryLayer, TimeoutLayer};
+use portcullis::sim::{Limits, OpenAiLimits, Simulator};
+use portcullis_redis::{LocalRedis, RedisConfig, RedisStore};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+
+use super::stacks::{self, ATTEMPT_TIMEOUT};
+use super::workload::{self, Outcome, Served, StackService};
+use super::{Report, latency, progress, scaled};
+
+const DURATION: Duration = Duration::from_secs(10);
+const RPM: u64 = 1_000;
+const TPM: u64 = 6_000;
+/// Offered load of the whole fleet: about twice the TPM limit.
+const RATE: f64 = 133.0;
+const MODEL: &str = "gpt-4o-mini";
+const MAX_TOKENS: u32 = 8;
+const SAFETY: f64 = 0.97;
+const STEADY: (Duration, Duration) = (Duration::from_secs(4), Duration::from_secs(10));
+
+/// Where the fleet's Redis comes from.
+pub enum RedisSource {
+    /// A URL given with `--redis`.
+    Url(String),
+    /// A throwaway `redis-server` started for the drill.
+    Local(LocalRedis),
+}
+
+impl RedisSource {
+    fn url(&self) -> String {
+        match self {
+            RedisSource::Url(u) => u.clone(),
+            RedisSource::Local(l) => l.url(),
+        }
+    }
+}
+
+/// Finds the Redis to use, or explains how to get one.
+pub fn redis(url: Option<String>) -> Result<RedisSource, String> {
+    if let Some(u) = url {
+        return Ok(RedisSource::Url(u));
+    }
+    match LocalRedis::start() {
+        Ok(l) => Ok(RedisSource::Local(l)),
+        Err(portcullis_redis::Error::ServerNotFound) => Err(
+            "the fleet drill needs Redis: pass --redis redis://HOST:PORT, or install redis-server \
+             (Debian/Ubuntu: `apt-get install redis-server`; macOS: `brew install redis`) so the \
+             drill can start a throwaway one on a free loopback port"
+                .into(),
+        ),
+        Err(e) => Err(format!("could not start redis-server: {e}")),
+    }
+}
+
+fn limits_config() -> Result<TokenBucketConfig, Box<dyn std::error::Error>> {
+    let per_sec = |per_minute: u64| per_minute as f64 / scaled(Duration::from_secs(60)).as_secs_f64();
+    let rate = |per_minute: u64| {
+        Rate::new((per_minute as f64 * SAFETY).floor() as u64, per_sec(per_minute) * SAFETY)
+    };
+    Ok(TokenBucketConfig::new()
+        .limit(MODEL, KeyLimits::default().with_requests(rate(RPM)?).with_tokens(rate(TPM)?))
+        .max_wait(scaled(Duration::from_secs(30))))
+}
+
+/// One instance's stack: retry → breaker → bucket (local or shared) → timeout → provider.
+fn instance(
+    sim_url: &str,
+    shared: Option<(&str, &str)>,
+    seed: u64,
+) -> Result<StackService, Box<dyn std::error::Error>> {
+    let provider = stacks::openai(sim_url)?;
+    let config = limits_config()?;
+    let retry = RetryLayer::new(stacks::retry_config(seed).build()?);
+    let breaker = CircuitBreakerLayer::new("openai", stacks::breaker_config())?;
+    let timeout = TimeoutLayer::new(scaled(ATTEMPT_TIMEOUT));
+    Ok(match shared {
+        None => {
+            let bucket = TokenBucketLayer::new("openai", config)?;
+            BoxCloneSyncService::new(
+                ServiceBuilder::new().layer(retry).layer(breaker).layer(bucket).layer(timeout).service(provider),
+            )
+        }
+        Some((url, prefix)) => {
+            let store: RedisStore = RedisStore::new("openai", config.clone(), RedisConfig::new(url).prefix(prefix))?;
+            let bucket = TokenBucketLayer::from_store("openai", store, config.max_wait);
+            BoxCloneSyncService::new(
+                ServiceBuilder::new().layer(retry).layer(breaker).layer(bucket).layer(timeout).service(provider),
+            )
+        }
+    })
+}
+
+fn request(i: u64, seed: u64) -> ChatRequest {
+    workload::request(i, seed, MODEL, MAX_TOKENS)
+}
+
+/// Runs the drill.
+pub async fn run(
+    seed: u64,
+    instances: usize,
+    redis: &RedisSource,
+    processes: bool,
+) -> Result<Report, Box<dyn std::error::Error>> {
+    let mut stacks_json = Vec::new();
+    for name in ["local", "redis"] {
+        progress(&format!("drill fleet: running {name} with {instances} instances ({} s)…", DURATION.as_secs()));
+        let sim_limits = Limits {
+            time_scale: 1.0 / super::SCALE,
+            openai: OpenAiLimits { rpm: RPM, tpm: TPM },
+            ..Limits::default()
+        };
+        let sim = Simulator::builder().seed(seed).limits(sim_limits).start().await?;
+        let prefix = format!("portcullis-drill:{}:{}:", std::process::id(), seed);
+        let url = redis.url();
+        let shared = (name == "redis").then_some((url.as_str(), prefix.as_str()));
+        let rate = RATE / instances as f64;
+        let mut outcomes = Vec::new();
+        if processes {
+            outcomes = run_processes(&sim.openai_base_url(), shared, seed, instances, rate).await?;
+        } else {
+            let mut runs = Vec::new();
+            for n in 0..instances {
+                let svc = instance(&sim.openai_base_url(), shared, seed + n as u64)?;
+                let base = n as u64 * 1_000_000;
+                runs.push(tokio::spawn(workload::run(svc, rate, DURATION, move |i| request(base + i, seed))));
+            }
+            for r in runs {
+                outcomes.extend(r.await?);
+            }
+        }
+        let upstream_429s = sim.stats().status(429);
+        sim.shutdown().await;
+        stacks_json.push(json!({
+            "name": name,
+            "instances": instances,
+            "requests": outcomes.len(),
+            "succeeded": outcomes.iter().filter(|o| o.result.is_ok()).count(),
+            "upstream_429s": upstream_429s,
+            "goodput_ratio": goodput(&outcomes),
+            "latency_ms": latency(&outcomes, false),
+        }));
+    }
+    Ok(Report {
+        json: json!({
+            "drill": "fleet",
+            "seed": seed,
+            "scenario": {
+                "description": format!("{instances} instances share one provider's RPM/TPM limits; offered load is about twice the TPM limit"),
+                "instances": instances,
+                "processes": processes,
+                "rpm": RPM,
+                "tpm": TPM,
+                "rate_per_sec": RATE,
+                "client_share_of_limits": SAFETY,
+                "time_scale": 1.0 / super::SCALE,
+            },
+            "stacks": stacks_json,
+        }),
+        timelines: Vec::new(),
+    })
+}
+
+fn goodput(outcomes: &[Outcome]) -> f64 {
+    let (from, to) = STEADY;
+    let tokens: u64 = outcomes
+        .iter()
+        .filter(|o| o.done >= from && o.done < to)
+        .filter_map(|o| o.result.as_ref().ok())
+        .map(|s| s.tokens)
+        .sum();
+    let limit_per_sec = TPM as f64 / scaled(Duration::from_secs(60)).as_secs_f64();
+    ((tokens as f64 / (to - from).as_secs_f64() / limit_per_sec) * 1000.0).round() / 1000.0
+}
+
+/// Runs each instance as `portcullis drill fleet --worker ...` and reads its outcomes.
+async fn run_processes(
+    sim_url: &str,
+    shared: Option<(&str, &str)>,
+    seed: u64,
+    instances: usize,
+    rate: f64,
+) -> Result<Vec<Outcome>, Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for n in 0..instances {
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(["drill", "fleet", "--worker", "--sim-url", sim_url, "--rate", &rate.to_string()])
+            .args(["--seed", &(seed + n as u64).to_string(), "--worker-index", &n.to_string()])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some((url, prefix)) = shared {
+            cmd.args(["--redis", url, "--prefix", prefix]);
+        }
+        children.push(cmd.spawn()?);
+    }
+    let mut all = Vec::new();
+    for mut child in children {
+        let Some(stdout) = child.stdout.take() else { continue };
+        let mut lines = BufReader::new(stdout).lines();
+        while let Some(line) = lines.next_line().await? {
+            let v: Value = serde_json::from_str(&line)?;
+            all.push(Outcome {
+                sent: Duration::from_micros(v["sent_us"].as_u64().unwrap_or(0)),
+                done: Duration::from_micros(v["done_us"].as_u64().unwrap_or(0)),
+                result: match v["tokens"].as_u64() {
+                    Some(tokens) => Ok(Served { provider: "openai".into(), tokens }),
+                    None => Err(portcullis::ErrorKind::Server),
+                },
+            });
+        }
+        child.wait().await?;
+    }
+    Ok(all)
+}
+
+/// The hidden worker: one instance, outcomes as JSON lines on stdout.
+pub async fn worker(
+    sim_url: &str,
+    redis: Option<(&str, &str)>,
+    seed: u64,
+    index: u64,
+    rate: f64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let svc = instance(sim_url, redis, seed)?;
+    let base = index * 1_000_000;
+    let outcomes = workload::run(svc, rate, DURATION, move |i| request(base + i, seed)).await;
+    for o in outcomes {
+        let tokens = o.result.as_ref().ok().map(|s| s.tokens);
+        println!(
+            "{}",
+            json!({"sent_us": o.sent.as_micros() as u64, "done_us": o.done.as_micros() as u64, "tokens": tokens})
+        );
+    }
+    Ok(())
+}
