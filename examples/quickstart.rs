@@ -17,7 +17,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use portcullis::layers::retry::RetryConfig;
 use portcullis::sim::{Family, FaultRule, Simulator};
@@ -106,18 +106,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn report(res: &CompletionResult, started: Instant) {
     println!(
-        "served by {} ({}), {} in + {} out = {} tokens, provider latency {:?}, total {:?}",
+        "served by {} ({}), {} in + {} out = {} tokens, provider latency {:.1?}, total {:.1?}",
         res.provider,
         res.model,
         res.usage.input_tokens,
         res.usage.output_tokens,
         res.usage.total_tokens,
-        round(res.latency),
-        round(started.elapsed()),
+        res.latency,
+        started.elapsed(),
     );
     println!("   > {}", res.content.trim());
-}
-
-fn round(d: Duration) -> Duration {
-    Duration::from_micros(d.as_micros() as u64 / 100 * 100)
 }
