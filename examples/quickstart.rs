@@ -49,7 +49,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .retry(retry),
         )
         .build()?;
-    let primary = stack.provider("openai").ok_or("no primary")?.breaker.clone();
+    let primary = stack
+        .provider("openai")
+        .ok_or("no primary")?
+        .breaker
+        .clone();
     let mut transitions = primary.subscribe();
 
     println!("\n## 1. a healthy call");

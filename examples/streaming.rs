@@ -53,7 +53,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .retry(retry),
         )
         .build()?;
-    let primary = stack.provider("openai").ok_or("no primary")?.breaker.clone();
+    let primary = stack
+        .provider("openai")
+        .ok_or("no primary")?
+        .breaker
+        .clone();
 
     println!("\n## 1. a healthy stream");
     stream_once(&stack.streams(), 1).await?;
