@@ -21,7 +21,8 @@
 //! The demo talks to the gateway with Portcullis' own [`OpenAiProvider`] pointed at it (any
 //! OpenAI SDK works the same with `base_url = "http://127.0.0.1:3000/v1"`). Upstream is the
 //! embedded simulator, or the real APIs when both `OPENAI_API_KEY` and `ANTHROPIC_API_KEY` are
-//! set (the outage step, which needs the simulator, is then skipped).
+//! set (the fault steps, which need the simulator, are then skipped).
+//! `PORTCULLIS_EXAMPLES_SIM=1` keeps the simulator even when the keys are set.
 
 mod common;
 

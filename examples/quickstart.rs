@@ -12,6 +12,7 @@
 //! By default everything runs against the embedded simulator (no key, no network). With both
 //! `OPENAI_API_KEY` and `ANTHROPIC_API_KEY` set, it calls the real APIs instead; as a real
 //! outage cannot be ordered, the primary's breaker is then forced open to show the failover.
+//! `PORTCULLIS_EXAMPLES_SIM=1` keeps the simulator even when the keys are set.
 //! Add `RUST_LOG=portcullis_layers=info` to see the layers' own events (each failover, each
 //! breaker transition).
 

@@ -19,6 +19,7 @@
 //! Runs against the embedded simulator. With both `OPENAI_API_KEY` and `ANTHROPIC_API_KEY` set,
 //! step 1 streams from the real OpenAI API, and the fault steps (which need the simulator's
 //! fault injection) are skipped.
+//! `PORTCULLIS_EXAMPLES_SIM=1` keeps the simulator even when the keys are set.
 
 mod common;
 
