@@ -1,0 +1,52 @@
+//! What the examples share: OpenAI + Anthropic providers, against the embedded simulator by
+//! default, or against the real APIs when both `OPENAI_API_KEY` and `ANTHROPIC_API_KEY` are set
+//! (and `PORTCULLIS_EXAMPLES_SIM` is not).
+
+use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
+use portcullis::sim::{SimHandle, Simulator};
+
+/// The model asked for; the Anthropic entry of a stack remaps it to [`SECONDARY_MODEL`].
+pub const MODEL: &str = "gpt-4o-mini";
+/// The secondary's model.
+pub const SECONDARY_MODEL: &str = "claude-haiku-4-5";
+
+/// Where the providers point.
+pub struct Backend {
+    /// The primary.
+    pub openai: OpenAiProvider,
+    /// The secondary.
+    pub anthropic: AnthropicProvider,
+    /// The simulator both point at, or `None` for the real APIs.
+    pub sim: Option<SimHandle>,
+}
+
+/// The real APIs when both keys are set, else a fresh simulator built by `sim` (one simulator
+/// serves both APIs: `/v1/chat/completions` and `/v1/messages`).
+pub async fn backend(sim: Simulator) -> Result<Backend, Box<dyn std::error::Error>> {
+    let real = std::env::var_os("OPENAI_API_KEY").is_some()
+        && std::env::var_os("ANTHROPIC_API_KEY").is_some()
+        && std::env::var_os("PORTCULLIS_EXAMPLES_SIM").is_none();
+    if real {
+        println!("# using the real OpenAI and Anthropic APIs (keys from the environment)");
+        return Ok(Backend {
+            openai: OpenAiProvider::from_env()?,
+            anthropic: AnthropicProvider::from_env()?,
+            sim: None,
+        });
+    }
+    let sim = sim.start().await?;
+    println!("# using the embedded simulator at {}", sim.addr());
+    // The simulator accepts any non-empty key.
+    let key = || ApiKey::new("sk-portcullis-example");
+    Ok(Backend {
+        openai: OpenAiProvider::builder()
+            .base_url(sim.openai_base_url())
+            .api_key(key()?)
+            .build()?,
+        anthropic: AnthropicProvider::builder()
+            .base_url(sim.anthropic_base_url())
+            .api_key(key()?)
+            .build()?,
+        sim: Some(sim),
+    })
+}
