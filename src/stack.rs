@@ -231,7 +231,7 @@ impl std::error::Error for StackError {}
 
 /// One provider of a stack, with its resilience settings.
 #[derive(Debug, Clone)]
-pub struct ProviderStack<S, Q> {
+pub struct ProviderStack<S = Provider, Q = ProviderStream> {
     name: Cow<'static, str>,
     complete: S,
     stream: Q,
@@ -263,6 +263,11 @@ impl<S, Q> ProviderStack<S, Q> {
     /// settings: the seed's retry (3 retries, 1 s → 30 s backoff) with full jitter and a retry
     /// budget, the seed's breaker (5 consecutive failures, 60 s, 3 probes), no limits, a 30 s
     /// attempt timeout, and a 30 s idle limit for streams.
+    ///
+    /// With a fallback behind it, the retries of the first calls to a dead primary delay their
+    /// failover (about 1 + 2 + 4 s at most with the seed's backoff, until the breaker opens and
+    /// later calls fail over at once). Lower `base_delay` / `max_retries` when failover latency
+    /// matters more than riding out short blips on the primary.
     pub fn new(name: impl Into<Cow<'static, str>>, complete: S, stream: Q) -> Self {
         ProviderStack {
             name: name.into(),

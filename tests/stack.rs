@@ -34,9 +34,7 @@ fn req(i: u64, max_tokens: u32) -> ChatRequest {
     .max_tokens(max_tokens)
 }
 
-fn openai(
-    sim: &SimHandle,
-) -> ProviderStack<portcullis::stack::Provider, portcullis::stack::ProviderStream> {
+fn openai(sim: &SimHandle) -> ProviderStack {
     let p = OpenAiProvider::builder()
         .base_url(sim.openai_base_url())
         .api_key(key())
@@ -48,9 +46,7 @@ fn openai(
         .attempt_timeout(Duration::from_millis(400))
 }
 
-fn anthropic(
-    sim: &SimHandle,
-) -> ProviderStack<portcullis::stack::Provider, portcullis::stack::ProviderStream> {
+fn anthropic(sim: &SimHandle) -> ProviderStack {
     let p = AnthropicProvider::builder()
         .base_url(sim.anthropic_base_url())
         .api_key(key())

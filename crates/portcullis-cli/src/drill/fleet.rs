@@ -69,12 +69,21 @@ pub fn redis(url: Option<String>) -> Result<RedisSource, String> {
 }
 
 fn limits_config() -> Result<TokenBucketConfig, Box<dyn std::error::Error>> {
-    let per_sec = |per_minute: u64| per_minute as f64 / scaled(Duration::from_secs(60)).as_secs_f64();
+    let per_sec =
+        |per_minute: u64| per_minute as f64 / scaled(Duration::from_secs(60)).as_secs_f64();
     let rate = |per_minute: u64| {
-        Rate::new((per_minute as f64 * SAFETY).floor() as u64, per_sec(per_minute) * SAFETY)
+        Rate::new(
+            (per_minute as f64 * SAFETY).floor() as u64,
+            per_sec(per_minute) * SAFETY,
+        )
     };
     Ok(TokenBucketConfig::new()
-        .limit(MODEL, KeyLimits::default().with_requests(rate(RPM)?).with_tokens(rate(TPM)?))
+        .limit(
+            MODEL,
+            KeyLimits::default()
+                .with_requests(rate(RPM)?)
+                .with_tokens(rate(TPM)?),
+        )
         .max_wait(scaled(Duration::from_secs(30))))
 }
 
@@ -93,14 +102,28 @@ fn instance(
         None => {
             let bucket = TokenBucketLayer::new("openai", config)?;
             BoxCloneSyncService::new(
-                ServiceBuilder::new().layer(retry).layer(breaker).layer(bucket).layer(timeout).service(provider),
+                ServiceBuilder::new()
+                    .layer(retry)
+                    .layer(breaker)
+                    .layer(bucket)
+                    .layer(timeout)
+                    .service(provider),
             )
         }
         Some((url, prefix)) => {
-            let store: RedisStore = RedisStore::new("openai", config.clone(), RedisConfig::new(url).prefix(prefix))?;
+            let store: RedisStore = RedisStore::new(
+                "openai",
+                config.clone(),
+                RedisConfig::new(url).prefix(prefix),
+            )?;
             let bucket = TokenBucketLayer::from_store("openai", store, config.max_wait);
             BoxCloneSyncService::new(
-                ServiceBuilder::new().layer(retry).layer(breaker).layer(bucket).layer(timeout).service(provider),
+                ServiceBuilder::new()
+                    .layer(retry)
+                    .layer(breaker)
+                    .layer(bucket)
+                    .layer(timeout)
+                    .service(provider),
             )
         }
     })
@@ -119,13 +142,20 @@ pub async fn run(
 ) -> Result<Report, Box<dyn std::error::Error>> {
     let mut stacks_json = Vec::new();
     for name in ["local", "redis"] {
-        progress(&format!("drill fleet: running {name} with {instances} instances ({} s)…", DURATION.as_secs()));
+        progress(&format!(
+            "drill fleet: running {name} with {instances} instances ({} s)…",
+            DURATION.as_secs()
+        ));
         let sim_limits = Limits {
             time_scale: 1.0 / super::SCALE,
             openai: OpenAiLimits { rpm: RPM, tpm: TPM },
             ..Limits::default()
         };
-        let sim = Simulator::builder().seed(seed).limits(sim_limits).start().await?;
+        let sim = Simulator::builder()
+            .seed(seed)
+            .limits(sim_limits)
+            .start()
+            .await?;
         let prefix = format!("portcullis-drill:{}:{}:", std::process::id(), seed);
         let url = redis.url();
         let shared = (name == "redis").then_some((url.as_str(), prefix.as_str()));
@@ -138,7 +168,9 @@ pub async fn run(
             for n in 0..instances {
                 let svc = instance(&sim.openai_base_url(), shared, seed + n as u64)?;
                 let base = n as u64 * 1_000_000;
-                runs.push(tokio::spawn(workload::run(svc, rate, DURATION, move |i| request(base + i, seed))));
+                runs.push(tokio::spawn(workload::run(svc, rate, DURATION, move |i| {
+                    request(base + i, seed)
+                })));
             }
             for r in runs {
                 outcomes.extend(r.await?);
@@ -200,10 +232,23 @@ async fn run_processes(
     let mut children = Vec::new();
     for n in 0..instances {
         let mut cmd = tokio::process::Command::new(&exe);
-        cmd.args(["drill", "fleet", "--worker", "--sim-url", sim_url, "--rate", &rate.to_string()])
-            .args(["--seed", &(seed + n as u64).to_string(), "--worker-index", &n.to_string()])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.args([
+            "drill",
+            "fleet",
+            "--worker",
+            "--sim-url",
+            sim_url,
+            "--rate",
+            &rate.to_string(),
+        ])
+        .args([
+            "--seed",
+            &(seed + n as u64).to_string(),
+            "--worker-index",
+            &n.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
         if let Some((url, prefix)) = shared {
             cmd.args(["--redis", url, "--prefix", prefix]);
         }
@@ -211,7 +256,9 @@ async fn run_processes(
     }
     let mut all = Vec::new();
     for mut child in children {
-        let Some(stdout) = child.stdout.take() else { continue };
+        let Some(stdout) = child.stdout.take() else {
+            continue;
+        };
         let mut lines = BufReader::new(stdout).lines();
         while let Some(line) = lines.next_line().await? {
             let v: Value = serde_json::from_str(&line)?;
@@ -219,7 +266,10 @@ async fn run_processes(
                 sent: Duration::from_micros(v["sent_us"].as_u64().unwrap_or(0)),
                 done: Duration::from_micros(v["done_us"].as_u64().unwrap_or(0)),
                 result: match v["tokens"].as_u64() {
-                    Some(tokens) => Ok(Served { provider: "openai".into(), tokens }),
+                    Some(tokens) => Ok(Served {
+                        provider: "openai".into(),
+                        tokens,
+                    }),
                     None => Err(portcullis::ErrorKind::Server),
                 },
             });

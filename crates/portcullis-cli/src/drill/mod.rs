@@ -88,7 +88,9 @@ pub struct DrillArgs {
 
 async fn run_fleet(args: &DrillArgs) -> ExitCode {
     if args.worker {
-        let Some(sim) = &args.sim_url else { return ExitCode::from(2) };
+        let Some(sim) = &args.sim_url else {
+            return ExitCode::from(2);
+        };
         let redis = match (&args.redis, &args.prefix) {
             (Some(u), Some(p)) => Some((u.as_str(), p.as_str())),
             _ => None,
@@ -115,7 +117,10 @@ async fn run_fleet(args: &DrillArgs) -> ExitCode {
     match fleet::run(args.seed, args.instances, &redis, args.processes).await {
         Ok(r) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&r.json).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r.json).unwrap_or_default()
+                );
             } else {
                 print_table(&r.json);
             }

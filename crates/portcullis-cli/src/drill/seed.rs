@@ -372,15 +372,24 @@ mod tests {
         while let Some(t) = tasks.join_next().await {
             last = last.max(t.unwrap());
         }
-        assert!(last - start <= Duration::from_millis(100), "{:?}", last - start);
+        assert!(
+            last - start <= Duration::from_millis(100),
+            "{:?}",
+            last - start
+        );
     }
 
     #[test]
     fn the_seed_retries_by_status_and_message() {
         let quota = LlmError::new(ErrorKind::QuotaExhausted, "insufficient_quota").with_status(429);
-        assert!(seed_is_retryable(&quota), "the seed retries a 429 whatever its type");
+        assert!(
+            seed_is_retryable(&quota),
+            "the seed retries a 429 whatever its type"
+        );
         let bad = LlmError::new(ErrorKind::InvalidRequest, "rate_limit mentioned in a 400");
         assert!(seed_is_retryable(&bad), "and matches message text");
-        assert!(!seed_is_retryable(&LlmError::new(ErrorKind::Authentication, "no").with_status(401)));
+        assert!(!seed_is_retryable(
+            &LlmError::new(ErrorKind::Authentication, "no").with_status(401)
+        ));
     }
 }

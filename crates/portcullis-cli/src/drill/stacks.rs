@@ -162,10 +162,10 @@ pub fn breaker_config() -> CircuitBreakerConfig {
 
 /// One provider of the Portcullis stack, with the scaled settings.
 pub fn provider_stack(
-    p: ProviderStack<portcullis::stack::Provider, portcullis::stack::ProviderStream>,
+    p: ProviderStack,
     limits: Option<TokenBucketConfig>,
     rng: u64,
-) -> ProviderStack<portcullis::stack::Provider, portcullis::stack::ProviderStream> {
+) -> ProviderStack {
     let mut p = p
         .retry(retry_config(rng))
         .breaker(breaker_config())
@@ -178,9 +178,7 @@ pub fn provider_stack(
 }
 
 /// The Portcullis stack over the given providers.
-pub fn portcullis(
-    providers: Vec<ProviderStack<portcullis::stack::Provider, portcullis::stack::ProviderStream>>,
-) -> Result<Stack, StackError> {
+pub fn portcullis(providers: Vec<ProviderStack>) -> Result<Stack, StackError> {
     let mut b = Stack::builder().deadline(scaled(DEADLINE));
     for p in providers {
         b = b.provider(p);
