@@ -405,7 +405,7 @@ pub struct ProviderHandles {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// // The primary is down (503 on every OpenAI call); Anthropic answers.
 /// let sim = Simulator::builder()
-///     .fault(FaultRule::status(503).family(Family::OpenAi))
+///     .fault(FaultRule::status(503).family(Family::Openai))
 ///     .start().await?;
 /// let key = || ApiKey::new("sk-test").unwrap();
 /// let openai = OpenAiProvider::builder().base_url(sim.openai_base_url()).api_key(key()).build()?;

@@ -59,8 +59,12 @@ where
     let ymax = series.iter().flatten().cloned().fold(10.0, f64::max) * 1.15;
     let mut chart = ChartBuilder::on(area)
         .caption(
-            format!("{}: requests per second by outcome", t.name),
-            ("sans-serif", 18),
+            format!(
+                "{}: requests/s by outcome (grey: the outage; bottom band: the primary's breaker, \
+                 green closed, amber half-open, red open)",
+                t.name
+            ),
+            ("sans-serif", 14),
         )
         .margin(10)
         .x_label_area_size(30)
