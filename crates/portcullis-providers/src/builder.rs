@@ -55,3 +55,45 @@ macro_rules! common_builder_methods {
 }
 
 pub(crate) use common_builder_methods;
+
+/// Implements `Service<ChatRequest>` for a provider (complete calls) and its streaming face.
+/// Both are always ready: the pooled client queues internally, and a provider never buffers.
+macro_rules! provider_services {
+    ($complete:ty, $stream:ty) => {
+        impl tower_service::Service<portcullis_core::ChatRequest> for $complete {
+            type Response = portcullis_core::CompletionResult;
+            type Error = portcullis_core::LlmError;
+            type Future = $crate::call::ResponseFuture<portcullis_core::CompletionResult>;
+
+            fn poll_ready(
+                &mut self,
+                _cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), portcullis_core::LlmError>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, req: portcullis_core::ChatRequest) -> Self::Future {
+                self.complete(req)
+            }
+        }
+
+        impl tower_service::Service<portcullis_core::ChatRequest> for $stream {
+            type Response = portcullis_core::ChatStream;
+            type Error = portcullis_core::LlmError;
+            type Future = $crate::call::ResponseFuture<portcullis_core::ChatStream>;
+
+            fn poll_ready(
+                &mut self,
+                _cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), portcullis_core::LlmError>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, req: portcullis_core::ChatRequest) -> Self::Future {
+                self.shared.stream(req)
+            }
+        }
+    };
+}
+
+pub(crate) use provider_services;

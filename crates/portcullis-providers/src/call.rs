@@ -103,16 +103,15 @@ fn post(ep: &Endpoint, body: Vec<u8>, stream: bool) -> Result<Request<Full<Bytes
     Ok(req)
 }
 
-/// One complete call: send, map the status, read and parse the body.
-pub(crate) async fn complete(
-    ep: Arc<Endpoint>,
-    model: Arc<str>,
-    body: Result<Vec<u8>, LlmError>,
-    parse: fn(&[u8]) -> Result<Parsed, LlmError>,
-) -> Result<CompletionResult, LlmError> {
-    let start = Instant::now();
-    let req = post(&ep, body?, false)?;
-    tracing::debug!(provider = ep.provider, model = %model, "sending completion request");
+/// Sends a request and maps a non-2xx answer to its typed error.
+async fn send(
+    ep: &Endpoint,
+    model: &str,
+    body: Vec<u8>,
+    stream: bool,
+) -> Result<(http::response::Parts, Incoming), LlmError> {
+    let req = post(ep, body, stream)?;
+    tracing::debug!(provider = ep.provider, model, stream, "sending request");
     let resp = ep
         .transport
         .send(req)
@@ -121,7 +120,18 @@ pub(crate) async fn complete(
     if !resp.status().is_success() {
         return Err(ep.status_error(resp).await);
     }
-    let (parts, body) = resp.into_parts();
+    Ok(resp.into_parts())
+}
+
+/// One complete call: send, map the status, read and parse the body.
+pub(crate) async fn complete(
+    ep: Arc<Endpoint>,
+    model: Arc<str>,
+    body: Result<Vec<u8>, LlmError>,
+    parse: fn(&[u8]) -> Result<Parsed, LlmError>,
+) -> Result<CompletionResult, LlmError> {
+    let start = Instant::now();
+    let (parts, body) = send(&ep, &model, body?, false).await?;
     let request_id = ep.request_id(&parts.headers);
     let bytes = ep
         .transport
@@ -153,17 +163,7 @@ pub(crate) async fn stream<P: EventParser>(
     body: Result<Vec<u8>, LlmError>,
     parser: P,
 ) -> Result<ChatStream, LlmError> {
-    let req = post(&ep, body?, true)?;
-    tracing::debug!(provider = ep.provider, model = %model, "sending streaming request");
-    let resp = ep
-        .transport
-        .send(req)
-        .await
-        .map_err(|e| ep.finish_error(e, None))?;
-    if !resp.status().is_success() {
-        return Err(ep.status_error(resp).await);
-    }
-    let (parts, body) = resp.into_parts();
+    let (parts, body) = send(&ep, &model, body?, true).await?;
     let request_id = ep.request_id(&parts.headers);
     let decoder = SseDecoder::with_limits(
         ep.transport.config().max_event_bytes,

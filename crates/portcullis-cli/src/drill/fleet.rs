@@ -11,28 +11,21 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use portcullis::ChatRequest;
-use portcullis::layers::token_bucket::{KeyLimits, Rate, TokenBucketConfig, TokenBucketLayer};
+use portcullis::layers::token_bucket::TokenBucketLayer;
 use portcullis::layers::{CircuitBreakerLayer, RetryLayer, TimeoutLayer};
-use portcullis::sim::{Limits, OpenAiLimits, Simulator};
+use portcullis::sim::Simulator;
 use portcullis_redis::{LocalRedis, RedisConfig, RedisStore};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
+use super::rate_limit::{
+    DURATION, MAX_TOKENS, MODEL, RATE, RPM, SAFETY, TPM, client_limits, goodput, sim_limits,
+};
 use super::stacks::{self, ATTEMPT_TIMEOUT};
 use super::workload::{self, Outcome, Served, StackService};
 use super::{Report, latency, progress, scaled};
-
-const DURATION: Duration = Duration::from_secs(10);
-const RPM: u64 = 1_000;
-const TPM: u64 = 6_000;
-/// Offered load of the whole fleet: about twice the TPM limit.
-const RATE: f64 = 133.0;
-const MODEL: &str = "gpt-4o-mini";
-const MAX_TOKENS: u32 = 8;
-const SAFETY: f64 = 0.97;
-const STEADY: (Duration, Duration) = (Duration::from_secs(4), Duration::from_secs(10));
 
 /// Where the fleet's Redis comes from.
 pub enum RedisSource {
@@ -68,25 +61,6 @@ pub fn redis(url: Option<String>) -> Result<RedisSource, String> {
     }
 }
 
-fn limits_config() -> Result<TokenBucketConfig, Box<dyn std::error::Error>> {
-    let per_sec =
-        |per_minute: u64| per_minute as f64 / scaled(Duration::from_secs(60)).as_secs_f64();
-    let rate = |per_minute: u64| {
-        Rate::new(
-            (per_minute as f64 * SAFETY).floor() as u64,
-            per_sec(per_minute) * SAFETY,
-        )
-    };
-    Ok(TokenBucketConfig::new()
-        .limit(
-            MODEL,
-            KeyLimits::default()
-                .with_requests(rate(RPM)?)
-                .with_tokens(rate(TPM)?),
-        )
-        .max_wait(scaled(Duration::from_secs(30))))
-}
-
 /// One instance's stack: retry → breaker → bucket (local or shared) → timeout → provider.
 fn instance(
     sim_url: &str,
@@ -94,37 +68,21 @@ fn instance(
     seed: u64,
 ) -> Result<StackService, Box<dyn std::error::Error>> {
     let provider = stacks::openai(sim_url)?;
-    let config = limits_config()?;
+    let config = client_limits()?;
     let retry = RetryLayer::new(stacks::retry_config(seed).build()?);
     let breaker = CircuitBreakerLayer::new("openai", stacks::breaker_config())?;
     let timeout = TimeoutLayer::new(scaled(ATTEMPT_TIMEOUT));
+    let chain = ServiceBuilder::new().layer(retry).layer(breaker);
     Ok(match shared {
         None => {
             let bucket = TokenBucketLayer::new("openai", config)?;
-            BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .layer(retry)
-                    .layer(breaker)
-                    .layer(bucket)
-                    .layer(timeout)
-                    .service(provider),
-            )
+            BoxCloneSyncService::new(chain.layer(bucket).layer(timeout).service(provider))
         }
         Some((url, prefix)) => {
-            let store: RedisStore = RedisStore::new(
-                "openai",
-                config.clone(),
-                RedisConfig::new(url).prefix(prefix),
-            )?;
+            let redis = RedisConfig::new(url).prefix(prefix);
+            let store: RedisStore = RedisStore::new("openai", config.clone(), redis)?;
             let bucket = TokenBucketLayer::from_store("openai", store, config.max_wait);
-            BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .layer(retry)
-                    .layer(breaker)
-                    .layer(bucket)
-                    .layer(timeout)
-                    .service(provider),
-            )
+            BoxCloneSyncService::new(chain.layer(bucket).layer(timeout).service(provider))
         }
     })
 }
@@ -146,14 +104,9 @@ pub async fn run(
             "drill fleet: running {name} with {instances} instances ({} s)…",
             DURATION.as_secs()
         ));
-        let sim_limits = Limits {
-            time_scale: 1.0 / super::SCALE,
-            openai: OpenAiLimits { rpm: RPM, tpm: TPM },
-            ..Limits::default()
-        };
         let sim = Simulator::builder()
             .seed(seed)
-            .limits(sim_limits)
+            .limits(sim_limits())
             .start()
             .await?;
         let prefix = format!("portcullis-drill:{}:{}:", std::process::id(), seed);
@@ -206,18 +159,6 @@ pub async fn run(
         }),
         timelines: Vec::new(),
     })
-}
-
-fn goodput(outcomes: &[Outcome]) -> f64 {
-    let (from, to) = STEADY;
-    let tokens: u64 = outcomes
-        .iter()
-        .filter(|o| o.done >= from && o.done < to)
-        .filter_map(|o| o.result.as_ref().ok())
-        .map(|s| s.tokens)
-        .sum();
-    let limit_per_sec = TPM as f64 / scaled(Duration::from_secs(60)).as_secs_f64();
-    ((tokens as f64 / (to - from).as_secs_f64() / limit_per_sec) * 1000.0).round() / 1000.0
 }
 
 /// Runs each instance as `portcullis drill fleet --worker ...` and reads its outcomes.

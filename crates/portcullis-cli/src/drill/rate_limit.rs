@@ -15,16 +15,18 @@ use super::stacks::{self, NAMES};
 use super::workload::{self, Outcome};
 use super::{Report, latency, progress, scaled};
 
-const DURATION: Duration = Duration::from_secs(10);
+pub const DURATION: Duration = Duration::from_secs(10);
 /// The simulator's minute lasts 60 s × SCALE.
-const RPM: u64 = 1_000;
-const TPM: u64 = 6_000;
-const RATE: f64 = 133.0;
-const MODEL: &str = "gpt-4o-mini";
-const MAX_TOKENS: u32 = 8;
+pub const RPM: u64 = 1_000;
+/// Tokens per (scaled) minute.
+pub const TPM: u64 = 6_000;
+/// Offered load: about twice the TPM limit.
+pub const RATE: f64 = 133.0;
+pub const MODEL: &str = "gpt-4o-mini";
+pub const MAX_TOKENS: u32 = 8;
 /// The client keeps this share of the server's limits: the margin absorbs the jitter between
 /// when the client admits a request and when the server counts it.
-const SAFETY: f64 = 0.97;
+pub const SAFETY: f64 = 0.97;
 /// The first part of the run is the initial burst, the last part the drain: goodput counts
 /// the steady part in between.
 const STEADY: (Duration, Duration) = (Duration::from_secs(4), Duration::from_secs(10));
@@ -63,15 +65,33 @@ fn per_sec(per_minute: u64) -> f64 {
     per_minute as f64 / scaled(Duration::from_secs(60)).as_secs_f64()
 }
 
-async fn one(name: &str, seed: u64) -> Result<Value, Box<dyn std::error::Error>> {
-    let limits = Limits {
+/// The simulator's limits.
+pub fn sim_limits() -> Limits {
+    Limits {
         time_scale: 1.0 / super::SCALE,
         openai: OpenAiLimits { rpm: RPM, tpm: TPM },
         ..Limits::default()
+    }
+}
+
+/// The client's limits: [`SAFETY`] of the simulator's, and a scaled 30 s `max_wait`.
+pub fn client_limits() -> Result<TokenBucketConfig, Box<dyn std::error::Error>> {
+    let rate = |per_minute: u64| {
+        let cap = (per_minute as f64 * SAFETY).floor() as u64;
+        Rate::new(cap, per_sec(per_minute) * SAFETY)
     };
+    let limits = KeyLimits::default()
+        .with_requests(rate(RPM)?)
+        .with_tokens(rate(TPM)?);
+    Ok(TokenBucketConfig::new()
+        .limit(MODEL, limits)
+        .max_wait(scaled(Duration::from_secs(30))))
+}
+
+async fn one(name: &str, seed: u64) -> Result<Value, Box<dyn std::error::Error>> {
     let sim = Simulator::builder()
         .seed(seed)
-        .limits(limits)
+        .limits(sim_limits())
         .start()
         .await?;
     let openai = stacks::openai(&sim.openai_base_url())?;
@@ -88,16 +108,7 @@ async fn one(name: &str, seed: u64) -> Result<Value, Box<dyn std::error::Error>>
             seed,
         )),
         _ => {
-            let rate = |per_minute: u64| {
-                let cap = (per_minute as f64 * SAFETY).floor() as u64;
-                Rate::new(cap, per_sec(per_minute) * SAFETY)
-            };
-            let limits = KeyLimits::default()
-                .with_requests(rate(RPM)?)
-                .with_tokens(rate(TPM)?);
-            let config = TokenBucketConfig::new()
-                .limit(MODEL, limits)
-                .max_wait(scaled(Duration::from_secs(30)));
+            let config = client_limits()?;
             let stack = stacks::portcullis(vec![stacks::provider_stack(
                 ProviderStack::openai(openai),
                 Some(config),
@@ -130,7 +141,7 @@ async fn one(name: &str, seed: u64) -> Result<Value, Box<dyn std::error::Error>>
 }
 
 /// Tokens served per second over the steady part, over the TPM limit per second.
-fn goodput(outcomes: &[Outcome]) -> f64 {
+pub fn goodput(outcomes: &[Outcome]) -> f64 {
     let (from, to) = STEADY;
     let tokens: u64 = outcomes
         .iter()

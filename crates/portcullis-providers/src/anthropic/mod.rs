@@ -4,11 +4,9 @@
 mod wire;
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::HeaderValue;
 use portcullis_core::{ANTHROPIC, ChatRequest, ChatStream, CompletionResult, LlmError};
-use tower_service::Service;
 
 use crate::builder::common_builder_methods;
 use crate::call::{self, ResponseFuture};
@@ -154,30 +152,4 @@ impl Shared {
     }
 }
 
-impl Service<ChatRequest> for AnthropicProvider {
-    type Response = CompletionResult;
-    type Error = LlmError;
-    type Future = ResponseFuture<CompletionResult>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ChatRequest) -> Self::Future {
-        self.complete(req)
-    }
-}
-
-impl Service<ChatRequest> for AnthropicStream {
-    type Response = ChatStream;
-    type Error = LlmError;
-    type Future = ResponseFuture<ChatStream>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ChatRequest) -> Self::Future {
-        self.shared.stream(req)
-    }
-}
+crate::builder::provider_services!(AnthropicProvider, AnthropicStream);

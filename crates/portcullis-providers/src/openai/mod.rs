@@ -4,11 +4,9 @@
 mod wire;
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::header::AUTHORIZATION;
 use portcullis_core::{ChatRequest, ChatStream, CompletionResult, LlmError, OPENAI};
-use tower_service::Service;
 
 use crate::builder::common_builder_methods;
 use crate::call::{self, ResponseFuture};
@@ -157,30 +155,4 @@ impl Shared {
     }
 }
 
-impl Service<ChatRequest> for OpenAiProvider {
-    type Response = CompletionResult;
-    type Error = LlmError;
-    type Future = ResponseFuture<CompletionResult>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ChatRequest) -> Self::Future {
-        self.complete(req)
-    }
-}
-
-impl Service<ChatRequest> for OpenAiStream {
-    type Response = ChatStream;
-    type Error = LlmError;
-    type Future = ResponseFuture<ChatStream>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ChatRequest) -> Self::Future {
-        self.shared.stream(req)
-    }
-}
+crate::builder::provider_services!(OpenAiProvider, OpenAiStream);
