@@ -163,29 +163,8 @@ pub(crate) fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Re
             json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
         )
     };
-    match mangle {
-        Mangle::ErrorBeforeContent => {
-            events.push(error());
-            return wire::sse_response(events, ctx.chunk_delay);
-        }
-        Mangle::ErrorAfterContent => {
-            events.extend(content.take(2));
-            events.push(error());
-            return wire::sse_response(events, ctx.chunk_delay);
-        }
-        Mangle::Truncated => {
-            events.extend(content.take(pieces.len().div_ceil(2)));
-            return wire::sse_response(events, ctx.chunk_delay);
-        }
-        Mangle::MalformedJson => {
-            let mut content: Vec<Bytes> = content.collect();
-            if let Some(second) = content.get_mut(1).or(events.get_mut(0)) {
-                let s = String::from_utf8_lossy(second);
-                *second = Bytes::from(format!("{}\n\n", wire::cut_half(&s)));
-            }
-            events.extend(content);
-        }
-        Mangle::None => events.extend(content),
+    if Mangle::apply(mangle, &mut events, content.collect(), error) {
+        return wire::sse_response(events, ctx.chunk_delay);
     }
     events.push(ev(
         "content_block_stop",

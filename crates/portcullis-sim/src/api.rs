@@ -64,6 +64,46 @@ pub(crate) enum Mangle {
     MalformedJson,
 }
 
+impl Mangle {
+    /// Appends the content events to `events` (which hold the stream's preamble), bent by the
+    /// fault. Returns `true` when the stream must end right there (an error event, or a cut).
+    pub(crate) fn apply(
+        self,
+        events: &mut Vec<bytes::Bytes>,
+        mut content: Vec<bytes::Bytes>,
+        error: impl FnOnce() -> bytes::Bytes,
+    ) -> bool {
+        match self {
+            Mangle::ErrorBeforeContent => {
+                events.push(error());
+                true
+            }
+            Mangle::ErrorAfterContent => {
+                events.extend(content.into_iter().take(2));
+                events.push(error());
+                true
+            }
+            Mangle::Truncated => {
+                let half = content.len().div_ceil(2);
+                events.extend(content.into_iter().take(half));
+                true
+            }
+            Mangle::MalformedJson => {
+                if let Some(second) = content.get_mut(1).or(events.get_mut(0)) {
+                    let s = String::from_utf8_lossy(second);
+                    *second = bytes::Bytes::from(format!("{}\n\n", crate::wire::cut_half(&s)));
+                }
+                events.extend(content);
+                false
+            }
+            Mangle::None => {
+                events.extend(content);
+                false
+            }
+        }
+    }
+}
+
 /// What a response needs besides the request and the generated text.
 #[derive(Debug, Clone)]
 pub(crate) struct Ctx {
