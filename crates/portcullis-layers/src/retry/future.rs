@@ -39,7 +39,9 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Called { #[pin] future: F },
-        Waiting { #[pin] sleep: Sleep },
+        // Boxed: a backoff is the rare path, and an inline timer would make every call's
+        // future (moved on each return) several hundred bytes larger.
+        Waiting { sleep: Pin<Box<Sleep>> },
         Checking,
     }
 }
@@ -120,12 +122,12 @@ where
                     if delay.is_zero() {
                         this.state.set(State::Checking);
                     } else {
-                        let sleep = tokio::time::sleep(delay);
+                        let sleep = Box::pin(tokio::time::sleep(delay));
                         this.state.set(State::Waiting { sleep });
                     }
                 }
                 StateProj::Waiting { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Checking);
                 }
                 StateProj::Checking => {
