@@ -332,8 +332,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let backend = common::backend(Simulator::builder().seed(5)).await?;
     let retry = RetryConfig {
-        base_delay: 0.05,
-        max_delay: 0.5,
+        base_delay_ms: 50.0,
+        max_delay_ms: 500.0,
         ..RetryConfig::default()
     };
     let stack = Stack::builder()

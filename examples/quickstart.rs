@@ -38,8 +38,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Everything else is the default: 5 consecutive failures open a breaker for 60 s, 30 s
     // attempt timeout, 150 s overall deadline.
     let retry = RetryConfig {
-        base_delay: 0.05,
-        max_delay: 0.5,
+        base_delay_ms: 50.0,
+        max_delay_ms: 500.0,
         ..RetryConfig::default()
     };
     let stack = Stack::builder()

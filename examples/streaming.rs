@@ -42,8 +42,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .chunk_delay(Duration::from_millis(15));
     let backend = common::backend(sim).await?;
     let retry = RetryConfig {
-        base_delay: 0.05,
-        max_delay: 0.5,
+        base_delay_ms: 50.0,
+        max_delay_ms: 500.0,
         ..RetryConfig::default()
     };
     let stack = Stack::builder()

@@ -266,7 +266,7 @@ impl<S, Q> ProviderStack<S, Q> {
     ///
     /// With a fallback behind it, the retries of the first calls to a dead primary delay their
     /// failover (about 1 + 2 + 4 s at most with the seed's backoff, until the breaker opens and
-    /// later calls fail over at once). Lower `base_delay` / `max_retries` when failover latency
+    /// later calls fail over at once). Lower `base_delay_ms` / `max_retries` when failover latency
     /// matters more than riding out short blips on the primary.
     pub fn new(name: impl Into<Cow<'static, str>>, complete: S, stream: Q) -> Self {
         ProviderStack {

@@ -62,11 +62,11 @@ fn anthropic(sim: &SimHandle) -> ProviderStack {
 /// The seed's retry, scaled by 1/50.
 fn retry() -> RetryConfig {
     RetryConfig {
-        base_delay: 0.02,
-        max_delay: 0.6,
-        retry_after_cap: 1.2,
+        base_delay_ms: 20.0,
+        max_delay_ms: 600.0,
+        retry_after_cap_ms: 1200.0,
         budget: Some(BudgetConfig {
-            window: 0.2,
+            window_ms: 200.0,
             min_per_sec: 50.0,
             ..BudgetConfig::default()
         }),

@@ -466,7 +466,7 @@ async fn a_failure_storm_stays_within_the_budget() {
         .budget(BudgetConfig {
             retry_ratio: 0.2,
             min_per_sec: 1.0,
-            window: 10.0,
+            window_ms: 10_000.0,
         })
         .seed(3)
         .build()
@@ -505,7 +505,7 @@ async fn clones_share_the_budget() {
         .budget(BudgetConfig {
             retry_ratio: 0.25,
             min_per_sec: 0.0,
-            window: 10.0,
+            window_ms: 10_000.0,
         })
         .build()
         .unwrap();
@@ -554,7 +554,7 @@ async fn the_budget_window_slides() {
     let budget = RetryBudget::new(&BudgetConfig {
         retry_ratio: 1.0,
         min_per_sec: 0.0,
-        window: 10.0,
+        window_ms: 10_000.0,
     })
     .unwrap();
     budget.deposit();
@@ -735,14 +735,16 @@ fn config_rejects_bad_values() {
         cfg.build().unwrap_err()
     };
     let dur = |field| move |e: ConfigError| matches!(e, ConfigError::InvalidDuration { field: f, .. } if f == field);
-    assert!(dur("base_delay")(bad(|c| c.base_delay = -1.0)));
-    assert!(dur("base_delay")(bad(|c| c.base_delay = 0.0)));
-    assert!(dur("base_delay")(bad(|c| c.base_delay = f64::NAN)));
-    assert!(dur("max_delay")(bad(|c| c.max_delay = f64::INFINITY)));
-    assert!(dur("max_delay")(bad(|c| c.max_delay = 1e300)));
-    assert!(dur("retry_after_cap")(bad(|c| c.retry_after_cap = 0.0)));
+    assert!(dur("base_delay_ms")(bad(|c| c.base_delay_ms = -1.0)));
+    assert!(dur("base_delay_ms")(bad(|c| c.base_delay_ms = 0.0)));
+    assert!(dur("base_delay_ms")(bad(|c| c.base_delay_ms = f64::NAN)));
+    assert!(dur("max_delay_ms")(bad(|c| c.max_delay_ms = f64::INFINITY)));
+    assert!(dur("max_delay_ms")(bad(|c| c.max_delay_ms = 1e300)));
+    assert!(dur("retry_after_cap_ms")(bad(
+        |c| c.retry_after_cap_ms = 0.0
+    )));
     assert!(matches!(
-        bad(|c| c.base_delay = 40.0),
+        bad(|c| c.base_delay_ms = 40_000.0),
         ConfigError::BaseAboveMax { .. }
     ));
     let range = |field| move |e: ConfigError| matches!(e, ConfigError::OutOfRange { field: f, .. } if f == field);
@@ -778,10 +780,10 @@ fn config_rejects_bad_values() {
     });
     assert!(range("budget.min_per_sec")(floor.build().unwrap_err()));
     let window = budget(BudgetConfig {
-        window: 0.0,
+        window_ms: 0.0,
         ..BudgetConfig::default()
     });
-    assert!(dur("budget.window")(window.build().unwrap_err()));
+    assert!(dur("budget.window_ms")(window.build().unwrap_err()));
     // The builder validates too.
     assert!(
         StandardPolicy::builder()
@@ -795,7 +797,7 @@ fn config_rejects_bad_values() {
             .build()
             .is_err()
     );
-    let msg = bad(|c| c.base_delay = -1.0).to_string();
+    let msg = bad(|c| c.base_delay_ms = -1.0).to_string();
     assert!(msg.contains("base_delay") && msg.contains("-1"), "{msg}");
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::backoff::nanos;
-use super::config::{BudgetConfig, ConfigError, in_range, positive_secs};
+use super::config::{BudgetConfig, ConfigError, in_range, positive_millis};
 
 /// Slots of the sliding window: requests and retries older than the window leave it one slot
 /// (a tenth of the window) at a time.
@@ -27,7 +27,7 @@ const SLOTS: usize = 10;
 /// ```
 /// use portcullis_layers::retry::{BudgetConfig, RetryBudget};
 ///
-/// let budget = RetryBudget::new(&BudgetConfig { retry_ratio: 0.5, min_per_sec: 0.0, window: 10.0 })
+/// let budget = RetryBudget::new(&BudgetConfig { retry_ratio: 0.5, min_per_sec: 0.0, window_ms: 10_000.0 })
 ///     .unwrap();
 /// for _ in 0..4 {
 ///     budget.deposit();
@@ -75,7 +75,7 @@ impl RetryBudget {
             f64::MAX,
             "a finite number ≥ 0",
         )?;
-        let window = positive_secs("budget.window", config.window)?;
+        let window = positive_millis("budget.window_ms", config.window_ms)?;
         Ok(Self::from_parts(ratio, per_sec, window))
     }
 

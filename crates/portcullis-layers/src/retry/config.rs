@@ -14,12 +14,12 @@ use super::backoff::Jitter;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// A duration in seconds is NaN, infinite, negative, too large, or zero where it must be
+    /// A duration (milliseconds) is NaN, infinite, negative, too large, or zero where it must be
     /// positive.
     InvalidDuration {
-        /// The field, e.g. `base_delay`.
+        /// The field, e.g. `base_delay_ms`.
         field: &'static str,
-        /// The value given, in seconds.
+        /// The value given, in milliseconds.
         value: f64,
     },
     /// A number is NaN, infinite, or outside its allowed range.
@@ -45,7 +45,7 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::InvalidDuration { field, value } => write!(
                 f,
-                "retry config: `{field}` must be a positive, finite number of seconds, got {value}"
+                "retry config: `{field}` must be a positive, finite number of milliseconds, got {value}"
             ),
             ConfigError::OutOfRange {
                 field,
@@ -62,16 +62,17 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// The standard retry policy's configuration, as read from a file. Durations are in seconds
-/// (floats). Every field has the default shown; unknown fields are rejected.
+/// The standard retry policy's configuration, as read from a file. Durations are in
+/// milliseconds, as in every Portcullis configuration (fractions allowed). Every field has the
+/// default shown; unknown fields are rejected.
 ///
 /// | field | default | meaning |
 /// |---|---|---|
 /// | `max_retries` | 3 | retries after the first attempt (the seed's) |
-/// | `base_delay` | 1.0 | first backoff delay, `> 0` |
-/// | `max_delay` | 30.0 | cap of the exponential delay, `≥ base_delay` |
+/// | `base_delay_ms` | 1000 | first backoff delay, `> 0` |
+/// | `max_delay_ms` | 30000 | cap of the exponential delay, `≥ base_delay_ms` |
 /// | `jitter` | `"full"` | `full`, `equal`, `decorrelated`, `proportional` or `none` |
-/// | `retry_after_cap` | 60.0 | a longer `Retry-After` returns the error at once, `> 0` |
+/// | `retry_after_cap_ms` | 60000 | a longer `Retry-After` returns the error at once, `> 0` |
 /// | `retry_after_jitter` | 0.1 | up to this fraction of `Retry-After` is added, in `[0, 1]` |
 /// | `budget` | see [`BudgetConfig`] | the retry budget; `null` disables it |
 /// | `seed` | none | seeds the jitter RNG (tests, reproducible drills) |
@@ -80,12 +81,12 @@ impl std::error::Error for ConfigError {}
 /// use portcullis_layers::retry::RetryConfig;
 ///
 /// let cfg: RetryConfig = serde_json::from_str(
-///     r#"{ "max_retries": 5, "base_delay": 0.5, "jitter": "equal", "seed": 42 }"#,
+///     r#"{ "max_retries": 5, "base_delay_ms": 500, "jitter": "equal", "seed": 42 }"#,
 /// ).unwrap();
 /// let policy = cfg.build().unwrap();
 /// assert_eq!(policy.max_retries(), 5);
 ///
-/// let bad: RetryConfig = serde_json::from_str(r#"{ "base_delay": -1 }"#).unwrap();
+/// let bad: RetryConfig = serde_json::from_str(r#"{ "base_delay_ms": -1 }"#).unwrap();
 /// assert!(bad.build().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,14 +94,15 @@ impl std::error::Error for ConfigError {}
 pub struct RetryConfig {
     /// Retries after the first attempt.
     pub max_retries: u32,
-    /// The first backoff delay, in seconds.
-    pub base_delay: f64,
-    /// The cap of the exponential delay, in seconds.
-    pub max_delay: f64,
+    /// The first backoff delay, in milliseconds.
+    pub base_delay_ms: f64,
+    /// The cap of the exponential delay, in milliseconds.
+    pub max_delay_ms: f64,
     /// How delays are randomised.
     pub jitter: Jitter,
-    /// The longest `Retry-After` honoured, in seconds; a longer one returns the error at once.
-    pub retry_after_cap: f64,
+    /// The longest `Retry-After` honoured, in milliseconds; a longer one returns the error at
+    /// once.
+    pub retry_after_cap_ms: f64,
     /// Up to this fraction of a `Retry-After` is added at random, so clients do not wake
     /// together.
     pub retry_after_jitter: f64,
@@ -114,10 +116,10 @@ impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
             max_retries: 3,
-            base_delay: 1.0,
-            max_delay: 30.0,
+            base_delay_ms: 1_000.0,
+            max_delay_ms: 30_000.0,
             jitter: Jitter::Full,
-            retry_after_cap: 60.0,
+            retry_after_cap_ms: 60_000.0,
             retry_after_jitter: 0.1,
             budget: Some(BudgetConfig::default()),
             seed: None,
@@ -138,8 +140,8 @@ pub struct BudgetConfig {
     pub retry_ratio: f64,
     /// Retries allowed per second whatever the traffic, `≥ 0`.
     pub min_per_sec: f64,
-    /// The sliding window over which requests and retries are counted, in seconds, `> 0`.
-    pub window: f64,
+    /// The sliding window over which requests and retries are counted, in milliseconds, `> 0`.
+    pub window_ms: f64,
 }
 
 impl Default for BudgetConfig {
@@ -147,14 +149,14 @@ impl Default for BudgetConfig {
         BudgetConfig {
             retry_ratio: 0.2,
             min_per_sec: 1.0,
-            window: 10.0,
+            window_ms: 10_000.0,
         }
     }
 }
 
-/// Seconds as a positive, finite duration.
-pub(crate) fn positive_secs(field: &'static str, value: f64) -> Result<Duration, ConfigError> {
-    match Duration::try_from_secs_f64(value) {
+/// Milliseconds as a positive, finite duration.
+pub(crate) fn positive_millis(field: &'static str, value: f64) -> Result<Duration, ConfigError> {
+    match Duration::try_from_secs_f64(value / 1000.0) {
         Ok(d) if !d.is_zero() => Ok(d),
         _ => Err(ConfigError::InvalidDuration { field, value }),
     }

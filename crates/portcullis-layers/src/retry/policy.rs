@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::backoff::{Backoff, Jitter, nanos};
 use super::budget::RetryBudget;
-use super::config::{BudgetConfig, ConfigError, RetryConfig, in_range, positive, positive_secs};
+use super::config::{BudgetConfig, ConfigError, RetryConfig, in_range, positive, positive_millis};
 
 /// Decides, after each attempt, whether the [`Retry`](super::Retry) service returns the
 /// outcome, retries after a delay, or gives up.
@@ -421,10 +421,13 @@ impl RetryConfig {
     pub fn build(&self) -> Result<StandardPolicy, ConfigError> {
         let mut builder = StandardPolicy::builder()
             .max_retries(self.max_retries)
-            .base_delay(positive_secs("base_delay", self.base_delay)?)
-            .max_delay(positive_secs("max_delay", self.max_delay)?)
+            .base_delay(positive_millis("base_delay_ms", self.base_delay_ms)?)
+            .max_delay(positive_millis("max_delay_ms", self.max_delay_ms)?)
             .jitter(self.jitter)
-            .retry_after_cap(positive_secs("retry_after_cap", self.retry_after_cap)?)
+            .retry_after_cap(positive_millis(
+                "retry_after_cap_ms",
+                self.retry_after_cap_ms,
+            )?)
             .retry_after_jitter(self.retry_after_jitter);
         builder = match &self.budget {
             Some(b) => builder.budget(b.clone()),
