@@ -42,6 +42,9 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                // Small writes (an SSE event, the chunked terminator) must not wait for
+                // Nagle's algorithm and the peer's delayed ACK: 40 ms per stream otherwise.
+                let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 let service = service_fn(move |req| {
                     let shared = shared.clone();
