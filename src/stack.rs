@@ -387,6 +387,10 @@ pub struct StackBuilder<S, Q> {
 pub struct ProviderHandles {
     /// The provider's name.
     pub name: String,
+    /// The model this provider is asked for when it remaps requests (`None`: the caller's
+    /// model). Breakers and buckets are keyed by the model the provider sees, so this is the
+    /// key to query them with.
+    pub model: Option<Arc<str>>,
     /// Its circuit breakers (one per model).
     pub breaker: CircuitBreakerHandle<Arc<str>>,
     /// Its token buckets, when it has limits.
@@ -537,6 +541,7 @@ where
             };
             handles.push(ProviderHandles {
                 name: name.clone(),
+                model: p.model.as_deref().map(Arc::from),
                 breaker: breaker.handle(),
                 limiter: bucket.as_ref().map(|b| b.handle()),
             });

@@ -138,6 +138,12 @@ async fn outage_is_absorbed_by_the_breaker_and_the_fallback() {
         .build()
         .unwrap();
     let events = stack.provider("openai").unwrap().breaker.subscribe();
+    // Handles say which model each provider is asked for: their breakers' key.
+    assert_eq!(stack.provider("openai").unwrap().model, None);
+    assert_eq!(
+        stack.provider("anthropic").unwrap().model.as_deref(),
+        Some("claude-haiku-4-5")
+    );
     let (before, outage) = (Duration::from_millis(400), Duration::from_millis(1500));
     primary
         .set_timeline(vec![
