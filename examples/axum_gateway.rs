@@ -39,12 +39,11 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures_util::{StreamExt, stream};
-use portcullis::layers::retry::RetryConfig;
 use portcullis::providers::{ApiKey, OpenAiProvider};
 use portcullis::sim::{Family, FaultKind, FaultRule, Simulator};
 use portcullis::{
-    ChatMessage, ChatRequest, ChatStream, CompletionResult, ErrorKind, LlmError, ProviderStack,
-    ResponseFormat, Stack, StreamChunk,
+    ChatMessage, ChatRequest, ChatStream, CompletionResult, ErrorKind, LlmError, ResponseFormat,
+    Stack, StreamChunk,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -331,20 +330,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     let backend = common::backend(Simulator::builder().seed(5)).await?;
-    let retry = RetryConfig {
-        base_delay_ms: 50.0,
-        max_delay_ms: 500.0,
-        ..RetryConfig::default()
-    };
-    let stack = Stack::builder()
-        .deadline(Duration::from_secs(60))
-        .provider(ProviderStack::openai(backend.openai).retry(retry.clone()))
-        .provider(
-            ProviderStack::anthropic(backend.anthropic)
-                .model(SECONDARY_MODEL)
-                .retry(retry),
-        )
-        .build()?;
+    let stack = backend.stack().deadline(Duration::from_secs(60)).build()?;
 
     let addr: SocketAddr = serve.as_deref().unwrap_or("127.0.0.1:0").parse()?;
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -20,12 +20,11 @@ mod common;
 
 use std::time::Instant;
 
-use portcullis::layers::retry::RetryConfig;
 use portcullis::sim::{Family, FaultRule, Simulator};
-use portcullis::{ChatMessage, ChatRequest, CompletionResult, ProviderStack, Stack};
+use portcullis::{ChatMessage, ChatRequest, CompletionResult};
 use tower::ServiceExt;
 
-use common::{MODEL, SECONDARY_MODEL};
+use common::MODEL;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,22 +33,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let backend = common::backend(Simulator::builder().seed(7)).await?;
 
-    // Retries with a short backoff, so that the outage below plays out in well under a second.
-    // Everything else is the default: 5 consecutive failures open a breaker for 60 s, 30 s
-    // attempt timeout, 150 s overall deadline.
-    let retry = RetryConfig {
-        base_delay_ms: 50.0,
-        max_delay_ms: 500.0,
-        ..RetryConfig::default()
-    };
-    let stack = Stack::builder()
-        .provider(ProviderStack::openai(backend.openai).retry(retry.clone()))
-        .provider(
-            ProviderStack::anthropic(backend.anthropic)
-                .model(SECONDARY_MODEL)
-                .retry(retry),
-        )
-        .build()?;
+    // The demo stack (see common/mod.rs): retries with a short backoff, so that the outage
+    // below plays out in well under a second; everything else is the default.
+    let stack = backend.stack().build()?;
     let primary = stack
         .provider("openai")
         .ok_or("no primary")?

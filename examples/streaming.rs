@@ -27,12 +27,11 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use portcullis::layers::retry::RetryConfig;
 use portcullis::sim::{Family, FaultKind, FaultRule, SimHandle, Simulator};
-use portcullis::{ChatMessage, ChatRequest, ProviderStack, Stack, Streams};
+use portcullis::{ChatMessage, ChatRequest, Streams};
 use tower::ServiceExt;
 
-use common::{MODEL, SECONDARY_MODEL};
+use common::MODEL;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -41,19 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .seed(11)
         .chunk_delay(Duration::from_millis(15));
     let backend = common::backend(sim).await?;
-    let retry = RetryConfig {
-        base_delay_ms: 50.0,
-        max_delay_ms: 500.0,
-        ..RetryConfig::default()
-    };
-    let stack = Stack::builder()
-        .provider(ProviderStack::openai(backend.openai).retry(retry.clone()))
-        .provider(
-            ProviderStack::anthropic(backend.anthropic)
-                .model(SECONDARY_MODEL)
-                .retry(retry),
-        )
-        .build()?;
+    let stack = backend.stack().build()?;
     let primary = stack
         .provider("openai")
         .ok_or("no primary")?

@@ -2,8 +2,10 @@
 //! default, or against the real APIs when both `OPENAI_API_KEY` and `ANTHROPIC_API_KEY` are set
 //! (and `PORTCULLIS_EXAMPLES_SIM` is not).
 
+use portcullis::layers::retry::RetryConfig;
 use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
 use portcullis::sim::{SimHandle, Simulator};
+use portcullis::{ProviderStack, StackBuilder};
 
 /// The model asked for; the Anthropic entry of a stack remaps it to [`SECONDARY_MODEL`].
 pub const MODEL: &str = "gpt-4o-mini";
@@ -49,4 +51,27 @@ pub async fn backend(sim: Simulator) -> Result<Backend, Box<dyn std::error::Erro
             .build()?,
         sim: Some(sim),
     })
+}
+
+impl Backend {
+    /// The recommended stack over OpenAI (primary) and Anthropic (secondary, remapped to
+    /// [`SECONDARY_MODEL`]), with a short retry backoff (50 ms doubling to 500 ms) so that
+    /// outages play out in well under a second. Everything else is the default: 5 consecutive
+    /// failures open a breaker for 60 s, 30 s attempt timeout, 150 s overall deadline.
+    pub fn stack(
+        &self,
+    ) -> StackBuilder<portcullis::stack::Provider, portcullis::stack::ProviderStream> {
+        let retry = RetryConfig {
+            base_delay_ms: 50.0,
+            max_delay_ms: 500.0,
+            ..RetryConfig::default()
+        };
+        portcullis::Stack::builder()
+            .provider(ProviderStack::openai(self.openai.clone()).retry(retry.clone()))
+            .provider(
+                ProviderStack::anthropic(self.anthropic.clone())
+                    .model(SECONDARY_MODEL)
+                    .retry(retry),
+            )
+    }
 }
