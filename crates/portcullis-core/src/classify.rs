@@ -132,32 +132,6 @@ pub trait OnFinish {
     }
 }
 
-macro_rules! finish_at_once {
-    ($($t:ty),*) => {$(
-        impl OnFinish for $t {
-            fn on_finish<F>(&mut self, f: F)
-            where
-                F: FnOnce(&Finish) + Send + 'static,
-            {
-                f(&Finish::Completed { usage: None })
-            }
-        }
-    )*};
-}
-finish_at_once!(
-    (),
-    String,
-    &'static str,
-    u8,
-    u16,
-    u32,
-    u64,
-    usize,
-    i32,
-    i64,
-    bool
-);
-
 impl<B> OnFinish for http::Response<B> {
     fn on_finish<F>(&mut self, f: F)
     where
@@ -174,23 +148,6 @@ pub trait RateLimitInfo {
         None
     }
 }
-
-macro_rules! no_hints {
-    ($($t:ty),*) => {$( impl RateLimitInfo for $t {} )*};
-}
-no_hints!(
-    (),
-    String,
-    &'static str,
-    u8,
-    u16,
-    u32,
-    u64,
-    usize,
-    i32,
-    i64,
-    bool
-);
 
 impl<B> RateLimitInfo for http::Response<B> {}
 
@@ -217,10 +174,23 @@ pub trait RequestInfo {
     }
 }
 
-macro_rules! no_info {
-    ($($t:ty),*) => {$( impl RequestInfo for $t {} )*};
+/// Plain values (what mocks and tests answer, or ask with) carry no usage, no rate-limit
+/// headers, no model and no deadline: a response is over at once.
+macro_rules! plain_values {
+    ($($t:ty),*) => {$(
+        impl OnFinish for $t {
+            fn on_finish<F>(&mut self, f: F)
+            where
+                F: FnOnce(&Finish) + Send + 'static,
+            {
+                f(&Finish::Completed { usage: None })
+            }
+        }
+        impl RateLimitInfo for $t {}
+        impl RequestInfo for $t {}
+    )*};
 }
-no_info!(
+plain_values!(
     (),
     String,
     &'static str,
