@@ -78,10 +78,10 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        req.set_deadline(Instant::now() + self.budget);
-        let at = req
-            .deadline()
-            .unwrap_or_else(|| Instant::now() + self.budget);
+        let ours = Instant::now() + self.budget;
+        req.set_deadline(ours);
+        // An earlier deadline the caller set wins; a request that cannot carry one keeps ours.
+        let at = req.deadline().map_or(ours, |d| d.min(ours));
         DeadlineFuture::new(self.inner.call(req), at)
     }
 }
