@@ -49,7 +49,7 @@ impl Logs {
     }
 }
 
-fn store(server: &LocalRedis, policy: FailurePolicy) -> RedisStore {
+fn store(server: &TestRedis, policy: FailurePolicy) -> RedisStore {
     RedisStore::new(
         "t",
         config(limits((1000, 1000.0), (100_000, 100_000.0))),
@@ -85,12 +85,14 @@ async fn until_shared(store: &RedisStore) {
     }
 }
 
+redis_tests! {
+Need::Binary;
+
 #[tokio::test]
-async fn fail_open_serves_locally_warns_once_and_reconnects() {
+async fn fail_open_serves_locally_warns_once_and_reconnects(server) {
     let logs = Logs::default();
     let _guard = logs.install();
-    let server = server();
-    let port = server.port();
+        let port = server.local().port();
     let store = store(&server, FailurePolicy::FailOpen);
     store.ping().await.unwrap();
     let k: Arc<str> = Arc::from("m");
@@ -122,11 +124,10 @@ async fn fail_open_serves_locally_warns_once_and_reconnects() {
 }
 
 #[tokio::test]
-async fn fail_closed_refuses_within_the_timeout_and_reconnects() {
+async fn fail_closed_refuses_within_the_timeout_and_reconnects(server) {
     let logs = Logs::default();
     let _guard = logs.install();
-    let server = server();
-    let port = server.port();
+        let port = server.local().port();
     let store = store(&server, FailurePolicy::FailClosed);
     store.ping().await.unwrap();
     let k: Arc<str> = Arc::from("m");
@@ -160,14 +161,13 @@ async fn fail_closed_refuses_within_the_timeout_and_reconnects() {
 
 /// A Redis that stops answering (SIGSTOP) costs at most the timeout per round trip.
 #[tokio::test]
-async fn a_hung_redis_costs_at_most_the_timeout() {
-    let server = server();
-    let store = store(&server, FailurePolicy::FailClosed);
+async fn a_hung_redis_costs_at_most_the_timeout(server) {
+        let store = store(&server, FailurePolicy::FailClosed);
     let k: Arc<str> = Arc::from("m");
     store.reserve(&k, one(), Duration::ZERO).await.unwrap();
     let signal = |sig: &str| {
         let ok = std::process::Command::new("kill")
-            .args([sig, &server.pid().to_string()])
+            .args([sig, &server.local().pid().to_string()])
             .status()
             .unwrap()
             .success();
@@ -189,10 +189,11 @@ async fn a_hung_redis_costs_at_most_the_timeout() {
 /// Redis down at startup: the store builds (it connects lazily), `ping` says so, and the
 /// fallback keeps its share of each limit.
 #[tokio::test]
-async fn unreachable_at_startup() {
+async fn unreachable_at_startup(server) {
     let port = {
-        let server = server();
-        server.port()
+        let port = server.local().port();
+        server.kill();
+        port
     };
     let store: RedisStore = RedisStore::new(
         "t",
@@ -220,4 +221,5 @@ async fn unreachable_at_startup() {
     assert_eq!(levels.limits.requests.unwrap().capacity(), 2);
     let _server = LocalRedis::start_on(port).unwrap();
     until_shared(&store).await;
+}
 }

@@ -37,12 +37,14 @@ async fn run_fleet<St: Probe>(
     admitted
 }
 
+redis_tests! {
+Need::Server;
+
 /// Three stacks sharing one Redis stay under one limit together; three with their own
 /// in-memory buckets (the control) exceed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stacks_sharing_redis_never_over_admit() {
-    let server = server();
-    let (req, tok) = (Rate::new(4, 80.0).unwrap(), Rate::new(100, 2000.0).unwrap());
+async fn stacks_sharing_redis_never_over_admit(server) {
+        let (req, tok) = (Rate::new(4, 80.0).unwrap(), Rate::new(100, 2000.0).unwrap());
     let cfg = config(
         portcullis_layers::token_bucket::KeyLimits::unlimited()
             .with_requests(req)
@@ -65,19 +67,19 @@ async fn stacks_sharing_redis_never_over_admit() {
 
 /// Keys are named `{prefix}{name}:{label}` and expire once full again plus the idle TTL.
 #[tokio::test]
-async fn keys_are_prefixed_and_expire_when_idle() {
-    let server = server();
-    let cfg = config(limits((10, 1000.0), (100, 1000.0)));
+async fn keys_are_prefixed_and_expire_when_idle(server) {
+        let cfg = config(limits((10, 1000.0), (100, 1000.0)));
     let store: RedisStore = RedisStore::new(
         "openai",
         cfg,
         redis_config(&server)
-            .prefix("app1:")
+            .prefix(server.prefix("app1:"))
             .idle_ttl(Duration::from_millis(100)),
     )
     .unwrap();
     let k: Arc<str> = Arc::from("gpt-4o-mini");
-    assert_eq!(store.redis_key(&k), "app1:openai:gpt-4o-mini");
+    let name = server.prefix("app1:openai:gpt-4o-mini");
+    assert_eq!(store.redis_key(&k), name);
     let cost = Cost {
         requests: 1,
         input_tokens: 0,
@@ -89,12 +91,12 @@ async fn keys_are_prefixed_and_expire_when_idle() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let ttl: i64 = conn.pttl("app1:openai:gpt-4o-mini").await.unwrap();
+    let ttl: i64 = conn.pttl(&name).await.unwrap();
     // 50 tokens at 1000/s: full again in 50 ms, plus 100 ms.
     assert!((100..=150).contains(&ttl), "pttl {ttl}");
     // Real time: Redis expires keys on its own clock.
     tokio::time::sleep(Duration::from_millis(250)).await;
-    let exists: bool = conn.exists("app1:openai:gpt-4o-mini").await.unwrap();
+    let exists: bool = conn.exists(&name).await.unwrap();
     assert!(!exists, "an idle key expires");
     // A fresh key after expiry starts full.
     let a = store.reserve(&k, cost, Duration::ZERO).await.unwrap();
@@ -103,12 +105,11 @@ async fn keys_are_prefixed_and_expire_when_idle() {
 
 /// Two stores with different prefixes do not share buckets.
 #[tokio::test]
-async fn prefixes_isolate() {
-    let server = server();
-    let cfg = config(limits((1, 0.001), (100, 1000.0)));
+async fn prefixes_isolate(server) {
+        let cfg = config(limits((1, 0.001), (100, 1000.0)));
     let a: RedisStore =
-        RedisStore::new("t", cfg.clone(), redis_config(&server).prefix("a:")).unwrap();
-    let b: RedisStore = RedisStore::new("t", cfg, redis_config(&server).prefix("b:")).unwrap();
+        RedisStore::new("t", cfg.clone(), redis_config(&server).prefix(server.prefix("a:"))).unwrap();
+    let b: RedisStore = RedisStore::new("t", cfg, redis_config(&server).prefix(server.prefix("b:"))).unwrap();
     let k: Arc<str> = Arc::from("m");
     let one = Cost {
         requests: 1,
@@ -117,4 +118,5 @@ async fn prefixes_isolate() {
     a.reserve(&k, one, Duration::ZERO).await.unwrap();
     b.reserve(&k, one, Duration::ZERO).await.unwrap();
     assert!(a.reserve(&k, one, Duration::ZERO).await.is_err());
+}
 }

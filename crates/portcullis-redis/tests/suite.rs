@@ -19,7 +19,9 @@ use tower::{Layer, ServiceExt};
 
 /// Runs each generic test against both stores.
 macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {$(
+    ($($name:ident),* $(,)?) => {
+        const REDIS_TESTS: usize = [$(stringify!($name)),*].len();
+        $(
         mod $name {
             use super::*;
             #[tokio::test]
@@ -28,11 +30,14 @@ macro_rules! both_stores {
             }
             #[tokio::test]
             async fn redis() {
-                let server = server();
+                let Some(server) = acquire(Need::Server, super::REDIS_TESTS) else {
+                    return;
+                };
                 super::$name(|cfg| redis_store(&server, cfg)).await;
             }
         }
-    )*};
+        )*
+    };
 }
 
 both_stores!(

@@ -37,7 +37,7 @@ pub(crate) fn parse(v: &Value, needs_max_tokens: bool) -> Result<Parsed, WireErr
         Some(_) => return Err(bad("messages: Input should be a valid list")),
         None => return Err(bad("messages: Field required")),
     };
-    let counter = OpenAiTokenizer::new(Encoding::O200k);
+    let counter = OpenAiTokenizer::new(Encoding::O200k).exact();
     let system = match v.get("system") {
         None => String::new(),
         Some(s) => text_of(s).ok_or_else(|| bad("system: Input should be a valid string"))?,

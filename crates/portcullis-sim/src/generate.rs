@@ -1,6 +1,6 @@
 //! Deterministic generated text: the same request and seed always give the same answer.
 
-use portcullis_core::{Encoding, OpenAiTokenizer, TokenEstimator};
+use portcullis_core::Encoding;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -100,25 +100,20 @@ pub(crate) fn generate(
         ending = Ending::Stop(s.clone());
     }
 
-    let bpe = match encoding {
-        Encoding::O200k => tiktoken_rs::o200k_base_singleton(),
-        Encoding::Cl100k => tiktoken_rs::cl100k_base_singleton(),
-    };
-    let tokenizer = OpenAiTokenizer::new(encoding);
     if let Some(max) = max_tokens {
-        let ids = bpe.encode_ordinary(&text);
+        let ids = encoding.encode(&text);
         if ids.len() as u64 > max {
             let keep = usize::try_from(max).unwrap_or(usize::MAX);
             // ASCII text: any token prefix decodes.
-            text = bpe.decode(ids[..keep].to_vec()).unwrap_or_default();
+            text = encoding.decode(&ids[..keep]).unwrap_or_default();
             // Re-encoding a cut can merge differently; never report more than max_tokens.
-            while tokenizer.count_text(&text) > max {
+            while encoding.count_exact(&text) > max {
                 text.pop();
             }
             ending = Ending::Length;
         }
     }
-    let tokens = tokenizer.count_text(&text);
+    let tokens = encoding.count_exact(&text);
     Generated {
         text,
         ending,

@@ -240,7 +240,7 @@ impl Simulator {
         // Build the BPE tables now, off the runtime, rather than on the first request (about
         // a second in release builds, which would otherwise show as first-request latency).
         let warm = tokio::task::spawn_blocking(|| {
-            portcullis_core::OpenAiTokenizer::new(portcullis_core::Encoding::O200k);
+            portcullis_core::OpenAiTokenizer::new(portcullis_core::Encoding::O200k).warm_up();
         });
         let _ = warm.await;
         let shared = Arc::new(Shared::new(&self.scenario));

@@ -46,7 +46,7 @@ pub(crate) fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
         Some(Value::Array(a)) => a,
         Some(_) => return Err(invalid("messages", "expected an array.")),
     };
-    let tokenizer = OpenAiTokenizer::for_model(&model);
+    let tokenizer = OpenAiTokenizer::for_model(&model).exact();
     let mut known = Vec::new();
     let mut other_tokens = 0;
     for m in messages {

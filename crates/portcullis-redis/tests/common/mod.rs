@@ -15,18 +15,140 @@ use portcullis_redis::{LocalRedis, RedisConfig, RedisStore};
 use tokio::time::Instant;
 use tower::Service;
 
-/// A fresh redis-server. CI installs it (`.ci/run`); without it these tests fail, saying so.
-pub fn server() -> LocalRedis {
-    LocalRedis::start()
-        .unwrap_or_else(|e| panic!("the portcullis-redis tests need a real redis-server: {e}"))
+/// Set to a running server (`redis://127.0.0.1:6379/`) to run the tests against it instead of
+/// starting throwaway `redis-server`s. Each test then works under its own key prefix.
+pub const URL_VAR: &str = "PORTCULLIS_REDIS_URL";
+/// Set to `1` to make a missing redis-server a failure instead of a skip (`.ci/run` does).
+pub const REQUIRE_VAR: &str = "PORTCULLIS_REQUIRE_REDIS";
+
+/// What a Redis test needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Any server: one started here, or the one [`URL_VAR`] names.
+    Server,
+    /// A `redis-server` binary: the test stops, kills or restarts its own server.
+    Binary,
 }
 
-/// A Redis config for tests: a generous timeout (a loaded CI machine must not fail open).
-pub fn redis_config(server: &LocalRedis) -> RedisConfig {
-    RedisConfig::new(server.url()).timeout(Duration::from_secs(1))
+/// A server for one test: its own throwaway `redis-server`, or a running one shared with
+/// other tests, kept apart by a key prefix of its own.
+pub struct TestRedis {
+    local: Option<LocalRedis>,
+    url: String,
+    prefix: String,
 }
 
-pub fn redis_store(server: &LocalRedis, cfg: TokenBucketConfig) -> RedisStore {
+impl TestRedis {
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+    /// This test's key prefix, followed by `rest`.
+    pub fn prefix(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+    /// The local server (only for [`Need::Binary`] tests).
+    pub fn local(&self) -> &LocalRedis {
+        self.local
+            .as_ref()
+            .expect("a Need::Binary test has a local server")
+    }
+    /// Kills the local server (only for [`Need::Binary`] tests).
+    pub fn kill(self) {
+        self.local
+            .expect("a Need::Binary test has a local server")
+            .kill()
+    }
+}
+
+/// The server a Redis test runs against, or `None` (after saying so once per test binary) when
+/// there is none and [`REQUIRE_VAR`] is not set. `tests_here` is how many Redis tests the binary
+/// holds, for the skip line.
+pub fn acquire(need: Need, tests_here: usize) -> Option<TestRedis> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = format!(
+        "portcullis-test:{}:{}:",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let external = std::env::var(URL_VAR).ok().filter(|u| !u.is_empty());
+    if need == Need::Server {
+        if let Some(url) = external.clone() {
+            return Some(TestRedis {
+                local: None,
+                url,
+                prefix,
+            });
+        }
+    }
+    let why = match LocalRedis::start() {
+        Ok(local) => {
+            let url = local.url();
+            return Some(TestRedis {
+                local: Some(local),
+                url,
+                prefix,
+            });
+        }
+        Err(portcullis_redis::Error::ServerNotFound)
+            if need == Need::Binary && external.is_some() =>
+        {
+            format!(
+                "redis-server not found on the PATH; these tests stop and restart their own \
+                 server, so {URL_VAR} is not enough: install redis-server"
+            )
+        }
+        Err(portcullis_redis::Error::ServerNotFound) => format!(
+            "redis-server not found; install it (Debian/Ubuntu: apt-get install redis-server) \
+             or set {URL_VAR}=redis://127.0.0.1:6379/ to a running server"
+        ),
+        Err(e) => panic!("the Redis tests could not start redis-server: {e}"),
+    };
+    if std::env::var(REQUIRE_VAR).is_ok_and(|v| v == "1") {
+        panic!("{why} ({REQUIRE_VAR}=1 makes this a failure)");
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        use std::io::Write;
+        // Straight to the stderr handle: the test harness captures `eprintln!`, not this.
+        let _ = writeln!(
+            std::io::stderr(),
+            "portcullis-redis tests/{}.rs: skipped {tests_here} tests: {why} ({REQUIRE_VAR}=1 \
+             makes this a failure)",
+            env!("CARGO_CRATE_NAME")
+        );
+    });
+    None
+}
+
+/// Declares Redis tests: each gets its server as `$server` (a [`TestRedis`]) or is skipped, and
+/// the binary says once how many it skipped.
+#[macro_export]
+macro_rules! redis_tests {
+    ($need:expr; $( $(#[$m:meta])* async fn $name:ident($server:ident) $body:block )*) => {
+        const REDIS_TESTS: usize = [$(stringify!($name)),*].len();
+        $(
+            $(#[$m])*
+            async fn $name() {
+                let Some($server) = $crate::common::acquire($need, REDIS_TESTS) else {
+                    return;
+                };
+                $body
+            }
+        )*
+    };
+}
+
+/// A Redis config for tests: this test's key prefix, and a generous timeout (a loaded CI
+/// machine must not fail open).
+pub fn redis_config(server: &TestRedis) -> RedisConfig {
+    RedisConfig::new(server.url())
+        .prefix(server.prefix(""))
+        .timeout(Duration::from_secs(1))
+}
+
+pub fn redis_store(server: &TestRedis, cfg: TokenBucketConfig) -> RedisStore {
     RedisStore::new("t", cfg, redis_config(server)).unwrap()
 }
 
