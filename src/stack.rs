@@ -559,6 +559,9 @@ where
             complete_entries.push(ce);
             stream_entries.push(se);
         }
+        if handles.iter().any(|h| h.limiter.is_some()) {
+            portcullis_core::ChatCost::warm_up();
+        }
         let deadline = DeadlineLayer::new(self.deadline);
         let completions = Fallback::new(complete_entries).map_err(|_| StackError::NoProviders)?;
         let streams = Fallback::new(stream_entries).map_err(|_| StackError::NoProviders)?;

@@ -307,6 +307,16 @@ where
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ChatCost;
 
+impl ChatCost {
+    /// Builds the BPE tables now (about 0.1 s once per process, for both encodings) rather than
+    /// in the first request's admission, which runs on an async executor. The `Stack` calls it
+    /// when it is built.
+    pub fn warm_up() {
+        Encoding::O200k.count_exact("warm");
+        Encoding::Cl100k.count_exact("warm");
+    }
+}
+
 impl CostOf<ChatRequest> for ChatCost {
     fn cost(&self, req: &ChatRequest) -> TokenCost {
         TokenCost {
