@@ -9,10 +9,15 @@
 //!
 //! [`LlmError`](crate::LlmError) and the chat types implement all of them. A user's own service
 //! plugs in by implementing them for its own types.
+//!
+//! The table itself is [`ErrorKind::classification`] (a kind's row) and
+//! [`ErrorKind::from_wire`] (an HTTP status and a provider's error `type` / `code` to a kind):
+//! the only two places that decide what an upstream outcome means.
 
 use std::time::Duration;
 
 use crate::hints::RateLimitHints;
+use crate::kind::ErrorKind;
 use crate::response::Usage;
 
 /// Whether a failure may move to another provider.
@@ -26,7 +31,8 @@ pub enum Failover {
     LargerContext,
 }
 
-/// What one outcome means to each layer: one row of DESIGN.md's classification table.
+/// What one outcome means to each layer: one row of the classification table
+/// ([`ErrorKind::classification`]; the README's "classification table" section shows it whole).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Classification {
     /// Retry the same provider.
@@ -232,5 +238,206 @@ impl RequestInfo for crate::ChatRequest {
     }
     fn attempt_timeout(&self) -> Option<std::time::Duration> {
         self.options.timeout
+    }
+}
+
+// ---- the table --------------------------------------------------------------------------
+
+impl ErrorKind {
+    /// This kind's row of the classification table (without a `retry-after` hint).
+    ///
+    /// | kind | retry same provider | breaker failure | fall back | pauses the limiter |
+    /// |---|---|---|---|---|
+    /// | RateLimited | yes, after Retry-After | no | yes | yes |
+    /// | QuotaExhausted | no | no | yes | no |
+    /// | Overloaded, Server, Connect, Timeout, Protocol | yes | yes | yes | no |
+    /// | StreamInterrupted | no | yes | no | no |
+    /// | ContextLengthExceeded | no | no | to a larger context | no |
+    /// | InvalidRequest, Authentication, PermissionDenied, NotFound, RequestTooLarge, ResponseTooLarge, Configuration | no | no | no | no |
+    /// | CircuitOpen, Throttled | no | no | yes | no |
+    /// | DeadlineExceeded | no | no | no | no |
+    pub const fn classification(self) -> Classification {
+        use ErrorKind::*;
+        match self {
+            RateLimited => Classification {
+                retry: true,
+                breaker_failure: false,
+                failover: Failover::Eligible,
+                retry_after: None,
+                rate_limited: true,
+            },
+            QuotaExhausted => Classification {
+                retry: false,
+                breaker_failure: false,
+                failover: Failover::Eligible,
+                retry_after: None,
+                rate_limited: false,
+            },
+            Overloaded | Server | Connect | Timeout | Protocol => Classification::TRANSIENT,
+            StreamInterrupted => Classification {
+                retry: false,
+                breaker_failure: true,
+                failover: Failover::Never,
+                retry_after: None,
+                rate_limited: false,
+            },
+            ContextLengthExceeded => Classification {
+                retry: false,
+                breaker_failure: false,
+                failover: Failover::LargerContext,
+                retry_after: None,
+                rate_limited: false,
+            },
+            InvalidRequest | Authentication | PermissionDenied | NotFound | RequestTooLarge
+            | ResponseTooLarge | Configuration | DeadlineExceeded => Classification::PERMANENT,
+            CircuitOpen | Throttled => Classification::REFUSED_LOCALLY,
+        }
+    }
+
+    /// Maps what a provider sent (an HTTP status, and the error body's `type` and `code`) to a
+    /// kind. This is the only place that does it; providers, the simulator and mid-stream error
+    /// events all call it. `status` is `None` for an error event inside a 200 stream.
+    ///
+    /// Specific codes win over the status (429 `insufficient_quota` is quota, not a rate limit;
+    /// 400 `context_length_exceeded` is its own kind), then the status, then the type.
+    ///
+    /// ```
+    /// use portcullis_core::ErrorKind;
+    /// assert_eq!(ErrorKind::from_wire(Some(429), Some("insufficient_quota"), None), ErrorKind::QuotaExhausted);
+    /// assert_eq!(ErrorKind::from_wire(Some(429), Some("tokens"), Some("rate_limit_exceeded")), ErrorKind::RateLimited);
+    /// assert_eq!(ErrorKind::from_wire(None, Some("overloaded_error"), None), ErrorKind::Overloaded);
+    /// ```
+    pub fn from_wire(
+        status: Option<u16>,
+        error_type: Option<&str>,
+        code: Option<&str>,
+    ) -> ErrorKind {
+        let is = |s: &str| error_type == Some(s) || code == Some(s);
+        if is("insufficient_quota") || is("billing_error") {
+            return ErrorKind::QuotaExhausted;
+        }
+        if is("context_length_exceeded") {
+            return ErrorKind::ContextLengthExceeded;
+        }
+        if let Some(status) = status {
+            match status {
+                400 | 422 => return ErrorKind::InvalidRequest,
+                401 => return ErrorKind::Authentication,
+                402 => return ErrorKind::QuotaExhausted,
+                403 => return ErrorKind::PermissionDenied,
+                404 => return ErrorKind::NotFound,
+                408 => return ErrorKind::Timeout,
+                413 => return ErrorKind::RequestTooLarge,
+                429 => return ErrorKind::RateLimited,
+                503 | 529 => return ErrorKind::Overloaded,
+                504 => return ErrorKind::Timeout,
+                500..=599 => {
+                    if is("overloaded_error") {
+                        return ErrorKind::Overloaded;
+                    }
+                    return ErrorKind::Server;
+                }
+                _ => {}
+            }
+        }
+        match error_type.or(code) {
+            Some("rate_limit_exceeded" | "rate_limit_error" | "requests" | "tokens") => {
+                ErrorKind::RateLimited
+            }
+            Some("overloaded_error") => ErrorKind::Overloaded,
+            Some("server_error" | "api_error" | "internal_server_error") => ErrorKind::Server,
+            Some("timeout_error") => ErrorKind::Timeout,
+            Some("invalid_request_error" | "invalid_request" | "unsupported_parameter") => {
+                ErrorKind::InvalidRequest
+            }
+            Some("authentication_error" | "invalid_api_key") => ErrorKind::Authentication,
+            Some("permission_error") => ErrorKind::PermissionDenied,
+            Some("not_found_error" | "model_not_found") => ErrorKind::NotFound,
+            Some("request_too_large") => ErrorKind::RequestTooLarge,
+            _ => match status {
+                Some(s) if (400..500).contains(&s) => ErrorKind::InvalidRequest,
+                // An unknown error event inside a 200 stream, or an unknown status: transient.
+                _ => ErrorKind::Server,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_is_not_rate_limit() {
+        assert_eq!(
+            ErrorKind::from_wire(
+                Some(429),
+                Some("insufficient_quota"),
+                Some("insufficient_quota")
+            ),
+            ErrorKind::QuotaExhausted
+        );
+        assert_eq!(
+            ErrorKind::from_wire(Some(429), Some("rate_limit_error"), None),
+            ErrorKind::RateLimited
+        );
+        assert_eq!(
+            ErrorKind::from_wire(Some(402), Some("billing_error"), None),
+            ErrorKind::QuotaExhausted
+        );
+        assert!(!ErrorKind::QuotaExhausted.classification().retry);
+        assert!(ErrorKind::RateLimited.classification().retry);
+    }
+
+    #[test]
+    fn statuses_map() {
+        assert_eq!(
+            ErrorKind::from_wire(Some(529), Some("overloaded_error"), None),
+            ErrorKind::Overloaded
+        );
+        assert_eq!(
+            ErrorKind::from_wire(Some(503), None, None),
+            ErrorKind::Overloaded
+        );
+        assert_eq!(
+            ErrorKind::from_wire(Some(500), Some("api_error"), None),
+            ErrorKind::Server
+        );
+        assert_eq!(
+            ErrorKind::from_wire(Some(502), None, None),
+            ErrorKind::Server
+        );
+        assert_eq!(
+            ErrorKind::from_wire(
+                Some(400),
+                Some("invalid_request_error"),
+                Some("context_length_exceeded")
+            ),
+            ErrorKind::ContextLengthExceeded
+        );
+        assert_eq!(
+            ErrorKind::from_wire(Some(401), Some("authentication_error"), None),
+            ErrorKind::Authentication
+        );
+        assert_eq!(
+            ErrorKind::from_wire(Some(403), None, None),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            ErrorKind::from_wire(Some(404), Some("not_found_error"), None),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            ErrorKind::from_wire(Some(413), None, None),
+            ErrorKind::RequestTooLarge
+        );
+        assert_eq!(
+            ErrorKind::from_wire(None, Some("api_error"), None),
+            ErrorKind::Server
+        );
+        assert_eq!(
+            ErrorKind::from_wire(None, Some("rate_limit_error"), None),
+            ErrorKind::RateLimited
+        );
     }
 }

@@ -17,6 +17,8 @@
 pub mod classify;
 pub mod error;
 pub mod hints;
+pub mod kind;
+pub mod refusal;
 pub mod request;
 pub mod response;
 pub mod tokens;
@@ -24,11 +26,13 @@ pub mod tokens;
 pub use classify::{
     Classification, Classify, Failover, Finish, OnFinish, RateLimitInfo, RequestInfo,
 };
-pub use error::{
-    AttemptTimedOut, BoxError, CircuitOpen, DeadlineExceeded, ErrorKind, LlmError, OverCapacity,
-    RetriesExhausted, RetryStop, Throttled,
-};
+pub use error::{BoxError, LlmError};
 pub use hints::{LimitHint, RateLimitHints};
+pub use kind::ErrorKind;
+pub use refusal::{
+    AttemptTimedOut, CircuitOpen, DeadlineExceeded, OverCapacity, RetriesExhausted, RetryStop,
+    Throttled,
+};
 pub use request::{ChatMessage, ChatRequest, CompletionOptions, ResponseFormat, Role};
 pub use response::{ChatStream, CompletionResult, FinishReason, StreamChunk, StreamMeta, Usage};
 pub use tokens::{
