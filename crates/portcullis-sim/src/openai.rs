@@ -387,16 +387,20 @@ fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Response<SimB
         return mangle.json_ok(&body);
     }
 
-    let chunk = |delta: Value, finish: Option<&str>| {
-        let mut c = json!({
+    let frame = |choices: Value| {
+        json!({
             "id": ctx.id,
             "object": "chat.completion.chunk",
             "created": ctx.created,
             "model": p.model,
             "service_tier": "default",
             "system_fingerprint": FINGERPRINT,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]
-        });
+            "choices": choices
+        })
+    };
+    let chunk = |delta: Value, finish: Option<&str>| {
+        let choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish});
+        let mut c = frame(json!([choice]));
         if p.include_usage {
             c["usage"] = Value::Null;
         }
@@ -423,16 +427,8 @@ fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Response<SimB
     }
     events.push(chunk(json!({}), Some(finish_reason(g))));
     if p.include_usage {
-        let u = json!({
-            "id": ctx.id,
-            "object": "chat.completion.chunk",
-            "created": ctx.created,
-            "model": p.model,
-            "service_tier": "default",
-            "system_fingerprint": FINGERPRINT,
-            "choices": [],
-            "usage": usage(p, g)
-        });
+        let mut u = frame(json!([]));
+        u["usage"] = usage(p, g);
         events.push(wire::sse_event(None, &u.to_string()));
     }
     events.push(Bytes::from_static(b"data: [DONE]\n\n"));
