@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::api::SimApi;
 use crate::scenario::{Family, Limits};
 
 /// One bucket: `capacity` per window, refilled continuously.
@@ -56,6 +57,7 @@ pub(crate) struct Decision {
     pub refused: Option<Refusal>,
 }
 
+/// Why a check refused: which bucket, how long to wait, what was asked of it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Refusal {
     /// The index of the bucket that refused.
@@ -91,31 +93,20 @@ impl Limiter {
         self.buckets.clear();
     }
 
-    fn capacities(&self, family: Family) -> Vec<u64> {
-        match family {
-            Family::Anthropic => vec![
-                self.limits.anthropic.rpm,
-                self.limits.anthropic.input_tpm,
-                self.limits.anthropic.output_tpm,
-            ],
-            _ => vec![self.limits.openai.rpm, self.limits.openai.tpm],
-        }
-    }
-
-    /// Charges `costs` (one per bucket) atomically, all or none.
+    /// Charges `costs` (one per bucket of `api`) atomically, all or none.
     pub(crate) fn check(
         &mut self,
-        family: Family,
+        api: &dyn SimApi,
         api_key: &str,
         model: &str,
         costs: &[u64],
         now: Instant,
     ) -> Decision {
         let window = self.limits.window();
-        let caps = self.capacities(family);
+        let caps = api.capacities(&self.limits);
         let buckets = self
             .buckets
-            .entry((family, api_key.to_owned(), model.to_owned()))
+            .entry((api.family(), api_key.to_owned(), model.to_owned()))
             .or_insert_with(|| {
                 caps.iter()
                     .map(|&c| Bucket {
@@ -155,13 +146,13 @@ impl Limiter {
     /// Gives back `amount` to one bucket (Anthropic settles output tokens at the end).
     pub(crate) fn refund(
         &mut self,
-        family: Family,
+        api: &dyn SimApi,
         api_key: &str,
         model: &str,
         which: usize,
         amount: u64,
     ) {
-        let key = (family, api_key.to_owned(), model.to_owned());
+        let key = (api.family(), api_key.to_owned(), model.to_owned());
         if let Some(b) = self.buckets.get_mut(&key).and_then(|v| v.get_mut(which)) {
             b.level = (b.level + amount as f64).min(b.capacity);
         }
@@ -171,6 +162,7 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::openai::OpenAi;
 
     #[test]
     fn refuses_exactly_past_the_limit_and_refills_continuously() {
@@ -185,31 +177,19 @@ mod tests {
         });
         let t0 = Instant::now();
         for i in 0..3 {
-            let d = l.check(Family::Openai, "k", "m", &[1, 10], t0);
+            let d = l.check(&OpenAi, "k", "m", &[1, 10], t0);
             assert!(d.refused.is_none(), "request {i}");
             assert_eq!(d.views[0].remaining, 2 - i);
         }
-        let d = l.check(Family::Openai, "k", "m", &[1, 10], t0);
+        let d = l.check(&OpenAi, "k", "m", &[1, 10], t0);
         let r = d.refused.expect("4th refused");
         assert_eq!(r.which, 0);
         assert_eq!(r.retry_after, Duration::from_secs_f64(1.0 / 3.0));
         // Another key or model has its own buckets.
-        assert!(
-            l.check(Family::Openai, "k2", "m", &[1, 10], t0)
-                .refused
-                .is_none()
-        );
+        assert!(l.check(&OpenAi, "k2", "m", &[1, 10], t0).refused.is_none());
         // A third of a window later, one request fits again.
         let t1 = t0 + Duration::from_millis(334);
-        assert!(
-            l.check(Family::Openai, "k", "m", &[1, 10], t1)
-                .refused
-                .is_none()
-        );
-        assert!(
-            l.check(Family::Openai, "k", "m", &[1, 10], t1)
-                .refused
-                .is_some()
-        );
+        assert!(l.check(&OpenAi, "k", "m", &[1, 10], t1).refused.is_none());
+        assert!(l.check(&OpenAi, "k", "m", &[1, 10], t1).refused.is_some());
     }
 }

@@ -1,14 +1,246 @@
-//! `POST /v1/chat/completions`: parsing and the answer, streamed or not.
+//! OpenAI's simulated API, `POST /v1/chat/completions`: parsing, the answer (streamed or not),
+//! errors, ids and headers.
+
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
-use portcullis_core::{ChatMessage, OpenAiTokenizer, Role, TokenEstimator};
+use http::{HeaderMap, Response};
+use portcullis_core::{ChatMessage, Encoding, OpenAiTokenizer, Role, TokenEstimator};
+use rand::rngs::SmallRng;
 use serde_json::{Value, json};
 
-use crate::api::{Ctx, Mangle, Parsed, positive_int, text_of};
+use crate::api::{self, BadInt, Ctx, Endpoint, Op, Parsed, SimApi, text_of};
 use crate::generate::{Ending, Generated};
-use crate::scenario::Family;
-use crate::wire::{self, SimBody, WireError};
+use crate::limits::{LimitView, Refusal};
+use crate::scenario::{Family, FaultKind, FaultRule, Limits};
+use crate::wire::{self, ALNUM, Mangle, SimBody, WireError, go_duration, random_str};
+
+/// OpenAI's Chat Completions API.
+#[derive(Debug)]
+pub(crate) struct OpenAi;
+
+const ENDPOINTS: &[Endpoint] = &[Endpoint {
+    path: "/v1/chat/completions",
+    name: "chat_completions",
+    op: Op::Answer,
+}];
+
+const MODELS: &[&str] = &["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-5-nano"];
+
+impl SimApi for OpenAi {
+    fn family(&self) -> Family {
+        Family::Openai
+    }
+
+    fn endpoints(&self) -> &'static [Endpoint] {
+        ENDPOINTS
+    }
+
+    fn models(&self) -> Value {
+        let data: Vec<Value> = MODELS
+            .iter()
+            .map(|m| json!({"id": m, "object": "model", "created": 1_715_367_049, "owned_by": "system"}))
+            .collect();
+        json!({"object": "list", "data": data})
+    }
+
+    /// `req_` + 32 hex digits.
+    fn request_id(&self, rng: &mut SmallRng) -> String {
+        format!("req_{}", random_str(rng, b"0123456789abcdef", 32))
+    }
+
+    /// `chatcmpl-` + 29 alphanumerics.
+    fn answer_id(&self, rng: &mut SmallRng) -> String {
+        format!("chatcmpl-{}", random_str(rng, ALNUM, 29))
+    }
+
+    /// `Authorization: Bearer` only.
+    fn api_key<'h>(&self, h: &'h HeaderMap) -> Option<&'h str> {
+        wire::bearer(h)
+    }
+
+    fn parse(&self, v: &Value, _: Op) -> Result<Parsed, WireError<'static>> {
+        parse(v)
+    }
+
+    fn encoding(&self, model: &str) -> Encoding {
+        Encoding::for_model(model)
+    }
+
+    /// A request, and prompt + `max_tokens` to TPM.
+    fn costs(&self, p: &Parsed) -> Vec<u64> {
+        vec![1, p.input_tokens + p.max_tokens.unwrap_or(0)]
+    }
+
+    fn capacities(&self, limits: &Limits) -> Vec<u64> {
+        vec![limits.openai.rpm, limits.openai.tpm]
+    }
+
+    /// None: OpenAI keeps what it charged.
+    fn refund(&self, _: &Parsed, _: &Generated) -> Option<(usize, u64)> {
+        None
+    }
+
+    fn render(&self, ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Response<SimBody> {
+        render(ctx, p, g, mangle)
+    }
+
+    /// `{"error":{"message","type","param","code"}}`.
+    fn error_body(&self, _: &str, err: &WireError<'_>) -> Value {
+        json!({"error": {
+            "message": err.message,
+            "type": err.kind.unwrap_or(if err.status >= 500 {
+                "server_error"
+            } else {
+                "invalid_request_error"
+            }),
+            "param": err.param,
+            "code": err.code,
+        }})
+    }
+
+    fn missing_key(&self) -> WireError<'static> {
+        WireError::new(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization \
+             header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password \
+             field (with blank username) if you're accessing the API from your browser and are \
+             prompted for a username. You can obtain an API key from \
+             https://platform.openai.com/account/api-keys.",
+        )
+    }
+
+    fn too_large(&self, max: usize) -> WireError<'static> {
+        WireError::new(
+            413,
+            format!("Request too large: the body exceeds the maximum of {max} bytes."),
+        )
+    }
+
+    fn invalid_json(&self) -> WireError<'static> {
+        WireError::new(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you \
+             aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, \
+             but what was sent was not valid JSON. If you have trouble figuring out how to fix \
+             this, please contact us through our help center at help.openai.com.)",
+        )
+    }
+
+    fn fault_error(&self, rule: &FaultRule) -> WireError<'static> {
+        match rule.kind {
+            FaultKind::RateLimit => WireError::new(
+                429,
+                format!(
+                    "Rate limit reached in organization org-sim on requests per min (RPM). \
+                     Please try again in {}s. (simulated)",
+                    rule.retry_after()
+                ),
+            )
+            .kind("requests")
+            .code("rate_limit_exceeded"),
+            FaultKind::InsufficientQuota => WireError::new(
+                429,
+                "You exceeded your current quota, please check your plan and billing details. \
+                 For more information on this error, read the docs: \
+                 https://platform.openai.com/docs/guides/error-codes/api-errors.",
+            )
+            .kind("insufficient_quota")
+            .code("insufficient_quota"),
+            FaultKind::Billing => WireError::new(
+                402,
+                "Your account is not active, please check your billing details on our website.",
+            )
+            .code("billing_not_active"),
+            FaultKind::Overloaded => WireError::new(
+                503,
+                "The engine is currently overloaded, please try again later.",
+            ),
+            _ => {
+                let status = rule.status.unwrap_or(500);
+                WireError::new(status, status_message(status))
+            }
+        }
+    }
+
+    fn rate_limited(&self, model: &str, refusal: Refusal, view: LimitView) -> WireError<'static> {
+        let (kind, what) = if refusal.which == 0 {
+            ("requests", "requests per min (RPM)")
+        } else {
+            ("tokens", "tokens per min (TPM)")
+        };
+        WireError::new(
+            429,
+            format!(
+                "Rate limit reached for {model} in organization org-sim on {what}: Limit {}, \
+                 Used {}, Requested {}. Please try again in {}. Visit \
+                 https://platform.openai.com/account/rate-limits to learn more.",
+                view.limit,
+                view.limit - view.remaining,
+                refusal.requested,
+                go_duration(view.reset.min(Duration::from_secs(3600)))
+            ),
+        )
+        .kind(kind)
+        .code("rate_limit_exceeded")
+    }
+
+    /// `x-request-id`.
+    fn set_request_id(&self, h: &mut HeaderMap, id: &str) {
+        wire::set(h, "x-request-id", id);
+    }
+
+    /// `retry-after` and `retry-after-ms`.
+    fn retry_after(&self, h: &mut HeaderMap, wait: Duration) {
+        let ms = wire::retry_after(h, wait);
+        wire::set(h, "retry-after-ms", ms.to_string());
+    }
+
+    /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, resets as Go durations.
+    fn limit_headers(&self, h: &mut HeaderMap, v: &[LimitView]) {
+        let limits = [("requests", v[0]), ("tokens", v[1])];
+        let name = |limit: &str, field: &str| format!("x-ratelimit-{field}-{limit}");
+        wire::limit_headers(h, &limits, name, go_duration);
+    }
+
+    fn answer_headers(&self, h: &mut HeaderMap) {
+        wire::set(h, "openai-version", "2020-10-01");
+        wire::set(h, "openai-processing-ms", "1");
+    }
+}
+
+/// The canned message for an error status.
+fn status_message(status: u16) -> &'static str {
+    match status {
+        500 => "The server had an error while processing your request. Sorry about that!",
+        502 => "Bad gateway.",
+        503 => "The server is overloaded or not ready yet.",
+        504 => "Gateway timeout.",
+        s if s >= 500 => "The server had an error while processing your request.",
+        _ => "Simulated error.",
+    }
+}
+
+/// An optional positive integer field, refused in OpenAI's words.
+fn positive_int(v: &Value, field: &'static str) -> Result<Option<u64>, WireError<'static>> {
+    api::positive_int(v, field).map_err(|bad| match bad {
+        BadInt::BelowOne(n) => WireError::new(
+            400,
+            format!(
+                "Invalid '{field}': integer below minimum value. Expected a value >= 1, but got \
+                 {n} instead."
+            ),
+        )
+        .param(field)
+        .code("integer_below_min_value"),
+        BadInt::NotInt => WireError::new(
+            400,
+            format!("Invalid type for '{field}': expected an integer."),
+        )
+        .param(field)
+        .code("invalid_type"),
+    })
+}
 
 fn missing(field: &'static str) -> WireError<'static> {
     WireError::new(400, format!("Missing required parameter: '{field}'."))
@@ -24,7 +256,7 @@ fn invalid(field: &'static str, msg: &str) -> WireError<'static> {
 
 /// Reads a Chat Completions request; prompt tokens are counted exactly as the client's
 /// `OpenAiTokenizer::count_messages` counts them.
-pub(crate) fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
+fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
     if !v.is_object() {
         return Err(WireError::new(
             400,
@@ -67,9 +299,9 @@ pub(crate) fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
         }
     }
     let input_tokens = tokenizer.count_messages(&known) + other_tokens;
-    let max_tokens = match positive_int(v, "max_completion_tokens", Family::Openai)? {
+    let max_tokens = match positive_int(v, "max_completion_tokens")? {
         Some(n) => Some(n),
-        None => positive_int(v, "max_tokens", Family::Openai)?,
+        None => positive_int(v, "max_tokens")?,
     };
     let stops = match v.get("stop") {
         None | Some(Value::Null) => Vec::new(),
@@ -130,7 +362,7 @@ fn usage(p: &Parsed, g: &Generated) -> Value {
 const FINGERPRINT: &str = "fp_5im0000000";
 
 /// The answer, shaped as OpenAI's (see the recordings in the fixtures).
-pub(crate) fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Response<SimBody> {
+fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Response<SimBody> {
     if !p.stream {
         let body = json!({
             "id": ctx.id,
@@ -152,25 +384,23 @@ pub(crate) fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Re
             "service_tier": "default",
             "system_fingerprint": FINGERPRINT
         });
-        if mangle == Mangle::MalformedJson {
-            let s = body.to_string();
-            let mut r = wire::json_response(StatusCode::OK, &Value::Null);
-            *r.body_mut() = SimBody::full(wire::cut_half(&s).to_owned());
-            return r;
-        }
-        return wire::json_response(StatusCode::OK, &body);
+        return mangle.json_ok(&body);
     }
 
-    let chunk = |delta: Value, finish: Option<&str>| {
-        let mut c = json!({
+    let frame = |choices: Value| {
+        json!({
             "id": ctx.id,
             "object": "chat.completion.chunk",
             "created": ctx.created,
             "model": p.model,
             "service_tier": "default",
             "system_fingerprint": FINGERPRINT,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]
-        });
+            "choices": choices
+        })
+    };
+    let chunk = |delta: Value, finish: Option<&str>| {
+        let choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish});
+        let mut c = frame(json!([choice]));
         if p.include_usage {
             c["usage"] = Value::Null;
         }
@@ -178,7 +408,7 @@ pub(crate) fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Re
     };
     let error = || {
         let e = json!({"error": {
-            "message": wire::status_message(Family::Openai, 500),
+            "message": status_message(500),
             "type": "server_error",
             "param": null,
             "code": null
@@ -197,16 +427,8 @@ pub(crate) fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Re
     }
     events.push(chunk(json!({}), Some(finish_reason(g))));
     if p.include_usage {
-        let u = json!({
-            "id": ctx.id,
-            "object": "chat.completion.chunk",
-            "created": ctx.created,
-            "model": p.model,
-            "service_tier": "default",
-            "system_fingerprint": FINGERPRINT,
-            "choices": [],
-            "usage": usage(p, g)
-        });
+        let mut u = frame(json!([]));
+        u["usage"] = usage(p, g);
         events.push(wire::sse_event(None, &u.to_string()));
     }
     events.push(Bytes::from_static(b"data: [DONE]\n\n"));

@@ -241,6 +241,10 @@ impl FaultRule {
         self.retry_after_secs = Some(secs);
         self
     }
+    /// The `retry-after` of a `rate_limit` fault in seconds: `retry_after_secs`, or 1.
+    pub(crate) fn retry_after(&self) -> u64 {
+        self.retry_after_secs.unwrap_or(1)
+    }
 
     fn validate(&self, at: &str) -> Result<(), ScenarioError> {
         let bad = |field: &str, message: &str| {

@@ -1,4 +1,4 @@
-//! The hyper server: the accept loop, routing, the control endpoints and `GET /v1/models`.
+//! The hyper server: the accept loop, routing, the control endpoints, `GET /v1/models` and 404s.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +15,11 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::api::{self, Answer, Endpoint};
+use crate::api::{self, Answer};
 use crate::scenario::{FaultPlan, Limits, json_error};
 use crate::state::{Shared, lock};
 use crate::stats::Stats;
-use crate::wire::{self, SimBody};
+use crate::wire::{self, SimBody, WireError};
 
 /// The error a service returns to make hyper drop the connection without an answer.
 #[derive(Debug)]
@@ -70,31 +70,28 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<SimBody>, DropConnection> {
     let (parts, body) = req.into_parts();
-    let endpoint = match (&parts.method, parts.uri.path()) {
-        (&Method::POST, "/v1/chat/completions") => Some(Endpoint::ChatCompletions),
-        (&Method::POST, "/v1/messages") => Some(Endpoint::Messages),
-        (&Method::POST, "/v1/messages/count_tokens") => Some(Endpoint::CountTokens),
-        _ => None,
-    };
     let path = parts.uri.path();
+    let endpoint = (parts.method == Method::POST)
+        .then(|| api::route(path))
+        .flatten();
     if path.starts_with("/_sim/") {
         return Ok(control(shared, &parts.method, path, body).await);
     }
     shared.stats(|s| {
         s.requests += 1;
         let name = match (endpoint, path) {
-            (Some(e), _) => e.name(),
+            (Some((_, e)), _) => e.name,
             (None, "/v1/models") => "models",
             _ => "not_found",
         };
         Stats::bump(&mut s.by_endpoint, name);
     });
     let answer = match endpoint {
-        Some(e) => api::handle(shared, e, parts.headers, body).await,
-        None if parts.method == Method::GET && path == "/v1/models" => Answer {
-            response: Some(models(&parts.headers)),
-            outcome: "ok".into(),
-        },
+        Some((api, e)) => api::handle(shared, api, e, parts.headers, body).await,
+        None if parts.method == Method::GET && path == "/v1/models" => {
+            let models = api::by_headers(&parts.headers).models();
+            Answer::send(wire::json_response(StatusCode::OK, &models), "ok")
+        }
         None => not_found(shared, &parts.headers, &parts.method, path),
     };
     shared.stats(|s| {
@@ -108,63 +105,12 @@ async fn route(
     answer.response.ok_or(DropConnection)
 }
 
-/// Anthropic's SDK sends `anthropic-version` and `x-api-key`; OpenAI's neither.
-fn looks_anthropic(h: &HeaderMap) -> bool {
-    h.contains_key("anthropic-version") || h.contains_key("x-api-key")
-}
-
+/// The 404 of a path no API serves, in the shape of whichever API the headers look like.
 fn not_found(shared: &Shared, h: &HeaderMap, method: &Method, path: &str) -> Answer {
-    let family = if looks_anthropic(h) {
-        crate::scenario::Family::Anthropic
-    } else {
-        crate::scenario::Family::Openai
-    };
-    let rid = wire::request_id(family, &mut *lock(&shared.rng));
-    let err = wire::WireError::new(404, format!("Invalid URL ({method} {path})"));
-    let mut response = wire::error_body(family, &rid, &err);
-    api::set_request_id(family, response.headers_mut(), &rid);
-    Answer {
-        response: Some(response),
-        outcome: "not_found".into(),
-    }
-}
-
-const MODELS: &[&str] = &[
-    "gpt-4o-mini",
-    "gpt-4o",
-    "gpt-4.1-mini",
-    "gpt-5-nano",
-    "claude-sonnet-4-5",
-    "claude-haiku-4-5",
-    "claude-opus-4-1",
-];
-
-/// `GET /v1/models`, in the shape of whichever API the headers look like.
-fn models(h: &HeaderMap) -> Response<SimBody> {
-    let body = if looks_anthropic(h) {
-        let data: Vec<Value> = MODELS
-            .iter()
-            .filter(|m| m.starts_with("claude"))
-            .map(|m| {
-                json!({"type": "model", "id": m, "display_name": m,
-                       "created_at": "2025-09-29T00:00:00Z"})
-            })
-            .collect();
-        json!({
-            "first_id": data.first().map(|d| d["id"].clone()),
-            "last_id": data.last().map(|d| d["id"].clone()),
-            "has_more": false,
-            "data": data,
-        })
-    } else {
-        let data: Vec<Value> = MODELS
-            .iter()
-            .filter(|m| !m.starts_with("claude"))
-            .map(|m| json!({"id": m, "object": "model", "created": 1_715_367_049, "owned_by": "system"}))
-            .collect();
-        json!({"object": "list", "data": data})
-    };
-    wire::json_response(StatusCode::OK, &body)
+    let api = api::by_headers(h);
+    let request_id = api.request_id(&mut lock(&shared.rng));
+    let err = WireError::new(404, format!("Invalid URL ({method} {path})"));
+    Answer::send(api::error(api, &request_id, &err), "not_found")
 }
 
 /// `GET /_sim/stats`, `POST /_sim/faults` (a [`FaultPlan`]), `POST /_sim/limits` (a

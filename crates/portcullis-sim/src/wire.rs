@@ -1,4 +1,5 @@
-//! Wire details shared by both APIs: the response body, error bodies, ids and header formats.
+//! Wire details shared by both APIs: the response body, JSON and SSE answers and how a fault
+//! bends them, the error to send, random ids, header formats and helpers.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -10,9 +11,9 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body::Frame;
 use rand::Rng;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::scenario::Family;
+use crate::limits::LimitView;
 
 /// The body of every simulator response: a list of chunks, sent one frame each, optionally
 /// paced by a delay (from `tokio::time`, so paused-time tests drive it).
@@ -112,36 +113,6 @@ pub(crate) fn sse_event(event: Option<&str>, data: &str) -> Bytes {
     }
 }
 
-/// An error body in the family's exact shape.
-///
-/// OpenAI: `{"error":{"message","type","param","code"}}`;
-/// Anthropic: `{"type":"error","error":{"type","message"},"request_id"}`.
-pub(crate) fn error_body(
-    family: Family,
-    request_id: &str,
-    err: &WireError<'_>,
-) -> Response<SimBody> {
-    let body = match family {
-        Family::Anthropic => json!({
-            "type": "error",
-            "error": {"type": err.anthropic_type(), "message": err.message},
-            "request_id": request_id,
-        }),
-        _ => json!({
-            "error": {
-                "message": err.message,
-                "type": err.openai_type(),
-                "param": err.param,
-                "code": err.code,
-            }
-        }),
-    };
-    json_response(
-        StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        &body,
-    )
-}
-
 /// An error to send: status, message and, where the provider's type is not the one its status
 /// implies, the explicit type and code.
 #[derive(Debug, Clone)]
@@ -175,69 +146,18 @@ impl<'a> WireError<'a> {
         self.code = Some(code);
         self
     }
-
-    fn openai_type(&self) -> &'a str {
-        self.kind.unwrap_or(match self.status {
-            s if s >= 500 => "server_error",
-            _ => "invalid_request_error",
-        })
-    }
-
-    fn anthropic_type(&self) -> &'a str {
-        self.kind.unwrap_or(match self.status {
-            401 => "authentication_error",
-            402 => "billing_error",
-            403 => "permission_error",
-            404 => "not_found_error",
-            413 => "request_too_large",
-            429 => "rate_limit_error",
-            504 => "timeout_error",
-            529 => "overloaded_error",
-            s if s >= 500 => "api_error",
-            _ => "invalid_request_error",
-        })
-    }
 }
 
-/// The canned message for an error status, per family.
-pub(crate) fn status_message(family: Family, status: u16) -> &'static str {
-    match (family, status) {
-        (Family::Anthropic, 529) => "Overloaded",
-        (Family::Anthropic, s) if s >= 500 => "Internal server error",
-        (_, 500) => "The server had an error while processing your request. Sorry about that!",
-        (_, 502) => "Bad gateway.",
-        (_, 503) => "The server is overloaded or not ready yet.",
-        (_, 504) => "Gateway timeout.",
-        (_, s) if s >= 500 => "The server had an error while processing your request.",
-        _ => "Simulated error.",
-    }
-}
+/// Letters and digits, as OpenAI's ids.
+pub(crate) const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+/// Base58, as Anthropic's ids.
+pub(crate) const BASE58: &[u8] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
 
-const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-const BASE58: &[u8] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
-
-fn random_str(rng: &mut impl Rng, alphabet: &[u8], n: usize) -> String {
+/// `n` characters drawn from `alphabet` (the random part of an id).
+pub(crate) fn random_str(rng: &mut impl Rng, alphabet: &[u8], n: usize) -> String {
     (0..n)
         .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
         .collect()
-}
-
-/// `chatcmpl-` + 29 alphanumerics, as OpenAI's.
-pub(crate) fn chatcmpl_id(rng: &mut impl Rng) -> String {
-    format!("chatcmpl-{}", random_str(rng, ALNUM, 29))
-}
-
-/// `msg_01` + 22 base58 characters, as Anthropic's.
-pub(crate) fn message_id(rng: &mut impl Rng) -> String {
-    format!("msg_01{}", random_str(rng, BASE58, 22))
-}
-
-/// A request id: OpenAI `req_` + 32 hex digits; Anthropic `req_011C` + 20 base58 characters.
-pub(crate) fn request_id(family: Family, rng: &mut impl Rng) -> String {
-    match family {
-        Family::Anthropic => format!("req_011C{}", random_str(rng, BASE58, 20)),
-        _ => format!("req_{}", random_str(rng, b"0123456789abcdef", 32)),
-    }
 }
 
 /// A duration the way Go prints one (`6m0s`, `1.5s`, `120ms`, `0s`), as OpenAI's reset headers.
@@ -299,6 +219,115 @@ pub(crate) fn cut_half(s: &str) -> &str {
 pub(crate) fn set(h: &mut HeaderMap, name: &'static str, value: impl AsRef<str>) {
     if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
         h.insert(name, v);
+    }
+}
+
+/// A header's value as text, trimmed.
+pub(crate) fn header(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// The key of `Authorization: Bearer KEY`, trimmed.
+pub(crate) fn bearer(h: &HeaderMap) -> Option<&str> {
+    h.get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// `retry-after` in whole seconds, rounded up; returns the wait in milliseconds, rounded up.
+pub(crate) fn retry_after(h: &mut HeaderMap, wait: Duration) -> u128 {
+    let ms = wait.as_nanos().div_ceil(1_000_000);
+    set(h, "retry-after", ms.div_ceil(1000).to_string());
+    ms
+}
+
+/// The limit, remaining and reset headers of each named limit: `name(limit, field)` spells a
+/// header's name, `reset` the time until the limit is whole again.
+pub(crate) fn limit_headers(
+    h: &mut HeaderMap,
+    limits: &[(&str, LimitView)],
+    name: impl Fn(&str, &str) -> String,
+    reset: impl Fn(Duration) -> String,
+) {
+    for (limit, view) in limits {
+        for (field, value) in [
+            ("limit", view.limit.to_string()),
+            ("remaining", view.remaining.to_string()),
+            ("reset", reset(view.reset)),
+        ] {
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::try_from(name(limit, field)),
+                HeaderValue::try_from(value),
+            ) {
+                h.insert(n, v);
+            }
+        }
+    }
+}
+
+/// How a fault bends a successful answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mangle {
+    /// Not at all.
+    None,
+    /// An error event instead of the content.
+    ErrorBeforeContent,
+    /// An error event after two content events.
+    ErrorAfterContent,
+    /// The stream ends halfway through the content.
+    Truncated,
+    /// One event (or the JSON body) is cut in half.
+    MalformedJson,
+}
+
+impl Mangle {
+    /// Appends the content events to `events` (which hold the stream's preamble), bent by the
+    /// fault. Returns `true` when the stream must end right there (an error event, or a cut).
+    pub(crate) fn apply(
+        self,
+        events: &mut Vec<Bytes>,
+        mut content: Vec<Bytes>,
+        error: impl FnOnce() -> Bytes,
+    ) -> bool {
+        match self {
+            Mangle::ErrorBeforeContent => {
+                events.push(error());
+                true
+            }
+            Mangle::ErrorAfterContent => {
+                events.extend(content.into_iter().take(2));
+                events.push(error());
+                true
+            }
+            Mangle::Truncated => {
+                let half = content.len().div_ceil(2);
+                events.extend(content.into_iter().take(half));
+                true
+            }
+            Mangle::MalformedJson => {
+                if let Some(second) = content.get_mut(1).or(events.get_mut(0)) {
+                    let s = String::from_utf8_lossy(second);
+                    *second = Bytes::from(format!("{}\n\n", cut_half(&s)));
+                }
+                events.extend(content);
+                false
+            }
+            Mangle::None => {
+                events.extend(content);
+                false
+            }
+        }
+    }
+
+    /// A complete (not streamed) answer: `200` with `body`, cut in half by a malformed-JSON
+    /// fault.
+    pub(crate) fn json_ok(self, body: &Value) -> Response<SimBody> {
+        let mut r = json_response(StatusCode::OK, body);
+        if self == Mangle::MalformedJson {
+            *r.body_mut() = SimBody::full(cut_half(&body.to_string()).to_owned());
+        }
+        r
     }
 }
 
