@@ -1,5 +1,12 @@
 //! Builder methods both providers share (generated into each builder by a macro, so that each
-//! builder is a plain, documented type).
+//! builder is a plain, documented type), and the settings behind them.
+
+use http::HeaderMap;
+use portcullis_core::LlmError;
+
+use crate::call::Endpoint;
+use crate::key::ApiKey;
+use crate::transport::{Transport, TransportConfig};
 
 /// Expands to the shared builder methods; the builder must have a `common: BuilderCommon` field.
 macro_rules! common_builder_methods {
@@ -15,13 +22,13 @@ macro_rules! common_builder_methods {
         #[doc = concat!("`", $env, "`")]
         /// environment variable (the default).
         pub fn api_key(mut self, key: $crate::ApiKey) -> Self {
-            self.common.key = $crate::transport::KeySource::Key(key);
+            self.common.key = $crate::builder::KeySource::Key(key);
             self
         }
 
         /// Sends no key at all (a local server that needs none).
         pub fn without_api_key(mut self) -> Self {
-            self.common.key = $crate::transport::KeySource::None;
+            self.common.key = $crate::builder::KeySource::None;
             self
         }
 
@@ -97,3 +104,66 @@ macro_rules! provider_services {
 }
 
 pub(crate) use provider_services;
+
+/// Where a builder takes its key from.
+#[derive(Debug, Clone)]
+pub(crate) enum KeySource {
+    /// The provider's environment variable (the default).
+    Env,
+    /// A key given explicitly.
+    Key(ApiKey),
+    /// No key (a local OpenAI-compatible server, the simulator without auth).
+    None,
+}
+
+/// The settings both provider builders share.
+#[derive(Debug, Clone)]
+pub(crate) struct BuilderCommon {
+    pub(crate) base_url: String,
+    pub(crate) key: KeySource,
+    pub(crate) config: TransportConfig,
+    pub(crate) transport: Option<Transport>,
+}
+
+impl BuilderCommon {
+    pub(crate) fn new(base_url: &str) -> Self {
+        BuilderCommon {
+            base_url: base_url.to_owned(),
+            key: KeySource::Env,
+            config: TransportConfig::default(),
+            transport: None,
+        }
+    }
+
+    /// Resolves the key and the transport, checks the URL, and builds the endpoint; `auth`
+    /// turns the key into the provider's headers.
+    pub(crate) fn endpoint(
+        self,
+        env_var: &str,
+        path: &str,
+        provider: &'static str,
+        request_id_header: &'static str,
+        auth: impl FnOnce(Option<&ApiKey>, &mut HeaderMap),
+    ) -> Result<Endpoint, LlmError> {
+        let key = match self.key {
+            KeySource::Env => Some(ApiKey::from_env(env_var)?),
+            KeySource::Key(k) => Some(k),
+            KeySource::None => None,
+        };
+        let transport = match self.transport {
+            Some(t) => t,
+            None => Transport::new(self.config)?,
+        };
+        let mut headers = HeaderMap::new();
+        auth(key.as_ref(), &mut headers);
+        Endpoint::new(
+            transport,
+            &self.base_url,
+            path,
+            key,
+            headers,
+            provider,
+            request_id_header,
+        )
+    }
+}

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_core::Stream;
 use http::header::{ACCEPT, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 use http_body_util::{Full, Limited};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
@@ -21,7 +21,81 @@ use portcullis_core::{
 use tokio::time::Instant;
 
 use crate::sse::{SseDecoder, SseEvent, SseStream};
-use crate::transport::{ApiKey, Endpoint};
+use crate::transport::{ApiKey, Transport};
+
+/// Where and how a provider sends its requests: the transport, the full endpoint URL, the key.
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoint {
+    pub(crate) transport: Transport,
+    pub(crate) url: Uri,
+    pub(crate) key: Option<ApiKey>,
+    /// Headers sent on every request (auth, version); the key's value is marked sensitive.
+    pub(crate) headers: HeaderMap,
+    pub(crate) provider: &'static str,
+    /// The response header holding the request id.
+    pub(crate) request_id_header: &'static str,
+}
+
+impl Endpoint {
+    /// Joins `base` and `path`, and refuses a key over plain http to a non-loopback host.
+    pub(crate) fn new(
+        transport: Transport,
+        base: &str,
+        path: &str,
+        key: Option<ApiKey>,
+        headers: HeaderMap,
+        provider: &'static str,
+        request_id_header: &'static str,
+    ) -> Result<Self, LlmError> {
+        let joined = format!("{}{path}", base.trim_end_matches('/'));
+        let url: Uri = joined.parse().map_err(|e| {
+            LlmError::new(
+                ErrorKind::Configuration,
+                format!("invalid base URL {base:?}"),
+            )
+            .with_source(e)
+        })?;
+        if !matches!(url.scheme_str(), Some("http" | "https")) {
+            return Err(LlmError::new(
+                ErrorKind::Configuration,
+                format!("base URL {base:?} must be http:// or https://"),
+            ));
+        }
+        crate::key::check_plain_http(&url, key.as_ref(), provider)?;
+        let host = url.host().unwrap_or("");
+        if host.is_empty() {
+            return Err(LlmError::new(
+                ErrorKind::Configuration,
+                format!("base URL {base:?} has no host"),
+            ));
+        }
+        Ok(Endpoint {
+            transport,
+            url,
+            key,
+            headers,
+            provider,
+            request_id_header,
+        })
+    }
+
+    /// The request id of a response.
+    pub(crate) fn request_id(&self, headers: &HeaderMap) -> Option<String> {
+        headers
+            .get(self.request_id_header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// Adds the provider and the request id (the header's; it wins over a body's) to an error.
+    pub(crate) fn finish_error(&self, e: LlmError, request_id: Option<&str>) -> LlmError {
+        let e = e.with_provider(self.provider);
+        match request_id {
+            Some(id) => e.with_request_id(id),
+            _ => e,
+        }
+    }
+}
 
 /// The future a provider service returns: the HTTP call, boxed (the call does I/O anyway).
 #[must_use = "futures do nothing unless polled"]
@@ -118,7 +192,7 @@ async fn send(
         .await
         .map_err(|e| ep.finish_error(e, None))?;
     if !resp.status().is_success() {
-        return Err(ep.status_error(resp).await);
+        return Err(crate::error_body::status_error(ep, resp).await);
     }
     Ok(resp.into_parts())
 }

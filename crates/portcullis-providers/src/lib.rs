@@ -52,12 +52,15 @@
 pub mod anthropic;
 mod builder;
 mod call;
+mod error_body;
+mod key;
 pub mod openai;
 pub mod sse;
 pub mod transport;
 
 pub use anthropic::{AnthropicBuilder, AnthropicProvider, AnthropicStream};
 pub use call::ResponseFuture;
+pub use key::ApiKey;
 pub use openai::{OpenAiBuilder, OpenAiProvider, OpenAiStream};
 pub use sse::{SseDecoder, SseEvent, SseStream};
-pub use transport::{ApiKey, Transport, TransportConfig};
+pub use transport::{Transport, TransportConfig};

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use portcullis_core::{ChatRequest, ChatStream, CompletionResult, LlmError, OPENAI};
 
+use crate::builder::BuilderCommon;
 use crate::builder::common_builder_methods;
+use crate::call::Endpoint;
 use crate::call::{self, ResponseFuture};
-use crate::transport::{BuilderCommon, Endpoint};
 
 /// The default base URL (as in the official SDKs, it includes `/v1`).
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";

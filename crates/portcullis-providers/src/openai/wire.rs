@@ -5,8 +5,9 @@ use portcullis_core::{ChatRequest, FinishReason, LlmError, ResponseFormat, Strea
 use serde::{Deserialize, Serialize};
 
 use crate::call::{EventParser, Parsed, Step, protocol};
+use crate::error_body::WireError;
+use crate::key::ApiKey;
 use crate::sse::SseEvent;
-use crate::transport::{ApiKey, WireError};
 
 #[derive(Serialize)]
 struct Body<'a> {
