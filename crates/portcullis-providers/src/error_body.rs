@@ -1,6 +1,7 @@
-//! A non-2xx answer as a typed [`LlmError`]: its bounded body read, the provider's error object
-//! (`error.type` / `error.code` / `error.message`) classified by [`ErrorKind::from_wire`], the
-//! message scrubbed of the key.
+//! A provider's error as a typed [`LlmError`]: the bounded body of a non-2xx answer read, the
+//! wire's [`ErrorBody`] (from [`Wire::parse_error`], or an error event in a stream) classified
+//! by [`ErrorKind::from_wire`], the one classification table, and its message scrubbed of the
+//! key.
 
 use std::borrow::Cow;
 
@@ -11,18 +12,21 @@ use serde::Deserialize;
 
 use crate::call::Endpoint;
 use crate::key::ApiKey;
+use crate::wire::Wire;
 
-/// Turns a non-2xx response into a typed error: the body's `error.type` / `error.code` /
-/// `error.message` (both providers use that shape) through [`ErrorKind::from_wire`], the
-/// rate-limit headers, the request id. A body that is not JSON still gives a typed error
-/// from the status.
-pub(crate) async fn status_error(ep: &Endpoint, resp: Response<Incoming>) -> LlmError {
+/// Turns a non-2xx response into a typed error: the wire's reading of the (capped) body, the
+/// rate-limit headers, the request id. A body that is not the wire's error object still gives
+/// a typed error from the status.
+pub(crate) async fn status_error<W: Wire>(ep: &Endpoint<W>, resp: Response<Incoming>) -> LlmError {
     let (parts, body) = resp.into_parts();
     let status = parts.status.as_u16();
     let request_id = ep.request_id(&parts.headers);
     let hints = RateLimitHints::from_headers(&parts.headers);
     let err = match ep.transport.read(body).await {
-        Ok(bytes) => error_from_body(status, &bytes, ep.key.as_ref()),
+        Ok(bytes) => match ep.wire.parse_error(status, &bytes) {
+            Some(body) => body.into_error(Some(status), ep.key.as_ref()),
+            None => untyped_body(status, &bytes, ep.key.as_ref()),
+        },
         Err(e) => LlmError::new(
             ErrorKind::from_wire(Some(status), None, None),
             format!("HTTP {status}; the error body could not be read ({e})"),
@@ -39,70 +43,111 @@ pub(crate) async fn status_error(ep: &Endpoint, resp: Response<Incoming>) -> Llm
     ep.finish_error(err, request_id.as_deref())
 }
 
-/// The error object both providers send: `{"error":{"type","code","message"}}` (OpenAI adds
-/// `param`; Anthropic adds a top-level `"type":"error"` and `request_id`).
-#[derive(Debug, Deserialize)]
-pub(crate) struct WireError {
-    #[serde(default, rename = "type")]
-    pub(crate) error_type: Option<String>,
-    #[serde(default)]
-    pub(crate) code: Option<serde_json::Value>,
-    #[serde(default)]
-    pub(crate) message: Option<String>,
-    #[serde(default)]
-    pub(crate) param: Option<serde_json::Value>,
+/// A provider's error object: what [`Wire::parse_error`] reads from a non-2xx body, and what
+/// an error event inside a stream carries ([`Step::Error`](crate::wire::Step::Error)). Its
+/// `error_type` and `code` go through [`ErrorKind::from_wire`].
+///
+/// It deserializes from the object OpenAI and Anthropic send as `error`:
+/// `{"type","code","message"}`, where a numeric `code` is kept as text and OpenAI's `param` is
+/// appended to the message.
+///
+/// ```
+/// use portcullis_providers::ErrorBody;
+/// let e = ErrorBody::from_envelope(br#"{"error":{"type":"invalid_request_error","code":400,"message":"bad","param":"n"}}"#).unwrap();
+/// assert_eq!((e.error_type.as_deref(), e.code.as_deref()), (Some("invalid_request_error"), Some("400")));
+/// assert_eq!(e.message.as_deref(), Some("bad (param: n)"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "RawError")]
+#[non_exhaustive]
+pub struct ErrorBody {
+    /// The error's type (`error.type`, e.g. `rate_limit_error`).
+    pub error_type: Option<String>,
+    /// The error's code (`error.code`, e.g. `insufficient_quota`).
+    pub code: Option<String>,
+    /// The human-readable message (scrubbed of the key before it reaches an [`LlmError`]).
+    pub message: Option<String>,
+    /// A request id in the body (Anthropic's); a request-id header wins over it.
+    pub request_id: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct ErrorEnvelope {
-    error: WireError,
+struct RawError {
+    #[serde(default, rename = "type")]
+    error_type: Option<String>,
     #[serde(default)]
-    request_id: Option<String>,
+    code: Option<serde_json::Value>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    param: Option<serde_json::Value>,
 }
 
-impl WireError {
-    /// The typed error, its message scrubbed of `key`; `status` is `None` for an error event
-    /// inside a 200 stream.
-    pub(crate) fn into_error(self, status: Option<u16>, key: Option<&ApiKey>) -> LlmError {
-        let code = match self.code {
+impl From<RawError> for ErrorBody {
+    fn from(raw: RawError) -> Self {
+        let code = match raw.code {
             Some(serde_json::Value::String(s)) => Some(s),
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
             _ => None,
         };
-        let kind = ErrorKind::from_wire(status, self.error_type.as_deref(), code.as_deref());
-        let mut message = self.message.unwrap_or_default();
-        if let Some(serde_json::Value::String(p)) = self.param {
-            message = format!("{message} (param: {p})");
+        let message = match raw.param {
+            Some(serde_json::Value::String(p)) => {
+                Some(format!("{} (param: {p})", raw.message.unwrap_or_default()))
+            }
+            _ => raw.message,
+        };
+        ErrorBody {
+            error_type: raw.error_type,
+            code,
+            message,
+            request_id: None,
         }
-        let mut e = LlmError::new(kind, scrub(key, message));
-        if let Some(t) = self.error_type {
-            e = e.with_error_type(t);
-        }
-        if let Some(c) = code {
-            e = e.with_code(c);
-        }
-        e
     }
 }
 
-/// Parses an error body; a body that is not the documented shape still gives a typed error.
-pub(crate) fn error_from_body(status: u16, body: &[u8], key: Option<&ApiKey>) -> LlmError {
-    match serde_json::from_slice::<ErrorEnvelope>(body) {
-        Ok(env) => {
-            let e = env.error.into_error(Some(status), key);
-            match env.request_id {
-                Some(id) => e.with_request_id(id),
-                None => e,
-            }
+#[derive(Deserialize)]
+struct Envelope {
+    error: ErrorBody,
+    #[serde(default)]
+    request_id: Option<String>,
+}
+
+impl ErrorBody {
+    /// Reads `{"error": {…}, "request_id": …}` (`request_id` optional), the envelope OpenAI,
+    /// Anthropic and most compatible servers send; `None` for any other body.
+    pub fn from_envelope(body: &[u8]) -> Option<ErrorBody> {
+        let env: Envelope = serde_json::from_slice(body).ok()?;
+        Some(ErrorBody {
+            request_id: env.request_id,
+            ..env.error
+        })
+    }
+
+    /// The typed error, its message scrubbed of `key`; `status` is `None` for an error event
+    /// inside a 2xx stream.
+    pub(crate) fn into_error(self, status: Option<u16>, key: Option<&ApiKey>) -> LlmError {
+        let kind = ErrorKind::from_wire(status, self.error_type.as_deref(), self.code.as_deref());
+        let mut e = LlmError::new(kind, scrub(key, self.message.unwrap_or_default()));
+        if let Some(t) = self.error_type {
+            e = e.with_error_type(t);
         }
-        Err(_) => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(512)]);
-            LlmError::new(
-                ErrorKind::from_wire(Some(status), None, None),
-                scrub(key, format!("HTTP {status}: {}", text.trim())),
-            )
+        if let Some(c) = self.code {
+            e = e.with_code(c);
+        }
+        match self.request_id {
+            Some(id) => e.with_request_id(id),
+            None => e,
         }
     }
+}
+
+/// The error for a body that is not the wire's error object: typed from the status alone.
+fn untyped_body(status: u16, body: &[u8], key: Option<&ApiKey>) -> LlmError {
+    let text = String::from_utf8_lossy(&body[..body.len().min(512)]);
+    LlmError::new(
+        ErrorKind::from_wire(Some(status), None, None),
+        scrub(key, format!("HTTP {status}: {}", text.trim())),
+    )
 }
 
 fn scrub(key: Option<&ApiKey>, text: String) -> String {

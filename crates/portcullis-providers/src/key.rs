@@ -50,8 +50,9 @@ impl ApiKey {
         &self.0
     }
 
-    /// A sensitive header value `prefix + key`.
-    pub(crate) fn header(&self, prefix: &str) -> HeaderValue {
+    /// The header value `prefix + key` (e.g. `"Bearer "`), marked sensitive so that hyper and
+    /// `http` never print it. For [`Wire::headers`](crate::Wire::headers).
+    pub fn header(&self, prefix: &str) -> HeaderValue {
         let mut v = HeaderValue::try_from(format!("{prefix}{}", self.0))
             .expect("checked in ApiKey::new: visible ASCII");
         v.set_sensitive(true);
