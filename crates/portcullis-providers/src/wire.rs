@@ -97,8 +97,8 @@ use crate::sse::SseEvent;
 /// One LLM HTTP API's wire format: where a request goes and with which headers, its JSON body,
 /// and how to read a complete answer, a stream's events and an error body.
 ///
-/// Every method but [`request_body`](Wire::request_body), [`parse_response`](Wire::parse_response)
-/// and the stream's [`event_parser`](Wire::event_parser) runs once, when the provider is built.
+/// The name, the defaults, the path and the headers are asked for once, when the provider is
+/// built; the body, the parsers and the error reading, on every call.
 /// Settings of one API (OpenAI's `max_tokens` spelling, Anthropic's version) live in the wire
 /// value. See the [module docs](self) for a whole example.
 ///
