@@ -1,5 +1,6 @@
-//! What both providers do the same way: send one request, map a non-2xx status, read a complete
-//! body, or drive an SSE body through a provider's event parser up to the commit point.
+//! What every provider does the same way, whatever its [`Wire`]: send one request, map a
+//! non-2xx status, read a complete body, or drive an SSE body through the wire's event parser
+//! up to the commit point.
 
 use std::fmt;
 use std::future::Future;
@@ -10,18 +11,97 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_core::Stream;
 use http::header::{ACCEPT, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 use http_body_util::{Full, Limited};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use portcullis_core::{
-    ChatStream, CompletionResult, ErrorKind, FinishReason, LlmError, RateLimitHints, StreamChunk,
-    StreamMeta, Usage,
+    ChatStream, CompletionResult, ErrorKind, LlmError, RateLimitHints, StreamChunk, StreamMeta,
 };
 use tokio::time::Instant;
 
-use crate::sse::{SseDecoder, SseEvent, SseStream};
-use crate::transport::{ApiKey, Endpoint};
+use crate::key::ApiKey;
+use crate::sse::{SseDecoder, SseStream};
+use crate::transport::Transport;
+use crate::wire::{EventParser, Step, Wire, malformed};
+
+/// Where and how a provider sends its requests: the wire, the transport, the full endpoint URL,
+/// the key; and what the wire said once at build time (headers, name, request-id header).
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoint<W> {
+    pub(crate) wire: W,
+    pub(crate) transport: Transport,
+    pub(crate) url: Uri,
+    pub(crate) key: Option<ApiKey>,
+    /// Headers sent on every request (auth, version); the key's value is marked sensitive.
+    pub(crate) headers: HeaderMap,
+    pub(crate) provider: &'static str,
+    /// The response header holding the request id.
+    pub(crate) request_id_header: &'static str,
+}
+
+impl<W: Wire> Endpoint<W> {
+    /// Joins `base` and the wire's path, refuses a key over plain http to a non-loopback host,
+    /// and asks the wire for its headers.
+    pub(crate) fn new(
+        wire: W,
+        transport: Transport,
+        base: &str,
+        key: Option<ApiKey>,
+    ) -> Result<Self, LlmError> {
+        let provider = wire.name();
+        let joined = format!("{}{}", base.trim_end_matches('/'), wire.path());
+        let url: Uri = joined.parse().map_err(|e| {
+            LlmError::new(
+                ErrorKind::Configuration,
+                format!("invalid base URL {base:?}"),
+            )
+            .with_source(e)
+        })?;
+        if !matches!(url.scheme_str(), Some("http" | "https")) {
+            return Err(LlmError::new(
+                ErrorKind::Configuration,
+                format!("base URL {base:?} must be http:// or https://"),
+            ));
+        }
+        crate::key::check_plain_http(&url, key.as_ref(), provider)?;
+        let host = url.host().unwrap_or("");
+        if host.is_empty() {
+            return Err(LlmError::new(
+                ErrorKind::Configuration,
+                format!("base URL {base:?} has no host"),
+            ));
+        }
+        let mut headers = HeaderMap::new();
+        wire.headers(key.as_ref(), &mut headers);
+        Ok(Endpoint {
+            request_id_header: wire.request_id_header(),
+            wire,
+            transport,
+            url,
+            key,
+            headers,
+            provider,
+        })
+    }
+
+    /// The request id of a response.
+    pub(crate) fn request_id(&self, headers: &HeaderMap) -> Option<String> {
+        headers
+            .get(self.request_id_header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// Adds the provider and the request id (the header's; it wins over a body's) to an error.
+    pub(crate) fn finish_error(&self, e: LlmError, request_id: Option<&str>) -> LlmError {
+        let e = e.with_provider(self.provider);
+        match request_id {
+            Some(id) => e.with_request_id(id),
+            _ => e,
+        }
+    }
+}
 
 /// The future a provider service returns: the HTTP call, boxed (the call does I/O anyway).
 #[must_use = "futures do nothing unless polled"]
@@ -51,41 +131,12 @@ impl<T> fmt::Debug for ResponseFuture<T> {
     }
 }
 
-/// A parsed complete (non-streaming) response body.
-pub(crate) struct Parsed {
-    pub(crate) content: String,
-    pub(crate) usage: Usage,
-    pub(crate) model: String,
-    pub(crate) finish_reason: FinishReason,
-}
-
-/// What one SSE event meant to a provider's parser.
-pub(crate) enum Step {
-    /// Nothing for the caller (ping, block start, role-only delta…).
-    Skip,
-    /// New content: the first one is the commit point.
-    Content(String),
-    /// The end of the stream, with the final chunk (finish reason and usage).
-    End(StreamChunk),
-}
-
-/// A provider's stream state machine.
-pub(crate) trait EventParser: Send + Unpin + 'static {
-    /// Handles one event. `key` scrubs error messages.
-    fn on_event(&mut self, ev: SseEvent, key: Option<&ApiKey>) -> Result<Step, LlmError>;
-    /// The model the provider resolved (empty until the stream said).
-    fn model(&self) -> &str;
-    /// The message for a body that ended before the end event.
-    const TRUNCATED: &'static str;
-}
-
-/// A protocol error (malformed JSON, a missing field).
-pub(crate) fn protocol(what: impl fmt::Display) -> LlmError {
-    LlmError::new(ErrorKind::Protocol, format!("malformed response: {what}"))
-}
-
 /// Builds a POST of a JSON body with the endpoint's headers.
-fn post(ep: &Endpoint, body: Vec<u8>, stream: bool) -> Result<Request<Full<Bytes>>, LlmError> {
+fn post<W>(
+    ep: &Endpoint<W>,
+    body: Vec<u8>,
+    stream: bool,
+) -> Result<Request<Full<Bytes>>, LlmError> {
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(ep.url.clone())
@@ -104,8 +155,8 @@ fn post(ep: &Endpoint, body: Vec<u8>, stream: bool) -> Result<Request<Full<Bytes
 }
 
 /// Sends a request and maps a non-2xx answer to its typed error.
-async fn send(
-    ep: &Endpoint,
+async fn send<W: Wire>(
+    ep: &Endpoint<W>,
     model: &str,
     body: Vec<u8>,
     stream: bool,
@@ -118,17 +169,16 @@ async fn send(
         .await
         .map_err(|e| ep.finish_error(e, None))?;
     if !resp.status().is_success() {
-        return Err(ep.status_error(resp).await);
+        return Err(crate::error_body::status_error(ep, resp).await);
     }
     Ok(resp.into_parts())
 }
 
 /// One complete call: send, map the status, read and parse the body.
-pub(crate) async fn complete(
-    ep: Arc<Endpoint>,
+pub(crate) async fn complete<W: Wire>(
+    ep: Arc<Endpoint<W>>,
     model: Arc<str>,
     body: Result<Vec<u8>, LlmError>,
-    parse: fn(&[u8]) -> Result<Parsed, LlmError>,
 ) -> Result<CompletionResult, LlmError> {
     let start = Instant::now();
     let (parts, body) = send(&ep, &model, body?, false).await?;
@@ -138,10 +188,11 @@ pub(crate) async fn complete(
         .read(body)
         .await
         .map_err(|e| ep.finish_error(e, request_id.as_deref()))?;
-    let p = parse(&bytes).map_err(|e| ep.finish_error(e, request_id.as_deref()))?;
-    let mut r = CompletionResult::new(ep.provider, p.model, p.content)
-        .with_usage(p.usage)
-        .with_finish_reason(p.finish_reason);
+    let mut r = ep
+        .wire
+        .parse_response(&bytes)
+        .map_err(|e| ep.finish_error(e, request_id.as_deref()))?;
+    r.provider = ep.provider.into();
     r.latency = start.elapsed();
     r.request_id = request_id;
     r.rate_limits = RateLimitHints::from_headers(&parts.headers);
@@ -157,11 +208,10 @@ pub(crate) async fn complete(
 
 /// One streaming call: send, map the status, then read events until the commit point (the first
 /// content chunk, or the end of a stream with no content), or the error before it.
-pub(crate) async fn stream<P: EventParser>(
-    ep: Arc<Endpoint>,
+pub(crate) async fn stream<W: Wire>(
+    ep: Arc<Endpoint<W>>,
     model: Arc<str>,
     body: Result<Vec<u8>, LlmError>,
-    parser: P,
 ) -> Result<ChatStream, LlmError> {
     let (parts, body) = send(&ep, &model, body?, true).await?;
     let request_id = ep.request_id(&parts.headers);
@@ -171,7 +221,7 @@ pub(crate) async fn stream<P: EventParser>(
     );
     let mut events = EventStream {
         sse: SseStream::new(ep.transport.limit(body), decoder),
-        parser,
+        parser: ep.wire.event_parser(),
         first: None,
         committed: false,
         done: false,
@@ -189,26 +239,26 @@ pub(crate) async fn stream<P: EventParser>(
             Ok(ChatStream::new(meta, events))
         }
         Some(Err(e)) => Err(e),
-        None => Err(ep.finish_error(protocol(P::TRUNCATED), request_id.as_deref())),
+        None => Err(ep.finish_error(malformed(W::Parser::TRUNCATED), request_id.as_deref())),
     }
 }
 
 pin_project! {
     /// A provider's parser over an SSE body. Errors after the commit point become
     /// `StreamInterrupted` (their provider type and code kept).
-    struct EventStream<P> {
+    struct EventStream<W: Wire> {
         #[pin]
         sse: SseStream<Limited<Incoming>>,
-        parser: P,
+        parser: W::Parser,
         first: Option<StreamChunk>,
         committed: bool,
         done: bool,
         request_id: Option<String>,
-        ep: Arc<Endpoint>,
+        ep: Arc<Endpoint<W>>,
     }
 }
 
-impl<P: EventParser> Stream for EventStream<P> {
+impl<W: Wire> Stream for EventStream<W> {
     type Item = Result<StreamChunk, LlmError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -224,9 +274,9 @@ impl<P: EventParser> Stream for EventStream<P> {
                 return Poll::Ready(None);
             }
             let step = match std::task::ready!(this.sse.as_mut().poll_next(cx)) {
-                Some(Ok(ev)) => this.parser.on_event(ev, this.ep.key.as_ref()),
+                Some(Ok(ev)) => this.parser.on_event(ev),
                 Some(Err(e)) => Err(e),
-                None => Err(protocol(P::TRUNCATED)),
+                None => Err(malformed(W::Parser::TRUNCATED)),
             };
             let item = match step {
                 Ok(Step::Skip) => continue,
@@ -238,17 +288,18 @@ impl<P: EventParser> Stream for EventStream<P> {
                     *this.done = true;
                     Ok(chunk)
                 }
-                Err(e) => {
-                    *this.done = true;
-                    let mut e = this.ep.finish_error(e, this.request_id.as_deref());
-                    if *this.committed {
-                        tracing::debug!(provider = this.ep.provider, kind = %e.kind(), "stream interrupted after content");
-                        e = e.with_kind(ErrorKind::StreamInterrupted);
-                    }
-                    Err(e)
-                }
+                Ok(Step::Error(body)) => Err(body.into_error(None, this.ep.key.as_ref())),
+                Err(e) => Err(e),
             };
-            return Poll::Ready(Some(item));
+            return Poll::Ready(Some(item.map_err(|e| {
+                *this.done = true;
+                let e = this.ep.finish_error(e, this.request_id.as_deref());
+                if !*this.committed {
+                    return e;
+                }
+                tracing::debug!(provider = this.ep.provider, kind = %e.kind(), "stream interrupted after content");
+                e.with_kind(ErrorKind::StreamInterrupted)
+            })));
         }
     }
 }

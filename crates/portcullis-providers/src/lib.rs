@@ -1,12 +1,15 @@
 //! # portcullis-providers
 //!
-//! OpenAI Chat Completions and Anthropic Messages as [`tower_service::Service`]s, over one
-//! pooled hyper + rustls [`Transport`].
+//! LLM HTTP APIs as [`tower_service::Service`]s, over one pooled hyper + rustls [`Transport`].
+//! One generic [`Provider`] does the HTTP, the errors and the streaming for every API; a
+//! [`Wire`] says what one API looks like (path, headers, request body, response, stream events,
+//! error body). OpenAI Chat Completions ([`OpenAi`]) and Anthropic Messages ([`Anthropic`]) are
+//! built in; another API is one more `Wire` (see [`wire`]).
 //!
 //! | service | request | response |
 //! |---|---|---|
-//! | [`OpenAiProvider`], [`AnthropicProvider`] | [`ChatRequest`](portcullis_core::ChatRequest) | [`CompletionResult`](portcullis_core::CompletionResult) |
-//! | [`OpenAiStream`], [`AnthropicStream`] (from `.streaming()`) | [`ChatRequest`](portcullis_core::ChatRequest) | [`ChatStream`](portcullis_core::ChatStream) |
+//! | [`Provider<W>`](Provider): [`OpenAiProvider`], [`AnthropicProvider`] | [`ChatRequest`](portcullis_core::ChatRequest) | [`CompletionResult`](portcullis_core::CompletionResult) |
+//! | [`StreamingProvider<W>`](StreamingProvider) (from `.streaming()`): [`OpenAiStream`], [`AnthropicStream`] | [`ChatRequest`](portcullis_core::ChatRequest) | [`ChatStream`](portcullis_core::ChatStream) |
 //!
 //! - **Typed errors.** Every failure is an [`LlmError`](portcullis_core::LlmError) whose kind
 //!   comes from [`ErrorKind::from_wire`](portcullis_core::ErrorKind::from_wire) (status plus the
@@ -52,12 +55,21 @@
 pub mod anthropic;
 mod builder;
 mod call;
+mod error_body;
+mod key;
 pub mod openai;
+mod provider;
 pub mod sse;
 pub mod transport;
+pub mod wire;
 
-pub use anthropic::{AnthropicBuilder, AnthropicProvider, AnthropicStream};
+pub use anthropic::{Anthropic, AnthropicBuilder, AnthropicProvider, AnthropicStream};
+pub use builder::Builder;
 pub use call::ResponseFuture;
-pub use openai::{OpenAiBuilder, OpenAiProvider, OpenAiStream};
+pub use error_body::ErrorBody;
+pub use key::ApiKey;
+pub use openai::{OpenAi, OpenAiBuilder, OpenAiProvider, OpenAiStream};
+pub use provider::{Provider, StreamingProvider};
 pub use sse::{SseDecoder, SseEvent, SseStream};
-pub use transport::{ApiKey, Transport, TransportConfig};
+pub use transport::{Transport, TransportConfig};
+pub use wire::Wire;
