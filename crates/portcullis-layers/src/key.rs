@@ -14,6 +14,13 @@ pub trait KeyFn<Req>: Send + Sync + 'static {
     type Key: Clone + Eq + Hash + Debug + Send + Sync + 'static;
     /// The request's key.
     fn key(&self, req: &Req) -> Self::Key;
+
+    /// Whether `req`'s key is `key`. The layers ask this first, to reuse the state of the
+    /// previous call's key without building (cloning, hashing) a key; override it when that
+    /// can be answered without building one. The default builds the key and compares.
+    fn is_key(&self, req: &Req, key: &Self::Key) -> bool {
+        self.key(req) == *key
+    }
 }
 
 /// The default key: the request's model name (`Arc<str>`, cloned without allocating when the
@@ -27,6 +34,10 @@ impl KeyFn<portcullis_core::ChatRequest> for ByModel {
     fn key(&self, req: &portcullis_core::ChatRequest) -> Arc<str> {
         req.model.clone()
     }
+
+    fn is_key(&self, req: &portcullis_core::ChatRequest, key: &Arc<str>) -> bool {
+        Arc::ptr_eq(&req.model, key) || *req.model == **key
+    }
 }
 
 /// One key for every request: a single shared state.
@@ -36,6 +47,9 @@ pub struct SingleKey;
 impl<Req> KeyFn<Req> for SingleKey {
     type Key = ();
     fn key(&self, _req: &Req) -> Self::Key {}
+    fn is_key(&self, _req: &Req, _key: &()) -> bool {
+        true
+    }
 }
 
 /// A key function from a closure.
