@@ -568,16 +568,18 @@ where
         }
         s.floor = at;
         s.seq += 1;
+        let (seq, tat_after, epoch) = (s.seq, s.tat, s.epoch);
+        drop(s);
+        // The slot's `Arc` moves into the ticket: no second reference count update.
         let ticket = MemoryTicket {
-            slot: slot.clone(),
-            seq: s.seq,
+            slot,
+            seq,
             cost: c,
             tat_before,
-            tat_after: s.tat,
-            epoch: s.epoch,
+            tat_after,
+            epoch,
             prev_floor,
         };
-        drop(s);
         Ok(Admission { wait, ticket })
     }
 }
