@@ -8,6 +8,12 @@
 //!   call, so throughput = 1 / time, and the scaling ratio is 1-thread time / 2-threads time.
 //!
 //! Run: `cargo bench --bench layers` (add `-- --quick` for a fast pass).
+//!
+//! Profiling: with `LAYERS_PROFILE=<case>` (e.g. `portcullis/retry`) and optionally
+//! `LAYERS_PROFILE_CALLS=<n>` (default 100 000) in the environment, the binary skips criterion
+//! and makes exactly `n` calls of that one case on one thread, so that instruction counts
+//! (`valgrind --tool=callgrind`) are repeatable: the difference between two runs with different
+//! `n`, divided by the difference in calls, is the cost of one call. See benches/README.md.
 #![allow(missing_docs)]
 
 use std::future::{Ready, ready};
@@ -17,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group};
 use portcullis_core::{
     ChatMessage, ChatRequest, ChatStream, CompletionResult, LlmError, TokenCost,
 };
@@ -269,10 +275,11 @@ where
     });
 }
 
-/// Every case, built fresh for each mode. `$run` is `single` or `contended`; the tower cases
-/// that cannot be shared between threads (`RateLimit` is not `Clone`) only run single-threaded.
+/// Every case, built fresh for each mode. `$run` is `single`, `contended` or `profile`; the
+/// tower cases that cannot be shared between threads (`RateLimit` is not `Clone`) go to
+/// `single_only` instead (`skip` in the contended mode).
 macro_rules! cases {
-    ($g:expr, $run:ident, single_only: $single:expr) => {{
+    ($g:expr, $run:ident, single_only: $single:ident) => {{
         let g = $g;
         $run(g, "bare", Mock);
 
@@ -326,8 +333,8 @@ macro_rules! cases {
             "tower/concurrency_limit",
             tower::limit::ConcurrencyLimitLayer::new(1024).layer(Mock),
         );
-        if $single {
-            single(
+        {
+            $single(
                 g,
                 "tower/rate_limit",
                 tower::limit::RateLimitLayer::new(u64::MAX / 2, Duration::from_secs(60))
@@ -363,6 +370,33 @@ macro_rules! cases {
     }};
 }
 
+/// A case that does not run in this mode.
+fn skip<G, S>(_: &mut G, _: &str, _: S) {}
+
+/// The profile mode's target: one case, `calls` calls.
+struct Profile {
+    case: String,
+    calls: u64,
+    found: bool,
+}
+
+/// Runs `svc` for `target.calls` calls if it is the case asked for, single-threaded.
+fn profile<S>(target: &mut Profile, name: &str, svc: S)
+where
+    S: Service<ChatRequest> + 'static,
+    S::Error: std::fmt::Debug,
+{
+    if name != target.case {
+        return;
+    }
+    target.found = true;
+    let rt = runtime();
+    let req = request();
+    let mut svc = svc;
+    let took = rt.block_on(drive(&mut svc, &req, target.calls));
+    eprintln!("{name}: {} calls in {took:?}", target.calls);
+}
+
 fn layers(c: &mut Criterion) {
     // tower's `RateLimit::new` creates its timer at once, so the cases are built inside a
     // runtime context (each case is then driven on runtimes of its own).
@@ -370,12 +404,12 @@ fn layers(c: &mut Criterion) {
     let _enter = rt.enter();
     let mut g = c.benchmark_group("layers/1-thread");
     g.throughput(Throughput::Elements(1));
-    cases!(&mut g, single, single_only: true);
+    cases!(&mut g, single, single_only: single);
     g.finish();
 
     let mut g = c.benchmark_group("layers/2-threads");
     g.throughput(Throughput::Elements(1));
-    cases!(&mut g, contended, single_only: false);
+    cases!(&mut g, contended, single_only: skip);
     g.finish();
 }
 
@@ -386,4 +420,24 @@ criterion_group! {
         .measurement_time(Duration::from_secs(2));
     targets = layers
 }
-criterion_main!(benches);
+fn main() {
+    if let Ok(case) = std::env::var("LAYERS_PROFILE") {
+        let calls = std::env::var("LAYERS_PROFILE_CALLS")
+            .ok()
+            .map_or(100_000, |n| {
+                n.parse().expect("LAYERS_PROFILE_CALLS: a number")
+            });
+        let rt = runtime();
+        let _enter = rt.enter();
+        let mut target = Profile {
+            case,
+            calls,
+            found: false,
+        };
+        cases!(&mut target, profile, single_only: profile);
+        assert!(target.found, "no case named {:?}", target.case);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -14,6 +14,13 @@ pub trait KeyFn<Req>: Send + Sync + 'static {
     type Key: Clone + Eq + Hash + Debug + Send + Sync + 'static;
     /// The request's key.
     fn key(&self, req: &Req) -> Self::Key;
+
+    /// Whether `req`'s key is `key`. The layers ask this first, to reuse the state of the
+    /// previous call's key without building (cloning, hashing) a key; override it when that
+    /// can be answered without building one. The default builds the key and compares.
+    fn is_key(&self, req: &Req, key: &Self::Key) -> bool {
+        self.key(req) == *key
+    }
 }
 
 /// The default key: the request's model name (`Arc<str>`, cloned without allocating when the
@@ -27,6 +34,10 @@ impl KeyFn<portcullis_core::ChatRequest> for ByModel {
     fn key(&self, req: &portcullis_core::ChatRequest) -> Arc<str> {
         req.model.clone()
     }
+
+    fn is_key(&self, req: &portcullis_core::ChatRequest, key: &Arc<str>) -> bool {
+        Arc::ptr_eq(&req.model, key) || *req.model == **key
+    }
 }
 
 /// One key for every request: a single shared state.
@@ -36,6 +47,9 @@ pub struct SingleKey;
 impl<Req> KeyFn<Req> for SingleKey {
     type Key = ();
     fn key(&self, _req: &Req) -> Self::Key {}
+    fn is_key(&self, _req: &Req, _key: &()) -> bool {
+        true
+    }
 }
 
 /// A key function from a closure.
@@ -62,4 +76,62 @@ where
 /// The model name of a request, for logs: `"-"` when it names none.
 pub(crate) fn model_of<Req: portcullis_core::RequestInfo>(req: &Req) -> &str {
     req.model().unwrap_or("-")
+}
+
+/// The hasher of the layers' key maps: FxHash (a rotate, a xor and a multiply per word), far
+/// cheaper than the default SipHash for the short keys they hold (a model name). Keys come
+/// from the caller's own requests and each new key is kept for the life of the layer, so the
+/// map is not exposed to the untrusted-input flooding SipHash defends against any more than it
+/// already is by growing.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct FxHasher {
+    hash: u64,
+}
+
+/// Builds [`FxHasher`]s.
+pub(crate) type FxBuildHasher = std::hash::BuildHasherDefault<FxHasher>;
+
+impl FxHasher {
+    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
+    }
+}
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut w = [0; 8];
+            w.copy_from_slice(word);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut w = [0; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.hash
+    }
 }

@@ -8,7 +8,6 @@ use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
 use portcullis_core::{Classify, Finish, OnFinish};
-use tokio::time::Instant;
 
 use super::state::{Complete, Outcome, Permit};
 
@@ -31,7 +30,7 @@ impl Guard {
 
     fn record(mut self, outcome: Outcome) {
         self.done = true;
-        self.state.complete(&self.permit, outcome, Instant::now());
+        self.state.complete(&self.permit, outcome);
     }
 
     /// How a response that is over counts: a stream that failed after its commit point with a
@@ -49,8 +48,7 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if !self.done {
-            self.state
-                .complete(&self.permit, Outcome::Ignored, Instant::now());
+            self.state.complete(&self.permit, Outcome::Ignored);
         }
     }
 }
@@ -106,25 +104,20 @@ where
                 .take()
                 .expect("ResponseFuture polled after completion"))),
             KindProj::Called { future } => {
-                let result = ready!(future.poll(cx));
-                let Some(guard) = this.guard.take() else {
-                    return Poll::Ready(result);
-                };
-                Poll::Ready(match result {
-                    Ok(mut response) => {
+                // Inspected in place and returned as is: a response is not moved again.
+                let mut result = ready!(future.poll(cx));
+                if let Some(guard) = this.guard.take() {
+                    match &mut result {
                         // At once for a complete response; at its end for a stream.
-                        response.on_finish(move |how| guard.finish(how));
-                        Ok(response)
-                    }
-                    Err(e) => {
-                        guard.record(if e.classify().breaker_failure {
+                        Ok(response) => response.on_finish(move |how| guard.finish(how)),
+                        Err(e) => guard.record(if e.classify().breaker_failure {
                             Outcome::Failure
                         } else {
                             Outcome::Ignored
-                        });
-                        Err(e)
+                        }),
                     }
-                })
+                }
+                Poll::Ready(result)
             }
         }
     }

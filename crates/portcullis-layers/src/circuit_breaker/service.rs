@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use portcullis_core::{CircuitOpen, Classify, OnFinish};
-use tokio::time::Instant;
 use tower_service::Service;
 
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
-use super::state::Shared;
+use super::state::{KeyState, Shared};
 use crate::key::{ByModel, KeyFn};
 
 /// A service guarded by one circuit breaker per key. Built by
@@ -27,6 +26,10 @@ pub struct CircuitBreaker<S, F = ByModel, K = Arc<str>> {
     inner: S,
     key_fn: Arc<F>,
     shared: Arc<Shared<K>>,
+    /// The breaker of the last call's key: calls for the same key (the common case: one model
+    /// per service) skip hashing the key and the map's lock. Keys are never removed from the
+    /// map, so it never goes stale.
+    last: Option<Arc<KeyState<K>>>,
 }
 
 impl<S, F, K> CircuitBreaker<S, F, K> {
@@ -35,6 +38,7 @@ impl<S, F, K> CircuitBreaker<S, F, K> {
             inner,
             key_fn,
             shared,
+            last: None,
         }
     }
 
@@ -67,6 +71,7 @@ impl<S: Clone, F, K> Clone for CircuitBreaker<S, F, K> {
             inner: self.inner.clone(),
             key_fn: self.key_fn.clone(),
             shared: self.shared.clone(),
+            last: self.last.clone(),
         }
     }
 }
@@ -97,8 +102,15 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let state = self.shared.get_or_insert(self.key_fn.key(&req));
-        match state.admit(Instant::now()) {
+        let state = match &self.last {
+            Some(last) if self.key_fn.is_key(&req, last.key()) => last.clone(),
+            _ => {
+                let state = self.shared.get_or_insert(self.key_fn.key(&req));
+                self.last = Some(state.clone());
+                state
+            }
+        };
+        match state.admit() {
             Ok(permit) => ResponseFuture::called(self.inner.call(req), Guard::new(state, permit)),
             Err(retry_after) => ResponseFuture::rejected(CircuitOpen { retry_after }.into()),
         }

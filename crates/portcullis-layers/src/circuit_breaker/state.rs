@@ -1,13 +1,22 @@
 //! The state machine of one key, and the map of keys shared by clones.
 //!
-//! Each key's state sits in a `std::sync::Mutex` held for a few dozen instructions per call;
-//! the map of keys is behind an `RwLock` whose write side is only taken for a new key. Nothing
-//! here allocates for a key already seen.
+//! Each key's state sits in a `std::sync::Mutex` held for a few dozen instructions; the map of
+//! keys is behind an `RwLock` whose write side is only taken for a new key. Nothing here
+//! allocates for a key already seen.
+//!
+//! The happy path takes no lock and reads no clock: a CLOSED breaker under a
+//! consecutive-failures policy without a slow-call policy, with no failure pending, publishes
+//! its generation in one atomic word ([`KeyState::fast`]). Admission is then a load (and a
+//! counter increment), and a success of the current generation another load: nothing changes
+//! when a success follows a success. Everything else (a failure, a probe, OPEN, HALF_OPEN, the
+//! window policies) takes the mutex, and every release of the mutex republishes the word.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -78,7 +87,8 @@ where
 pub(crate) struct Permit {
     generation: u64,
     probe: Option<Probe>,
-    admitted: Instant,
+    /// When it was admitted; only read (and only set) under a slow-call policy.
+    admitted: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -124,14 +134,33 @@ struct Slot {
     since: Option<Instant>,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+/// The metrics' counters: atomics, so that the lock-free path counts too.
+#[derive(Debug, Default)]
 struct Counters {
-    calls: u64,
-    successes: u64,
-    failures: u64,
-    slow_calls: u64,
-    rejected: u64,
-    ignored: u64,
+    calls: AtomicU64,
+    successes: AtomicU64,
+    failures: AtomicU64,
+    slow_calls: AtomicU64,
+    rejected: AtomicU64,
+    ignored: AtomicU64,
+}
+
+impl Counters {
+    fn all(&self) -> [&AtomicU64; 6] {
+        [
+            &self.calls,
+            &self.successes,
+            &self.failures,
+            &self.slow_calls,
+            &self.rejected,
+            &self.ignored,
+        ]
+    }
+}
+
+/// Adds one to a counter.
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 struct Inner {
@@ -145,7 +174,6 @@ struct Inner {
     slow_window: Option<Recorder>,
     probes: Box<[Slot]>,
     next_ticket: u64,
-    counters: Counters,
 }
 
 /// One key's breaker.
@@ -153,6 +181,49 @@ pub(crate) struct KeyState<K> {
     key: K,
     common: Arc<Common<K>>,
     inner: Mutex<Inner>,
+    counters: Counters,
+    /// The lock-free CLOSED path: `generation << 1 | 1` while it is open to it (CLOSED, no
+    /// failure pending, and a configuration that needs nothing else: [`Self::fast_eligible`]),
+    /// 0 otherwise. Written only under the mutex, when it is released ([`Locked`]).
+    fast: AtomicU64,
+    /// A consecutive-failures policy and no slow-call policy: a success of the current
+    /// generation changes nothing when no failure is pending.
+    fast_eligible: bool,
+}
+
+/// The mutex guard of one key: republishes [`KeyState::fast`] when released.
+struct Locked<'a> {
+    inner: MutexGuard<'a, Inner>,
+    fast: &'a AtomicU64,
+    eligible: bool,
+}
+
+impl Deref for Locked<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.inner
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let open_to_fast = self.eligible
+            && matches!(self.inner.phase, Phase::Closed)
+            && self.inner.consecutive_failures == 0;
+        let word = if open_to_fast {
+            self.inner.generation << 1 | 1
+        } else {
+            0
+        };
+        // Before the mutex is released (the guard's field drops after this).
+        self.fast.store(word, Ordering::Release);
+    }
 }
 
 impl<K> KeyState<K>
@@ -179,21 +250,48 @@ where
             slow_window,
             probes: vec![Slot::default(); config.half_open_probes as usize].into_boxed_slice(),
             next_ticket: 0,
-            counters: Counters::default(),
         };
+        let fast_eligible = matches!(config.trip, super::TripPolicy::ConsecutiveFailures { .. })
+            && config.slow_calls.is_none();
         KeyState {
             key,
             common,
             inner: Mutex::new(inner),
+            counters: Counters::default(),
+            // Generation 0, CLOSED, no failure.
+            fast: AtomicU64::new(u64::from(fast_eligible)),
+            fast_eligible,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The key.
+    pub(crate) fn key(&self) -> &K {
+        &self.key
+    }
+
+    fn lock(&self) -> Locked<'_> {
+        Locked {
+            inner: self.inner.lock().unwrap_or_else(PoisonError::into_inner),
+            fast: &self.fast,
+            eligible: self.fast_eligible,
+        }
     }
 
     /// Admits a call, or says how long until the breaker may admit one.
-    pub(crate) fn admit(&self, now: Instant) -> Result<Permit, Duration> {
+    pub(crate) fn admit(&self) -> Result<Permit, Duration> {
+        let fast = self.fast.load(Ordering::Acquire);
+        if fast & 1 == 1 {
+            bump(&self.counters.calls);
+            return Ok(Permit {
+                generation: fast >> 1,
+                probe: None,
+                admitted: None,
+            });
+        }
+        self.admit_locked(Instant::now())
+    }
+
+    fn admit_locked(&self, now: Instant) -> Result<Permit, Duration> {
         let mut inner = self.lock();
         let event = self.refresh(&mut inner, now);
         let result = match inner.phase {
@@ -231,15 +329,15 @@ where
         };
         let result = match result {
             Ok(probe) => {
-                inner.counters.calls += 1;
+                bump(&self.counters.calls);
                 Ok(Permit {
                     generation: inner.generation,
                     probe,
-                    admitted: now,
+                    admitted: self.common.config.slow_calls.is_some().then_some(now),
                 })
             }
             Err(retry_after) => {
-                inner.counters.rejected += 1;
+                bump(&self.counters.rejected);
                 Err(retry_after)
             }
         };
@@ -251,14 +349,38 @@ where
 
 /// Records how an admitted call ended; lets a permit forget its key's type.
 pub(crate) trait Complete: Send + Sync {
-    fn complete(&self, permit: &Permit, outcome: Outcome, now: Instant);
+    fn complete(&self, permit: &Permit, outcome: Outcome);
 }
 
 impl<K> Complete for KeyState<K>
 where
     K: Clone + Debug + Send + Sync + 'static,
 {
-    fn complete(&self, permit: &Permit, outcome: Outcome, now: Instant) {
+    fn complete(&self, permit: &Permit, outcome: Outcome) {
+        if permit.probe.is_none() {
+            match outcome {
+                // Whatever the state, an ignored outcome of a call that is not a probe only
+                // counts as ignored.
+                Outcome::Ignored => return bump(&self.counters.ignored),
+                // Still CLOSED in the permit's generation with no failure pending: a success
+                // changes nothing but its counter.
+                Outcome::Success
+                    if self.fast.load(Ordering::Acquire) == permit.generation << 1 | 1 =>
+                {
+                    return bump(&self.counters.successes);
+                }
+                Outcome::Success | Outcome::Failure => {}
+            }
+        }
+        self.complete_locked(permit, outcome, Instant::now());
+    }
+}
+
+impl<K> KeyState<K>
+where
+    K: Clone + Debug + Send + Sync + 'static,
+{
+    fn complete_locked(&self, permit: &Permit, outcome: Outcome, now: Instant) {
         let mut inner = self.lock();
         let current = permit.generation == inner.generation
             && match permit.probe {
@@ -274,22 +396,20 @@ where
                 }
             };
         if !current || outcome == Outcome::Ignored {
-            inner.counters.ignored += 1;
+            bump(&self.counters.ignored);
             return;
         }
         let config = &self.common.config;
         let failure = outcome == Outcome::Failure;
-        let slow = config
-            .slow_calls
-            .as_ref()
-            .is_some_and(|s| now.saturating_duration_since(permit.admitted) >= s.threshold);
-        let c = &mut inner.counters;
-        if failure {
-            c.failures += 1;
-        } else {
-            c.successes += 1;
+        let slow = match (&config.slow_calls, permit.admitted) {
+            (Some(s), Some(admitted)) => now.saturating_duration_since(admitted) >= s.threshold,
+            _ => false,
+        };
+        let c = &self.counters;
+        bump(if failure { &c.failures } else { &c.successes });
+        if slow {
+            bump(&c.slow_calls);
         }
-        c.slow_calls += u64::from(slow);
 
         let event = match inner.phase {
             Phase::Closed => self.judge(&mut inner, failure, slow, now),
@@ -440,15 +560,15 @@ where
     pub(crate) fn metrics(&self, now: Instant) -> CircuitMetrics {
         let mut inner = self.lock();
         let event = self.refresh(&mut inner, now);
-        let c = inner.counters;
+        let c = &self.counters;
         let metrics = CircuitMetrics {
             state: inner.phase.public(),
-            calls: c.calls,
-            successes: c.successes,
-            failures: c.failures,
-            slow_calls: c.slow_calls,
-            rejected: c.rejected,
-            ignored: c.ignored,
+            calls: c.calls.load(Ordering::Relaxed),
+            successes: c.successes.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            slow_calls: c.slow_calls.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            ignored: c.ignored.load(Ordering::Relaxed),
             consecutive_failures: inner.consecutive_failures,
         };
         drop(inner);
@@ -486,7 +606,9 @@ where
 
     pub(crate) fn reset(&self, now: Instant) {
         let mut inner = self.lock();
-        inner.counters = Counters::default();
+        for counter in self.counters.all() {
+            counter.store(0, Ordering::Relaxed);
+        }
         let event = match inner.phase {
             Phase::Closed => {
                 inner.trips = 0;

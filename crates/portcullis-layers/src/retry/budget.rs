@@ -1,6 +1,7 @@
 //! The retry budget shared by every clone of a retry layer.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -21,8 +22,10 @@ const SLOTS: usize = 10;
 /// [`RetryStop::BudgetExhausted`](portcullis_core::RetryStop::BudgetExhausted).
 ///
 /// Every request is [deposited](RetryBudget::deposit); every retry must
-/// [withdraw](RetryBudget::try_withdraw). State sits behind a `std` mutex held for a few
-/// additions; time comes from `tokio::time`, so paused-time tests drive the window.
+/// [withdraw](RetryBudget::try_withdraw). A deposit that falls in the current slot is one
+/// atomic addition; everything else (a withdrawal, a deposit that moves the window on) holds a
+/// `std` mutex for a few additions. Time comes from `tokio::time`, so paused-time tests drive
+/// the window.
 ///
 /// ```
 /// use portcullis_layers::retry::{BudgetConfig, RetryBudget};
@@ -42,6 +45,15 @@ pub struct RetryBudget {
     reserve: f64,
     slot: u64,
     window: Mutex<Window>,
+    /// What `head_end` counts from.
+    origin: Instant,
+    /// The end of the head slot, in nanoseconds since `origin` (0 before the first use):
+    /// a deposit before it belongs to the head slot and only adds to `fresh`.
+    head_end: AtomicU64,
+    /// Deposits made into the head slot without the mutex, not yet added to `window`; the
+    /// mutex holder adds them before the window moves on. (A deposit that raced with that move
+    /// counts in the next slot: it leaves the window one slot late, never early.)
+    fresh: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -85,12 +97,25 @@ impl RetryBudget {
             reserve: per_sec * window.as_secs_f64(),
             slot: (nanos(window) / SLOTS as u64).max(1),
             window: Mutex::new(Window::default()),
+            origin: Instant::now(),
+            head_end: AtomicU64::new(0),
+            fresh: AtomicU64::new(0),
         }
     }
 
     /// Records one request (each call to the layer, not each attempt).
     pub fn deposit(&self) {
-        self.with_window(|w| {
+        self.deposit_at(Instant::now());
+    }
+
+    /// [`deposit`](Self::deposit) at `now`, a time the caller just read.
+    pub(crate) fn deposit_at(&self, now: Instant) {
+        let at = nanos(now.saturating_duration_since(self.origin));
+        if at < self.head_end.load(Ordering::Acquire) {
+            self.fresh.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.with_window_at(now, |w| {
             w.slots[w.head].requests += 1;
             w.total.requests += 1;
         });
@@ -115,9 +140,21 @@ impl RetryBudget {
     }
 
     fn with_window<T>(&self, f: impl FnOnce(&mut Window) -> T) -> T {
-        let now = Instant::now();
+        self.with_window_at(Instant::now(), f)
+    }
+
+    fn with_window_at<T>(&self, now: Instant, f: impl FnOnce(&mut Window) -> T) -> T {
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        // The lock-free deposits belong to the head slot as it is before moving on.
+        let fresh = self.fresh.swap(0, Ordering::AcqRel);
+        let head = w.head;
+        w.slots[head].requests += fresh;
+        w.total.requests += fresh;
         w.advance(now, self.slot);
+        if let Some(start) = w.head_start {
+            let end = nanos(start.saturating_duration_since(self.origin)).saturating_add(self.slot);
+            self.head_end.store(end, Ordering::Release);
+        }
         f(&mut w)
     }
 }

@@ -102,6 +102,9 @@ where
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
                     let outcome = ready!(future.poll(cx));
+                    if outcome.is_ok() && this.policy.accepts_successes() {
+                        return Poll::Ready(outcome);
+                    }
                     let attempt = Attempt {
                         request: &*this.request,
                         number: *this.attempts,

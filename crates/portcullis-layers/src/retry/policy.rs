@@ -67,6 +67,20 @@ pub trait Policy<Req, Res, E> {
     /// Called once per request, before its first attempt (a budget deposits here).
     fn on_request(&self, _request: &Req) {}
 
+    /// [`on_request`](Self::on_request) with the time of the call, which the service reads
+    /// anyway (for [`Attempt::elapsed`]): a policy that needs the time takes it from here
+    /// instead of reading the clock again. The default calls `on_request`.
+    fn on_request_at(&self, request: &Req, _now: Instant) {
+        self.on_request(request);
+    }
+
+    /// Whether [`decide`](Self::decide) accepts every success, whatever the attempt. When it
+    /// does, the service returns a success without building the [`Attempt`] (which reads the
+    /// clock). The default, `false`, has `decide` see every outcome.
+    fn accepts_successes(&self) -> bool {
+        false
+    }
+
     /// What to do with the outcome of an attempt.
     fn decide(&self, attempt: &Attempt<'_, Req>, outcome: Result<&Res, &E>) -> Decision;
 }
@@ -253,6 +267,16 @@ impl<Req, Res, E: Classify> Policy<Req, Res, E> for StandardPolicy {
         if let Some(budget) = &self.budget {
             budget.deposit();
         }
+    }
+
+    fn on_request_at(&self, _request: &Req, now: Instant) {
+        if let Some(budget) = &self.budget {
+            budget.deposit_at(now);
+        }
+    }
+
+    fn accepts_successes(&self) -> bool {
+        true
     }
 
     fn decide(&self, attempt: &Attempt<'_, Req>, outcome: Result<&Res, &E>) -> Decision {

@@ -96,12 +96,15 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        self.policy.on_request(&request);
+        // The one clock read of a call that succeeds: the attempt's start, and the budget's
+        // deposit time.
+        let now = Instant::now();
+        self.policy.on_request_at(&request, now);
         // Call the service that was driven ready; keep it for the retries, which drive it ready
         // again. `self` keeps a fresh clone, as tower's own `Retry` does.
         let fresh = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, fresh);
         let first = service.call(request.clone());
-        ResponseFuture::new(first, service, request, self.policy.clone(), Instant::now())
+        ResponseFuture::new(first, service, request, self.policy.clone(), now)
     }
 }

@@ -9,12 +9,17 @@ use tokio::time::{Instant, Sleep, sleep_until};
 
 pin_project! {
     /// The response future of [`Timeout`](super::Timeout).
+    ///
+    /// Its timer is only created when the inner future first returns `Pending`: a call that is
+    /// over on its first poll never touches the timer wheel.
     #[derive(Debug)]
     pub struct TimeoutFuture<F> {
         #[pin]
         inner: F,
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
+        // When the attempt fails: the call's time plus the timeout, or the deadline if earlier.
+        at: Instant,
         timeout: Duration,
         // Whether the sleep ends at the deadline rather than at the attempt timeout.
         at_deadline: bool,
@@ -30,10 +35,22 @@ impl<F> TimeoutFuture<F> {
         };
         TimeoutFuture {
             inner,
-            sleep: sleep_until(at),
+            sleep: None,
+            at,
             timeout,
             at_deadline,
         }
+    }
+}
+
+/// Polls the timer that ends at `at`, creating it on the first call.
+fn poll_timer(mut sleep: Pin<&mut Option<Sleep>>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    if sleep.is_none() {
+        sleep.set(Some(sleep_until(at)));
+    }
+    match sleep.as_pin_mut() {
+        Some(sleep) => sleep.poll(cx),
+        None => Poll::Pending,
     }
 }
 
@@ -49,7 +66,7 @@ where
         if let Poll::Ready(out) = this.inner.poll(cx) {
             return Poll::Ready(out);
         }
-        ready!(this.sleep.poll(cx));
+        ready!(poll_timer(this.sleep, *this.at, cx));
         if *this.at_deadline {
             Poll::Ready(Err(DeadlineExceeded {}.into()))
         } else {
@@ -62,13 +79,15 @@ where
 }
 
 pin_project! {
-    /// The response future of [`Deadline`](super::Deadline).
+    /// The response future of [`Deadline`](super::Deadline). Like the timeout's, its timer is
+    /// only created when the inner future first returns `Pending`.
     #[derive(Debug)]
     pub struct DeadlineFuture<F> {
         #[pin]
         inner: F,
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
+        at: Instant,
     }
 }
 
@@ -76,7 +95,8 @@ impl<F> DeadlineFuture<F> {
     pub(super) fn new(inner: F, at: Instant) -> Self {
         DeadlineFuture {
             inner,
-            sleep: sleep_until(at),
+            sleep: None,
+            at,
         }
     }
 }
@@ -93,7 +113,7 @@ where
         if let Poll::Ready(out) = this.inner.poll(cx) {
             return Poll::Ready(out);
         }
-        ready!(this.sleep.poll(cx));
+        ready!(poll_timer(this.sleep, *this.at, cx));
         Poll::Ready(Err(DeadlineExceeded {}.into()))
     }
 }

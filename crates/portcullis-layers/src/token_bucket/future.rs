@@ -35,7 +35,8 @@ pin_project! {
     #[project = StateProj]
     enum State<R, F> {
         Reserve { #[pin] fut: R },
-        Sleep { #[pin] sleep: Sleep },
+        // `limit`: the latest admission allowed, for a pause found on waking.
+        Sleep { #[pin] sleep: Sleep, limit: Instant },
         Ready,
         Call { #[pin] fut: F },
         Done,
@@ -48,17 +49,34 @@ struct Ctx<K, St: BucketStore<K>> {
     key: K,
     name: Arc<str>,
     cost: Cost,
-    /// The latest admission allowed (`max_wait` or the deadline).
-    limit: Instant,
-    /// Reserved, not yet used: refunded on drop.
-    waiting: Option<St::Ticket>,
-    /// Spent on the inner call: reconciled with the usage, never refunded.
-    charged: Option<St::Ticket>,
+    /// The layer's longest wait, and the request's deadline: the latest admission allowed is
+    /// the earlier of the two, worked out only when a wait is granted ([`Ctx::limit`]).
+    max_wait: Duration,
+    deadline: Option<Instant>,
+    /// The reservation: refunded on drop while waiting; once `charged` (spent on the inner
+    /// call), reconciled with the usage, never refunded.
+    ticket: Option<St::Ticket>,
+    charged: bool,
 }
 
 impl<K: KeyLabel, St: BucketStore<K>> Ctx<K, St> {
+    /// The latest admission allowed: `max_wait` after `now` (when the wait was granted, which
+    /// for the in-memory store is when the layer was called), or the deadline if earlier.
+    fn limit(&self, now: Instant) -> Instant {
+        let by_wait = now + self.max_wait;
+        self.deadline.map_or(by_wait, |d| d.min(by_wait))
+    }
+
+    /// The reservation while it is not spent.
+    fn waiting(&self) -> Option<&St::Ticket> {
+        self.ticket.as_ref().filter(|_| !self.charged)
+    }
+
     fn refund(&mut self, why: &'static str) {
-        if let Some(t) = self.waiting.take() {
+        if self.charged {
+            return;
+        }
+        if let Some(t) = self.ticket.take() {
             tracing::debug!(
                 key = %KeyDisplay(&self.name, &self.key.label()),
                 cost = self.cost.input_tokens + self.cost.output_tokens,
@@ -121,7 +139,10 @@ impl<K: KeyLabel, St: BucketStore<K>> Ctx<K, St> {
 
 impl<K, St: BucketStore<K>> Drop for Ctx<K, St> {
     fn drop(&mut self) {
-        if let Some(t) = self.waiting.take() {
+        if self.charged {
+            return;
+        }
+        if let Some(t) = self.ticket.take() {
             self.store.settle(t, Settlement::Cancelled);
         }
     }
@@ -141,7 +162,8 @@ where
         key: K,
         name: Arc<str>,
         cost: Cost,
-        limit: Instant,
+        max_wait: Duration,
+        deadline: Option<Instant>,
     ) -> Self {
         ResponseFuture {
             state: State::Reserve { fut: reserve },
@@ -152,9 +174,10 @@ where
                 key,
                 name,
                 cost,
-                limit,
-                waiting: None,
-                charged: None,
+                max_wait,
+                deadline,
+                ticket: None,
+                charged: false,
             },
         }
     }
@@ -183,7 +206,7 @@ where
                     let ctx = &mut *this.ctx;
                     match ready!(fut.poll(cx)) {
                         Ok(adm) => {
-                            ctx.waiting = Some(adm.ticket);
+                            ctx.ticket = Some(adm.ticket);
                             if adm.wait.is_zero() {
                                 this.state.set(State::Ready);
                             } else {
@@ -193,8 +216,10 @@ where
                                     wait_ms = adm.wait.as_millis() as u64,
                                     "token bucket: waiting for a slot"
                                 );
-                                let sleep = sleep_until(Instant::now() + adm.wait);
-                                this.state.set(State::Sleep { sleep });
+                                let now = Instant::now();
+                                let limit = ctx.limit(now);
+                                let sleep = sleep_until(now + adm.wait);
+                                this.state.set(State::Sleep { sleep, limit });
                             }
                         }
                         Err(refusal) => {
@@ -224,24 +249,25 @@ where
                         }
                     }
                 }
-                StateProj::Sleep { sleep } => {
+                StateProj::Sleep { sleep, limit } => {
                     ready!(sleep.poll(cx));
+                    let limit = *limit;
                     let ctx = &mut *this.ctx;
                     let paused = ctx
-                        .waiting
-                        .as_ref()
+                        .waiting()
                         .and_then(|t| ctx.store.paused_for(t))
                         .filter(|d| !d.is_zero());
                     match paused {
                         Some(p) => {
                             let until = Instant::now() + p;
-                            if until > ctx.limit {
+                            if until > limit {
                                 ctx.refund("paused beyond the allowed wait");
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(Throttled { retry_after: p }.into()));
                             }
                             this.state.set(State::Sleep {
                                 sleep: sleep_until(until),
+                                limit,
                             });
                         }
                         None => this.state.set(State::Ready),
@@ -255,17 +281,18 @@ where
                     }
                     let req = this.req.take().expect("request taken only once");
                     // From here on the reservation is spent: it is reconciled, not refunded.
-                    this.ctx.charged = this.ctx.waiting.take();
+                    this.ctx.charged = true;
                     let fut = this.inner.call(req);
                     this.state.set(State::Call { fut });
                 }
                 StateProj::Call { fut } => {
-                    let out = ready!(fut.poll(cx));
+                    // Inspected in place and returned as is: a response is not moved again.
+                    let mut out = ready!(fut.poll(cx));
                     this.state.set(State::Done);
                     let ctx = &mut *this.ctx;
-                    let ticket = ctx.charged.take();
-                    return Poll::Ready(match out {
-                        Ok(mut res) => {
+                    let ticket = ctx.ticket.take();
+                    match &mut out {
+                        Ok(res) => {
                             ctx.feedback(res.rate_limits());
                             if let Some(ticket) = ticket {
                                 let store = ctx.store.clone();
@@ -283,7 +310,6 @@ where
                                     }
                                 });
                             }
-                            Ok(res)
                         }
                         Err(e) => {
                             ctx.feedback(e.rate_limits());
@@ -291,9 +317,9 @@ where
                             if class.rate_limited {
                                 ctx.rate_limited(class.retry_after, e.rate_limits());
                             }
-                            Err(e)
                         }
-                    });
+                    }
+                    return Poll::Ready(out);
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }

@@ -84,11 +84,15 @@ where
             input_tokens: tokens.input,
             output_tokens: tokens.output,
         };
-        let now = Instant::now();
-        let mut max_wait = self.settings.max_wait;
-        if let Some(deadline) = req.deadline() {
-            max_wait = max_wait.min(deadline.saturating_duration_since(now));
-        }
+        // The clock is only read for a deadline: without one, the wait allowed is the layer's.
+        let deadline = req.deadline();
+        let max_wait = match deadline {
+            Some(d) => self
+                .settings
+                .max_wait
+                .min(d.saturating_duration_since(Instant::now())),
+            None => self.settings.max_wait,
+        };
         tracing::trace!(
             model = crate::key::model_of(&req),
             tokens = tokens.total(),
@@ -103,7 +107,8 @@ where
             key,
             self.settings.name.clone(),
             cost,
-            now + max_wait,
+            self.settings.max_wait,
+            deadline,
         )
     }
 }

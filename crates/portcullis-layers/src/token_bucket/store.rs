@@ -60,6 +60,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::config::{KeyLimits, Rate, TokenBucketConfig};
+use crate::key::FxBuildHasher;
 
 /// How a key reads in configuration and logs. The layer displays a key as `name:label`.
 pub trait KeyLabel {
@@ -295,11 +296,13 @@ impl Bucket {
     }
     /// Time to refill `units`, rounded up (charging more is the safe side).
     fn refill_time(&self, units: u64) -> Nanos {
-        (units as f64 * self.nanos_per_unit).ceil() as u64
+        ceil_nanos(units as f64 * self.nanos_per_unit)
     }
     /// How far ahead of `tat` a cost of `units` may be admitted, rounded down.
     fn tolerance(&self, units: u64) -> Nanos {
-        (self.capacity.saturating_sub(units) as f64 * self.nanos_per_unit).floor() as u64
+        // `as` truncates toward zero, which for a value ≥ 0 is rounding down (and saturates
+        // as `floor() as u64` does), without a call to libm's `floor`.
+        (self.capacity.saturating_sub(units) as f64 * self.nanos_per_unit) as u64
     }
     fn level(&self, tat: Nanos, now: Nanos) -> f64 {
         let debt = tat as f64 - now as f64;
@@ -308,6 +311,17 @@ impl Bucket {
         } else {
             self.capacity as f64 - debt / self.nanos_per_unit
         }
+    }
+}
+
+/// `x.ceil() as u64` for `x ≥ 0`, without a call to libm's `ceil`: truncate, then add one if
+/// that dropped a fraction. Saturates as the cast does.
+fn ceil_nanos(x: f64) -> Nanos {
+    let t = x as u64;
+    if (t as f64) < x {
+        t.saturating_add(1)
+    } else {
+        t
     }
 }
 
@@ -387,7 +401,7 @@ fn lock(slot: &Slot) -> MutexGuard<'_, KeyState> {
 struct MemShared<K> {
     name: Arc<str>,
     config: TokenBucketConfig,
-    keys: RwLock<HashMap<K, Slot>>,
+    keys: RwLock<HashMap<K, Slot, FxBuildHasher>>,
     origin: Instant,
 }
 
@@ -445,7 +459,7 @@ where
             shared: Arc::new(MemShared {
                 name: name.into(),
                 config,
-                keys: RwLock::new(HashMap::new()),
+                keys: RwLock::new(HashMap::default()),
                 origin: Instant::now(),
             }),
         })
@@ -457,7 +471,7 @@ where
             shared: Arc::new(MemShared {
                 name: self.shared.name.clone(),
                 config: self.shared.config.clone(),
-                keys: RwLock::new(HashMap::new()),
+                keys: RwLock::new(HashMap::default()),
                 origin: self.shared.origin,
             }),
         }
@@ -554,16 +568,18 @@ where
         }
         s.floor = at;
         s.seq += 1;
+        let (seq, tat_after, epoch) = (s.seq, s.tat, s.epoch);
+        drop(s);
+        // The slot's `Arc` moves into the ticket: no second reference count update.
         let ticket = MemoryTicket {
-            slot: slot.clone(),
-            seq: s.seq,
+            slot,
+            seq,
             cost: c,
             tat_before,
-            tat_after: s.tat,
-            epoch: s.epoch,
+            tat_after,
+            epoch,
             prev_floor,
         };
-        drop(s);
         Ok(Admission { wait, ticket })
     }
 }
