@@ -4,10 +4,10 @@
 //!   gets when each replica is configured alone);
 //! - `redis`: every instance draws from the same buckets in Redis ([`portcullis_redis`]).
 //!
-//! With `--processes`, the instances are separate OS processes (this binary, re-run as a
-//! hidden worker) and the outcomes come back as JSON lines.
+//! With `--processes`, the instances are separate OS processes (this binary, re-run as the
+//! hidden `portcullis drill-worker`) and the outcomes come back as JSON lines.
 
-use std::process::Stdio;
+use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use portcullis::ChatRequest;
@@ -15,7 +15,8 @@ use portcullis::layers::token_bucket::TokenBucketLayer;
 use portcullis::layers::{CircuitBreakerLayer, RetryLayer, TimeoutLayer};
 use portcullis::sim::Simulator;
 use portcullis_redis::{LocalRedis, RedisConfig, RedisStore};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
@@ -161,7 +162,66 @@ pub async fn run(
     })
 }
 
-/// Runs each instance as `portcullis drill fleet --worker ...` and reads its outcomes.
+/// Arguments of the hidden `portcullis drill-worker`: one instance of `drill fleet
+/// --processes`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// The simulator's OpenAI base URL.
+    #[arg(long)]
+    sim_url: String,
+    /// Seeds the instance's jitter and prompts.
+    #[arg(long)]
+    seed: u64,
+    /// The instance's number: its request numbers start at `index` × 1 000 000.
+    #[arg(long)]
+    index: u64,
+    /// Requests per second this instance offers.
+    #[arg(long)]
+    rate: f64,
+    /// The Redis whose buckets the fleet shares (with `--prefix`); local buckets without.
+    #[arg(long, requires = "prefix")]
+    redis: Option<String>,
+    /// The key prefix of the shared buckets.
+    #[arg(long, requires = "redis")]
+    prefix: Option<String>,
+}
+
+/// One outcome as a worker prints it: a JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+struct Line {
+    sent_us: u64,
+    done_us: u64,
+    /// The tokens served; `null` for a failure.
+    tokens: Option<u64>,
+}
+
+impl From<&Outcome> for Line {
+    fn from(o: &Outcome) -> Self {
+        Line {
+            sent_us: o.sent.as_micros() as u64,
+            done_us: o.done.as_micros() as u64,
+            tokens: o.result.as_ref().ok().map(|s| s.tokens),
+        }
+    }
+}
+
+impl From<Line> for Outcome {
+    fn from(l: Line) -> Self {
+        Outcome {
+            sent: Duration::from_micros(l.sent_us),
+            done: Duration::from_micros(l.done_us),
+            result: match l.tokens {
+                Some(tokens) => Ok(Served {
+                    provider: "openai".into(),
+                    tokens,
+                }),
+                None => Err(portcullis::ErrorKind::Server),
+            },
+        }
+    }
+}
+
+/// Runs each instance as `portcullis drill-worker ...` and reads its outcomes.
 async fn run_processes(
     sim_url: &str,
     shared: Option<(&str, &str)>,
@@ -174,9 +234,7 @@ async fn run_processes(
     for n in 0..instances {
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args([
-            "drill",
-            "fleet",
-            "--worker",
+            "drill-worker",
             "--sim-url",
             sim_url,
             "--rate",
@@ -185,7 +243,7 @@ async fn run_processes(
         .args([
             "--seed",
             &(seed + n as u64).to_string(),
-            "--worker-index",
+            "--index",
             &n.to_string(),
         ])
         .stdout(Stdio::piped())
@@ -202,41 +260,33 @@ async fn run_processes(
         };
         let mut lines = BufReader::new(stdout).lines();
         while let Some(line) = lines.next_line().await? {
-            let v: Value = serde_json::from_str(&line)?;
-            all.push(Outcome {
-                sent: Duration::from_micros(v["sent_us"].as_u64().unwrap_or(0)),
-                done: Duration::from_micros(v["done_us"].as_u64().unwrap_or(0)),
-                result: match v["tokens"].as_u64() {
-                    Some(tokens) => Ok(Served {
-                        provider: "openai".into(),
-                        tokens,
-                    }),
-                    None => Err(portcullis::ErrorKind::Server),
-                },
-            });
+            all.push(serde_json::from_str::<Line>(&line)?.into());
         }
         child.wait().await?;
     }
     Ok(all)
 }
 
-/// The hidden worker: one instance, outcomes as JSON lines on stdout.
-pub async fn worker(
-    sim_url: &str,
-    redis: Option<(&str, &str)>,
-    seed: u64,
-    index: u64,
-    rate: f64,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let svc = instance(sim_url, redis, seed)?;
-    let base = index * 1_000_000;
-    let outcomes = workload::run(svc, rate, DURATION, move |i| request(base + i, seed)).await;
-    for o in outcomes {
-        let tokens = o.result.as_ref().ok().map(|s| s.tokens);
-        println!(
-            "{}",
-            json!({"sent_us": o.sent.as_micros() as u64, "done_us": o.done.as_micros() as u64, "tokens": tokens})
-        );
+/// Runs `portcullis drill-worker`: one instance, its outcomes as JSON lines on stdout.
+pub async fn worker(args: WorkerArgs) -> ExitCode {
+    let shared = args.redis.as_deref().zip(args.prefix.as_deref());
+    let svc = match instance(&args.sim_url, shared, args.seed) {
+        Ok(svc) => svc,
+        Err(e) => {
+            eprintln!("error: fleet worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (seed, base) = (args.seed, args.index * 1_000_000);
+    let outcomes = workload::run(svc, args.rate, DURATION, move |i| request(base + i, seed)).await;
+    for o in &outcomes {
+        match serde_json::to_string(&Line::from(o)) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("error: fleet worker: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
-    Ok(())
+    ExitCode::SUCCESS
 }

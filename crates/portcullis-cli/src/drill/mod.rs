@@ -26,6 +26,8 @@ mod storm;
 mod svg;
 pub mod workload;
 
+pub use fleet::{WorkerArgs, worker};
+
 /// Real time per simulated second: 1/20, so a 60 s recovery timeout lasts 3 s.
 pub const SCALE: f64 = 1.0 / 20.0;
 
@@ -73,36 +75,9 @@ pub struct DrillArgs {
     /// `fleet`: run the instances as separate OS processes.
     #[arg(long)]
     processes: bool,
-    /// Internal: run as one fleet instance.
-    #[arg(long, hide = true)]
-    worker: bool,
-    #[arg(long, hide = true)]
-    sim_url: Option<String>,
-    #[arg(long, hide = true)]
-    prefix: Option<String>,
-    #[arg(long, hide = true, default_value_t = 0)]
-    worker_index: u64,
-    #[arg(long, hide = true, default_value_t = 0.0)]
-    rate: f64,
 }
 
 async fn run_fleet(args: &DrillArgs) -> ExitCode {
-    if args.worker {
-        let Some(sim) = &args.sim_url else {
-            return ExitCode::from(2);
-        };
-        let redis = match (&args.redis, &args.prefix) {
-            (Some(u), Some(p)) => Some((u.as_str(), p.as_str())),
-            _ => None,
-        };
-        return match fleet::worker(sim, redis, args.seed, args.worker_index, args.rate).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: fleet worker: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
     if args.instances == 0 {
         eprintln!("error: --instances must be at least 1");
         return ExitCode::from(2);
