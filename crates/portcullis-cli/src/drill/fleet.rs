@@ -7,6 +7,7 @@
 //! With `--processes`, the instances are separate OS processes (this binary, re-run as the
 //! hidden `portcullis drill-worker`) and the outcomes come back as JSON lines.
 
+use std::fmt;
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
@@ -16,17 +17,16 @@ use portcullis::layers::{CircuitBreakerLayer, RetryLayer, TimeoutLayer};
 use portcullis::sim::Simulator;
 use portcullis_redis::{LocalRedis, RedisConfig, RedisStore};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
 use super::rate_limit::{
-    DURATION, MAX_TOKENS, MODEL, RATE, RPM, SAFETY, TPM, client_limits, goodput, sim_limits,
+    DURATION, LimitsScenario, MAX_TOKENS, MODEL, RATE, client_limits, goodput, sim_limits,
 };
 use super::stacks::{self, ATTEMPT_TIMEOUT};
 use super::workload::{self, Outcome, Served, StackService};
-use super::{Report, latency, progress, scaled};
+use super::{Latency, Report, Which, latency, progress, scaled};
 
 /// Where the fleet's Redis comes from.
 pub enum RedisSource {
@@ -92,15 +92,56 @@ fn request(i: u64, seed: u64) -> ChatRequest {
     workload::request(i, seed, MODEL, MAX_TOKENS)
 }
 
+/// The fleet's two ways of sharing the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharing {
+    /// Every instance has its own in-memory bucket at the full limit.
+    Local,
+    /// Every instance draws from the same buckets in Redis.
+    Redis,
+}
+
+impl fmt::Display for Sharing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Sharing::Local => "local",
+            Sharing::Redis => "redis",
+        })
+    }
+}
+
+/// The fleet's settings.
+#[derive(Debug, Serialize)]
+pub struct Scenario {
+    description: String,
+    instances: usize,
+    processes: bool,
+    #[serde(flatten)]
+    limits: LimitsScenario,
+}
+
+/// One way of sharing, across the whole fleet.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    name: Sharing,
+    instances: usize,
+    requests: usize,
+    succeeded: usize,
+    upstream_429s: u64,
+    goodput_ratio: f64,
+    latency_ms: Latency,
+}
+
 /// Runs the drill.
 pub async fn run(
     seed: u64,
     instances: usize,
     redis: &RedisSource,
     processes: bool,
-) -> Result<Report, Box<dyn std::error::Error>> {
-    let mut stacks_json = Vec::new();
-    for name in ["local", "redis"] {
+) -> Result<Report<Scenario, Row>, Box<dyn std::error::Error>> {
+    let mut stacks = Vec::new();
+    for name in [Sharing::Local, Sharing::Redis] {
         progress(&format!(
             "drill fleet: running {name} with {instances} instances ({} s)…",
             DURATION.as_secs()
@@ -112,7 +153,7 @@ pub async fn run(
             .await?;
         let prefix = format!("portcullis-drill:{}:{}:", std::process::id(), seed);
         let url = redis.url();
-        let shared = (name == "redis").then_some((url.as_str(), prefix.as_str()));
+        let shared = (name == Sharing::Redis).then_some((url.as_str(), prefix.as_str()));
         let rate = RATE / instances as f64;
         let mut outcomes = Vec::new();
         if processes {
@@ -132,33 +173,28 @@ pub async fn run(
         }
         let upstream_429s = sim.stats().status(429);
         sim.shutdown().await;
-        stacks_json.push(json!({
-            "name": name,
-            "instances": instances,
-            "requests": outcomes.len(),
-            "succeeded": outcomes.iter().filter(|o| o.result.is_ok()).count(),
-            "upstream_429s": upstream_429s,
-            "goodput_ratio": goodput(&outcomes),
-            "latency_ms": latency(&outcomes, false),
-        }));
+        stacks.push(Row {
+            name,
+            instances,
+            requests: outcomes.len(),
+            succeeded: outcomes.iter().filter(|o| o.result.is_ok()).count(),
+            upstream_429s,
+            goodput_ratio: goodput(&outcomes),
+            latency_ms: latency(&outcomes, false),
+        });
     }
     Ok(Report {
-        json: json!({
-            "drill": "fleet",
-            "seed": seed,
-            "scenario": {
-                "description": format!("{instances} instances share one provider's RPM/TPM limits; offered load is about twice the TPM limit"),
-                "instances": instances,
-                "processes": processes,
-                "rpm": RPM,
-                "tpm": TPM,
-                "rate_per_sec": RATE,
-                "client_share_of_limits": SAFETY,
-                "time_scale": 1.0 / super::SCALE,
-            },
-            "stacks": stacks_json,
-        }),
-        timelines: Vec::new(),
+        drill: Which::Fleet,
+        seed,
+        scenario: Scenario {
+            description: format!(
+                "{instances} instances share one provider's RPM/TPM limits; offered load is about twice the TPM limit"
+            ),
+            instances,
+            processes,
+            limits: LimitsScenario::default(),
+        },
+        stacks,
     })
 }
 
