@@ -25,6 +25,9 @@ enum Command {
     Sim(SimArgs),
     /// Run the resilience drills: each stack on the same seeded scenario and workload.
     Drill(drill::DrillArgs),
+    /// Internal: one instance of `drill fleet --processes`, outcomes as JSON lines on stdout.
+    #[command(hide = true)]
+    DrillWorker(drill::WorkerArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
             Command::Chat(args) => chat::run(args).await,
             Command::Sim(args) => sim(args).await,
             Command::Drill(args) => drill::run(args).await,
+            Command::DrillWorker(args) => drill::worker(args).await,
         }
     })
 }

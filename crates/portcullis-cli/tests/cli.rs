@@ -1,5 +1,5 @@
 //! The `portcullis` binary: `chat` against the embedded simulator, its JSON shape and its
-//! failure line; `sim` with a bad scenario file.
+//! failure line; `sim` with a bad scenario file; the hidden `drill-worker`.
 
 use std::process::Command;
 
@@ -132,6 +132,22 @@ fn sim_rejects_a_bad_scenario_naming_the_field() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("faults[0].status"), "{stderr}");
+}
+
+#[test]
+fn the_fleet_worker_is_a_hidden_subcommand_not_drill_flags() {
+    let help = |args: &[&str]| {
+        let out = portcullis().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!help(&["--help"]).contains("drill-worker"));
+    let drill = help(&["drill", "--help"]);
+    assert!(
+        !drill.contains("--worker") && !drill.contains("--sim-url"),
+        "{drill}"
+    );
+    assert!(help(&["drill-worker", "--help"]).contains("--sim-url"));
 }
 
 struct KillOnDrop(std::process::Child);

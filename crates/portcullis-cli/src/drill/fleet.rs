@@ -4,10 +4,11 @@
 //!   gets when each replica is configured alone);
 //! - `redis`: every instance draws from the same buckets in Redis ([`portcullis_redis`]).
 //!
-//! With `--processes`, the instances are separate OS processes (this binary, re-run as a
-//! hidden worker) and the outcomes come back as JSON lines.
+//! With `--processes`, the instances are separate OS processes (this binary, re-run as the
+//! hidden `portcullis drill-worker`) and the outcomes come back as JSON lines.
 
-use std::process::Stdio;
+use std::fmt;
+use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use portcullis::ChatRequest;
@@ -15,17 +16,17 @@ use portcullis::layers::token_bucket::TokenBucketLayer;
 use portcullis::layers::{CircuitBreakerLayer, RetryLayer, TimeoutLayer};
 use portcullis::sim::Simulator;
 use portcullis_redis::{LocalRedis, RedisConfig, RedisStore};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
 use super::rate_limit::{
-    DURATION, MAX_TOKENS, MODEL, RATE, RPM, SAFETY, TPM, client_limits, goodput, sim_limits,
+    DURATION, LimitsScenario, MAX_TOKENS, MODEL, RATE, client_limits, goodput, sim_limits,
 };
 use super::stacks::{self, ATTEMPT_TIMEOUT};
 use super::workload::{self, Outcome, Served, StackService};
-use super::{Report, latency, progress, scaled};
+use super::{Latency, Report, Which, latency, progress, scaled};
 
 /// Where the fleet's Redis comes from.
 pub enum RedisSource {
@@ -91,15 +92,56 @@ fn request(i: u64, seed: u64) -> ChatRequest {
     workload::request(i, seed, MODEL, MAX_TOKENS)
 }
 
+/// The fleet's two ways of sharing the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharing {
+    /// Every instance has its own in-memory bucket at the full limit.
+    Local,
+    /// Every instance draws from the same buckets in Redis.
+    Redis,
+}
+
+impl fmt::Display for Sharing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Sharing::Local => "local",
+            Sharing::Redis => "redis",
+        })
+    }
+}
+
+/// The fleet's settings.
+#[derive(Debug, Serialize)]
+pub struct Scenario {
+    description: String,
+    instances: usize,
+    processes: bool,
+    #[serde(flatten)]
+    limits: LimitsScenario,
+}
+
+/// One way of sharing, across the whole fleet.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    name: Sharing,
+    instances: usize,
+    requests: usize,
+    succeeded: usize,
+    upstream_429s: u64,
+    goodput_ratio: f64,
+    latency_ms: Latency,
+}
+
 /// Runs the drill.
 pub async fn run(
     seed: u64,
     instances: usize,
     redis: &RedisSource,
     processes: bool,
-) -> Result<Report, Box<dyn std::error::Error>> {
-    let mut stacks_json = Vec::new();
-    for name in ["local", "redis"] {
+) -> Result<Report<Scenario, Row>, Box<dyn std::error::Error>> {
+    let mut stacks = Vec::new();
+    for name in [Sharing::Local, Sharing::Redis] {
         progress(&format!(
             "drill fleet: running {name} with {instances} instances ({} s)…",
             DURATION.as_secs()
@@ -111,7 +153,7 @@ pub async fn run(
             .await?;
         let prefix = format!("portcullis-drill:{}:{}:", std::process::id(), seed);
         let url = redis.url();
-        let shared = (name == "redis").then_some((url.as_str(), prefix.as_str()));
+        let shared = (name == Sharing::Redis).then_some((url.as_str(), prefix.as_str()));
         let rate = RATE / instances as f64;
         let mut outcomes = Vec::new();
         if processes {
@@ -131,37 +173,91 @@ pub async fn run(
         }
         let upstream_429s = sim.stats().status(429);
         sim.shutdown().await;
-        stacks_json.push(json!({
-            "name": name,
-            "instances": instances,
-            "requests": outcomes.len(),
-            "succeeded": outcomes.iter().filter(|o| o.result.is_ok()).count(),
-            "upstream_429s": upstream_429s,
-            "goodput_ratio": goodput(&outcomes),
-            "latency_ms": latency(&outcomes, false),
-        }));
+        stacks.push(Row {
+            name,
+            instances,
+            requests: outcomes.len(),
+            succeeded: outcomes.iter().filter(|o| o.result.is_ok()).count(),
+            upstream_429s,
+            goodput_ratio: goodput(&outcomes),
+            latency_ms: latency(&outcomes, false),
+        });
     }
     Ok(Report {
-        json: json!({
-            "drill": "fleet",
-            "seed": seed,
-            "scenario": {
-                "description": format!("{instances} instances share one provider's RPM/TPM limits; offered load is about twice the TPM limit"),
-                "instances": instances,
-                "processes": processes,
-                "rpm": RPM,
-                "tpm": TPM,
-                "rate_per_sec": RATE,
-                "client_share_of_limits": SAFETY,
-                "time_scale": 1.0 / super::SCALE,
-            },
-            "stacks": stacks_json,
-        }),
-        timelines: Vec::new(),
+        drill: Which::Fleet,
+        seed,
+        scenario: Scenario {
+            description: format!(
+                "{instances} instances share one provider's RPM/TPM limits; offered load is about twice the TPM limit"
+            ),
+            instances,
+            processes,
+            limits: LimitsScenario::default(),
+        },
+        stacks,
     })
 }
 
-/// Runs each instance as `portcullis drill fleet --worker ...` and reads its outcomes.
+/// Arguments of the hidden `portcullis drill-worker`: one instance of `drill fleet
+/// --processes`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// The simulator's OpenAI base URL.
+    #[arg(long)]
+    sim_url: String,
+    /// Seeds the instance's jitter and prompts.
+    #[arg(long)]
+    seed: u64,
+    /// The instance's number: its request numbers start at `index` × 1 000 000.
+    #[arg(long)]
+    index: u64,
+    /// Requests per second this instance offers.
+    #[arg(long)]
+    rate: f64,
+    /// The Redis whose buckets the fleet shares (with `--prefix`); local buckets without.
+    #[arg(long, requires = "prefix")]
+    redis: Option<String>,
+    /// The key prefix of the shared buckets.
+    #[arg(long, requires = "redis")]
+    prefix: Option<String>,
+}
+
+/// One outcome as a worker prints it: a JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+struct Line {
+    sent_us: u64,
+    done_us: u64,
+    /// The tokens served; `null` for a failure.
+    tokens: Option<u64>,
+}
+
+impl From<&Outcome> for Line {
+    fn from(o: &Outcome) -> Self {
+        Line {
+            sent_us: o.sent.as_micros() as u64,
+            done_us: o.done.as_micros() as u64,
+            tokens: o.result.as_ref().ok().map(|s| s.tokens),
+        }
+    }
+}
+
+impl From<Line> for Outcome {
+    fn from(l: Line) -> Self {
+        Outcome {
+            sent: Duration::from_micros(l.sent_us),
+            done: Duration::from_micros(l.done_us),
+            result: match l.tokens {
+                Some(tokens) => Ok(Served {
+                    provider: "openai".into(),
+                    tokens,
+                }),
+                None => Err(portcullis::ErrorKind::Server),
+            },
+        }
+    }
+}
+
+/// Runs each instance as `portcullis drill-worker ...` and reads its outcomes.
 async fn run_processes(
     sim_url: &str,
     shared: Option<(&str, &str)>,
@@ -174,9 +270,7 @@ async fn run_processes(
     for n in 0..instances {
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args([
-            "drill",
-            "fleet",
-            "--worker",
+            "drill-worker",
             "--sim-url",
             sim_url,
             "--rate",
@@ -185,7 +279,7 @@ async fn run_processes(
         .args([
             "--seed",
             &(seed + n as u64).to_string(),
-            "--worker-index",
+            "--index",
             &n.to_string(),
         ])
         .stdout(Stdio::piped())
@@ -202,41 +296,33 @@ async fn run_processes(
         };
         let mut lines = BufReader::new(stdout).lines();
         while let Some(line) = lines.next_line().await? {
-            let v: Value = serde_json::from_str(&line)?;
-            all.push(Outcome {
-                sent: Duration::from_micros(v["sent_us"].as_u64().unwrap_or(0)),
-                done: Duration::from_micros(v["done_us"].as_u64().unwrap_or(0)),
-                result: match v["tokens"].as_u64() {
-                    Some(tokens) => Ok(Served {
-                        provider: "openai".into(),
-                        tokens,
-                    }),
-                    None => Err(portcullis::ErrorKind::Server),
-                },
-            });
+            all.push(serde_json::from_str::<Line>(&line)?.into());
         }
         child.wait().await?;
     }
     Ok(all)
 }
 
-/// The hidden worker: one instance, outcomes as JSON lines on stdout.
-pub async fn worker(
-    sim_url: &str,
-    redis: Option<(&str, &str)>,
-    seed: u64,
-    index: u64,
-    rate: f64,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let svc = instance(sim_url, redis, seed)?;
-    let base = index * 1_000_000;
-    let outcomes = workload::run(svc, rate, DURATION, move |i| request(base + i, seed)).await;
-    for o in outcomes {
-        let tokens = o.result.as_ref().ok().map(|s| s.tokens);
-        println!(
-            "{}",
-            json!({"sent_us": o.sent.as_micros() as u64, "done_us": o.done.as_micros() as u64, "tokens": tokens})
-        );
+/// Runs `portcullis drill-worker`: one instance, its outcomes as JSON lines on stdout.
+pub async fn worker(args: WorkerArgs) -> ExitCode {
+    let shared = args.redis.as_deref().zip(args.prefix.as_deref());
+    let svc = match instance(&args.sim_url, shared, args.seed) {
+        Ok(svc) => svc,
+        Err(e) => {
+            eprintln!("error: fleet worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (seed, base) = (args.seed, args.index * 1_000_000);
+    let outcomes = workload::run(svc, args.rate, DURATION, move |i| request(base + i, seed)).await;
+    for o in &outcomes {
+        match serde_json::to_string(&Line::from(o)) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("error: fleet worker: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
-    Ok(())
+    ExitCode::SUCCESS
 }

@@ -10,12 +10,15 @@
 //! 60 s breaker recovery lasts 3 s here; where two stacks share a concept they get the same
 //! value.
 
+use std::fmt;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use stacks::StackKind;
 
 mod fleet;
 mod outage;
@@ -26,6 +29,8 @@ mod storm;
 mod svg;
 pub mod workload;
 
+pub use fleet::{WorkerArgs, worker};
+
 /// Real time per simulated second: 1/20, so a 60 s recovery timeout lasts 3 s.
 pub const SCALE: f64 = 1.0 / 20.0;
 
@@ -35,7 +40,8 @@ pub fn scaled(d: Duration) -> Duration {
 }
 
 /// Which drill.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Which {
     /// The primary answers 503 for a middle phase; a secondary provider exists.
     Outage,
@@ -47,6 +53,13 @@ pub enum Which {
     All,
     /// N client instances share one provider's limits: local buckets vs one Redis.
     Fleet,
+}
+
+impl fmt::Display for Which {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let value = clap::ValueEnum::to_possible_value(self).ok_or(fmt::Error)?;
+        f.write_str(value.get_name())
+    }
 }
 
 /// Arguments of `portcullis drill`.
@@ -73,36 +86,9 @@ pub struct DrillArgs {
     /// `fleet`: run the instances as separate OS processes.
     #[arg(long)]
     processes: bool,
-    /// Internal: run as one fleet instance.
-    #[arg(long, hide = true)]
-    worker: bool,
-    #[arg(long, hide = true)]
-    sim_url: Option<String>,
-    #[arg(long, hide = true)]
-    prefix: Option<String>,
-    #[arg(long, hide = true, default_value_t = 0)]
-    worker_index: u64,
-    #[arg(long, hide = true, default_value_t = 0.0)]
-    rate: f64,
 }
 
 async fn run_fleet(args: &DrillArgs) -> ExitCode {
-    if args.worker {
-        let Some(sim) = &args.sim_url else {
-            return ExitCode::from(2);
-        };
-        let redis = match (&args.redis, &args.prefix) {
-            (Some(u), Some(p)) => Some((u.as_str(), p.as_str())),
-            _ => None,
-        };
-        return match fleet::worker(sim, redis, args.seed, args.worker_index, args.rate).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: fleet worker: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
     if args.instances == 0 {
         eprintln!("error: --instances must be at least 1");
         return ExitCode::from(2);
@@ -114,15 +100,13 @@ async fn run_fleet(args: &DrillArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match fleet::run(args.seed, args.instances, &redis, args.processes).await {
+    let report = fleet::run(args.seed, args.instances, &redis, args.processes).await;
+    match report.and_then(|r| to_value(&r)) {
         Ok(r) => {
             if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&r.json).unwrap_or_default()
-                );
+                print_json(&r);
             } else {
-                print_table(&r.json);
+                print_table(&r);
             }
             ExitCode::SUCCESS
         }
@@ -133,12 +117,50 @@ async fn run_fleet(args: &DrillArgs) -> ExitCode {
     }
 }
 
-/// A drill's result: the JSON object, plus what the chart needs.
-pub struct Report {
-    /// `{"drill", "seed", "scenario", "stacks": [...]}`.
-    pub json: Value,
-    /// Per stack: its name and its outcomes, for the chart.
-    pub timelines: Vec<svg::Timeline>,
+/// A drill's report: what `--json` prints and the table shows (one column per stack).
+#[derive(Debug, Serialize)]
+pub struct Report<Scenario, Row> {
+    /// Which drill.
+    pub drill: Which,
+    /// The seed it ran with.
+    pub seed: u64,
+    /// What the drill does (its `description`) and its settings.
+    pub scenario: Scenario,
+    /// One row per stack, in the order they ran; each with its `name`.
+    pub stacks: Vec<Row>,
+}
+
+/// The serialized form of a report. serde_json's map sorts the keys, so `--json` and the
+/// table list them in the same order as when the reports were built with `json!`.
+fn to_value(report: &impl Serialize) -> Result<Value, Box<dyn std::error::Error>> {
+    Ok(serde_json::to_value(report)?)
+}
+
+fn print_json(report: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(report).unwrap_or_default()
+    );
+}
+
+/// Runs `one` on every stack in turn, with a progress line for each of the `run`'s length.
+pub async fn each_stack<Row, Run>(
+    drill: Which,
+    run: Duration,
+    mut one: impl FnMut(StackKind) -> Run,
+) -> Result<Vec<Row>, Box<dyn std::error::Error>>
+where
+    Run: Future<Output = Result<Row, Box<dyn std::error::Error>>>,
+{
+    let mut rows = Vec::new();
+    for kind in StackKind::ALL {
+        progress(&format!(
+            "drill {drill}: running {kind} ({} s)…",
+            run.as_secs()
+        ));
+        rows.push(one(kind).await?);
+    }
+    Ok(rows)
 }
 
 /// Progress on stderr, when it is a terminal.
@@ -148,6 +170,7 @@ pub fn progress(msg: &str) {
     }
 }
 
+/// Runs `portcullis drill`: prints a table per drill, or the JSON reports.
 pub async fn run(args: DrillArgs) -> ExitCode {
     if args.which == Which::Fleet {
         return run_fleet(&args).await;
@@ -165,17 +188,21 @@ pub async fn run(args: DrillArgs) -> ExitCode {
     }
     let mut reports = Vec::new();
     for w in which {
+        let mut timelines = Vec::new();
         let result = match w {
-            Which::Outage => outage::run(args.seed).await,
-            Which::RateLimit => rate_limit::run(args.seed).await,
-            Which::Storm => storm::run(args.seed).await,
+            Which::Outage => outage::run(args.seed).await.and_then(|(r, t)| {
+                timelines = t;
+                to_value(&r)
+            }),
+            Which::RateLimit => rate_limit::run(args.seed).await.and_then(|r| to_value(&r)),
+            Which::Storm => storm::run(args.seed).await.and_then(|r| to_value(&r)),
             Which::All | Which::Fleet => unreachable!("expanded above"),
         };
         match result {
             Ok(r) => {
                 if *w == Which::Outage {
                     if let Some(path) = &args.svg {
-                        if let Err(e) = svg::write(path, &r.timelines) {
+                        if let Err(e) = svg::write(path, &timelines) {
                             eprintln!("error: writing {}: {e}", path.display());
                             return ExitCode::FAILURE;
                         }
@@ -183,9 +210,9 @@ pub async fn run(args: DrillArgs) -> ExitCode {
                     }
                 }
                 if !args.json {
-                    print_table(&r.json);
+                    print_table(&r);
                 }
-                reports.push(r.json);
+                reports.push(r);
             }
             Err(e) => {
                 eprintln!("error: drill {w:?}: {e}");
@@ -194,12 +221,11 @@ pub async fn run(args: DrillArgs) -> ExitCode {
         }
     }
     if args.json {
-        let out = if args.which == Which::All {
-            Value::Array(reports)
+        if args.which == Which::All {
+            print_json(&Value::Array(reports));
         } else {
-            reports.remove(0)
-        };
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            print_json(&reports.remove(0));
+        }
     }
     ExitCode::SUCCESS
 }
@@ -262,14 +288,26 @@ fn cell(v: &Value) -> String {
     }
 }
 
-/// Latency percentiles of a run.
-pub fn latency(outcomes: &[workload::Outcome], with_max: bool) -> Value {
-    let mut v = json!({
-        "p50": workload::percentile_ms(outcomes, 50.0),
-        "p99": workload::percentile_ms(outcomes, 99.0),
-    });
-    if with_max {
-        v["max"] = json!(workload::percentile_ms(outcomes, 100.0));
-    }
-    v
+/// Latency percentiles of a run, in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    /// The median.
+    pub p50: f64,
+    /// The 99th percentile.
+    pub p99: f64,
+    /// The slowest, where the drill reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
 }
+
+/// Latency percentiles of a run, with the maximum if `with_max`.
+pub fn latency(outcomes: &[workload::Outcome], with_max: bool) -> Latency {
+    Latency {
+        p50: workload::percentile_ms(outcomes, 50.0),
+        p99: workload::percentile_ms(outcomes, 99.0),
+        max: with_max.then(|| workload::percentile_ms(outcomes, 100.0)),
+    }
+}
+
+/// `scenario.time_scale` of every drill: simulated seconds per real second.
+pub const TIME_SCALE: f64 = 1.0 / SCALE;

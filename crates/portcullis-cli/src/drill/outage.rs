@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use portcullis::ProviderStack;
 use portcullis::sim::{Family, FaultRule, Phase, Simulator};
-use serde_json::{Value, json};
+use serde::Serialize;
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 
-use super::stacks::{self, NAMES};
+use super::stacks::{self, StackKind};
 use super::workload::{self, Outcome};
-use super::{Report, latency, progress, svg};
+use super::{Latency, Report, TIME_SCALE, Which, each_stack, latency, svg};
 
 const HEALTHY_BEFORE: Duration = Duration::from_secs(2);
 const OUTAGE: Duration = Duration::from_secs(5);
@@ -21,37 +21,79 @@ const MODEL: &str = "gpt-4o-mini";
 const SECONDARY_MODEL: &str = "claude-haiku-4-5";
 const MAX_TOKENS: u32 = 16;
 
-pub async fn run(seed: u64) -> Result<Report, Box<dyn std::error::Error>> {
-    let mut stacks_json = Vec::new();
-    let mut timelines = Vec::new();
-    for name in NAMES {
-        progress(&format!(
-            "drill outage: running {name} ({} s)…",
-            (HEALTHY_BEFORE + OUTAGE + HEALTHY_AFTER).as_secs()
-        ));
-        let (json, timeline) = one(name, seed).await?;
-        stacks_json.push(json);
-        timelines.push(timeline);
-    }
-    Ok(Report {
-        json: json!({
-            "drill": "outage",
-            "seed": seed,
-            "scenario": {
-                "description": "primary (OpenAI) healthy, then 503 on everything, then healthy; secondary (Anthropic) healthy",
-                "rate_per_sec": RATE,
-                "healthy_before_ms": HEALTHY_BEFORE.as_millis() as u64,
-                "outage_ms": OUTAGE.as_millis() as u64,
-                "healthy_after_ms": HEALTHY_AFTER.as_millis() as u64,
-                "time_scale": 1.0 / super::SCALE,
-            },
-            "stacks": stacks_json,
-        }),
-        timelines,
-    })
+/// The outage's settings.
+#[derive(Debug, Serialize)]
+pub struct Scenario {
+    description: &'static str,
+    rate_per_sec: f64,
+    healthy_before_ms: u64,
+    outage_ms: u64,
+    healthy_after_ms: u64,
+    time_scale: f64,
 }
 
-async fn one(name: &str, seed: u64) -> Result<(Value, svg::Timeline), Box<dyn std::error::Error>> {
+/// One stack's run through the outage.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    name: StackKind,
+    requests: usize,
+    succeeded: usize,
+    failed: usize,
+    success_rate: f64,
+    latency_ms: Latency,
+    upstream_calls: UpstreamCalls,
+    primary_calls_during_outage: u64,
+    /// From the outage's start to the first answer served by the secondary.
+    failover_ms: Option<u64>,
+    /// From the outage's end to the first answer served by the primary again.
+    recovery_ms: Option<u64>,
+    breaker_transitions: Vec<Transition>,
+}
+
+/// Calls each simulator received.
+#[derive(Debug, Serialize)]
+pub struct UpstreamCalls {
+    primary: u64,
+    secondary: u64,
+}
+
+/// A transition of the primary's breaker.
+#[derive(Debug, Serialize)]
+pub struct Transition {
+    at_ms: u64,
+    from: String,
+    to: String,
+}
+
+/// Runs the drill; the timelines are for the chart.
+pub async fn run(
+    seed: u64,
+) -> Result<(Report<Scenario, Row>, Vec<svg::Timeline>), Box<dyn std::error::Error>> {
+    let total = HEALTHY_BEFORE + OUTAGE + HEALTHY_AFTER;
+    let (stacks, timelines) = each_stack(Which::Outage, total, |kind| one(kind, seed))
+        .await?
+        .into_iter()
+        .unzip();
+    let report = Report {
+        drill: Which::Outage,
+        seed,
+        scenario: Scenario {
+            description: "primary (OpenAI) healthy, then 503 on everything, then healthy; secondary (Anthropic) healthy",
+            rate_per_sec: RATE,
+            healthy_before_ms: HEALTHY_BEFORE.as_millis() as u64,
+            outage_ms: OUTAGE.as_millis() as u64,
+            healthy_after_ms: HEALTHY_AFTER.as_millis() as u64,
+            time_scale: TIME_SCALE,
+        },
+        stacks,
+    };
+    Ok((report, timelines))
+}
+
+async fn one(
+    kind: StackKind,
+    seed: u64,
+) -> Result<(Row, svg::Timeline), Box<dyn std::error::Error>> {
     let primary = Simulator::builder().seed(seed).start().await?;
     let secondary = Simulator::builder().seed(seed).start().await?;
     let openai = stacks::openai(&primary.openai_base_url())?;
@@ -59,9 +101,9 @@ async fn one(name: &str, seed: u64) -> Result<(Value, svg::Timeline), Box<dyn st
 
     let mut breaker_events = None;
     let mut seed_client = None;
-    let svc = match name {
-        "bare" => stacks::bare(openai),
-        "seed" => {
+    let svc = match kind {
+        StackKind::Bare => stacks::bare(openai),
+        StackKind::Seed => {
             let client = stacks::seed(
                 vec![
                     ("openai".into(), BoxCloneSyncService::new(openai), None),
@@ -77,7 +119,7 @@ async fn one(name: &str, seed: u64) -> Result<(Value, svg::Timeline), Box<dyn st
             seed_client = Some(client.clone());
             BoxCloneSyncService::new(client)
         }
-        _ => {
+        StackKind::Portcullis => {
             let stack = stacks::portcullis(vec![
                 stacks::provider_stack(ProviderStack::openai(openai), None, seed),
                 stacks::provider_stack(
@@ -156,34 +198,39 @@ async fn one(name: &str, seed: u64) -> Result<(Value, svg::Timeline), Box<dyn st
         .map(|o| o.done - outage_end)
         .min()
         .map(|d| d.as_millis() as u64);
-    let json = json!({
-        "name": name,
-        "requests": outcomes.len(),
-        "succeeded": ok,
-        "failed": outcomes.len() - ok,
-        "success_rate": ratio(ok, outcomes.len()),
-        "latency_ms": latency(&outcomes, true),
-        "upstream_calls": {
-            "primary": primary.stats().requests,
-            "secondary": secondary.stats().requests,
+    let row = Row {
+        name: kind,
+        requests: outcomes.len(),
+        succeeded: ok,
+        failed: outcomes.len() - ok,
+        success_rate: ratio(ok, outcomes.len()),
+        latency_ms: latency(&outcomes, true),
+        upstream_calls: UpstreamCalls {
+            primary: primary.stats().requests,
+            secondary: secondary.stats().requests,
         },
-        "primary_calls_during_outage": primary_calls_during_outage,
-        "failover_ms": failover_ms,
-        "recovery_ms": recovery_ms,
-        "breaker_transitions": transitions.iter().map(|(at, from, to)| json!({
-            "at_ms": at.as_millis() as u64, "from": from, "to": to,
-        })).collect::<Vec<_>>(),
-    });
+        primary_calls_during_outage,
+        failover_ms,
+        recovery_ms,
+        breaker_transitions: transitions
+            .iter()
+            .map(|(at, from, to)| Transition {
+                at_ms: at.as_millis() as u64,
+                from: from.clone(),
+                to: to.clone(),
+            })
+            .collect(),
+    };
     primary.shutdown().await;
     secondary.shutdown().await;
     let timeline = svg::Timeline {
-        name: name.to_string(),
+        name: kind,
         outcomes,
         transitions,
         outage: (outage_start, outage_end),
         total,
     };
-    Ok((json, timeline))
+    Ok((row, timeline))
 }
 
 /// `a / b`, rounded to four places.
@@ -192,5 +239,58 @@ pub fn ratio(a: usize, b: usize) -> f64 {
         0.0
     } else {
         (a as f64 / b as f64 * 10_000.0).round() / 10_000.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::drill::Latency;
+
+    /// The typed report serializes to the keys and shape `--json` has always printed.
+    #[test]
+    fn a_row_serializes_to_the_documented_shape() {
+        let row = Row {
+            name: StackKind::Portcullis,
+            requests: 2,
+            succeeded: 2,
+            failed: 0,
+            success_rate: 1.0,
+            latency_ms: Latency {
+                p50: 1.5,
+                p99: 2.0,
+                max: Some(3.0),
+            },
+            upstream_calls: UpstreamCalls {
+                primary: 1,
+                secondary: 1,
+            },
+            primary_calls_during_outage: 1,
+            failover_ms: Some(77),
+            recovery_ms: None,
+            breaker_transitions: vec![Transition {
+                at_ms: 5,
+                from: "closed".into(),
+                to: "open".into(),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(&row).unwrap(),
+            json!({
+                "name": "portcullis",
+                "requests": 2,
+                "succeeded": 2,
+                "failed": 0,
+                "success_rate": 1.0,
+                "latency_ms": {"p50": 1.5, "p99": 2.0, "max": 3.0},
+                "upstream_calls": {"primary": 1, "secondary": 1},
+                "primary_calls_during_outage": 1,
+                "failover_ms": 77,
+                "recovery_ms": null,
+                "breaker_transitions": [{"at_ms": 5, "from": "closed", "to": "open"}],
+            })
+        );
     }
 }

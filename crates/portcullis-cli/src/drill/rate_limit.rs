@@ -7,14 +7,15 @@ use portcullis::ErrorKind;
 use portcullis::ProviderStack;
 use portcullis::layers::token_bucket::{KeyLimits, Rate, TokenBucketConfig};
 use portcullis::sim::{Limits, OpenAiLimits, Simulator};
-use serde_json::{Value, json};
+use serde::Serialize;
 use tower::util::BoxCloneSyncService;
 
 use super::seed::SeedLimits;
-use super::stacks::{self, NAMES};
+use super::stacks::{self, StackKind};
 use super::workload::{self, Outcome};
-use super::{Report, latency, progress, scaled};
+use super::{Latency, Report, TIME_SCALE, Which, each_stack, latency, scaled};
 
+/// How long the drill offers load.
 pub const DURATION: Duration = Duration::from_secs(10);
 /// The simulator's minute lasts 60 s × SCALE.
 pub const RPM: u64 = 1_000;
@@ -22,7 +23,9 @@ pub const RPM: u64 = 1_000;
 pub const TPM: u64 = 6_000;
 /// Offered load: about twice the TPM limit.
 pub const RATE: f64 = 133.0;
+/// The model every request names.
 pub const MODEL: &str = "gpt-4o-mini";
+/// `max_tokens` of every request.
 pub const MAX_TOKENS: u32 = 8;
 /// The client keeps this share of the server's limits: the margin absorbs the jitter between
 /// when the client admits a request and when the server counts it.
@@ -31,33 +34,66 @@ pub const SAFETY: f64 = 0.97;
 /// the steady part in between.
 const STEADY: (Duration, Duration) = (Duration::from_secs(4), Duration::from_secs(10));
 
-pub async fn run(seed: u64) -> Result<Report, Box<dyn std::error::Error>> {
-    let mut stacks_json = Vec::new();
-    for name in NAMES {
-        progress(&format!(
-            "drill rate-limit: running {name} ({} s)…",
-            DURATION.as_secs()
-        ));
-        stacks_json.push(one(name, seed).await?);
+/// The shared limits of `rate-limit` and `fleet`, as their scenarios report them.
+#[derive(Debug, Serialize)]
+pub struct LimitsScenario {
+    rpm: u64,
+    tpm: u64,
+    rate_per_sec: f64,
+    client_share_of_limits: f64,
+    time_scale: f64,
+}
+
+impl Default for LimitsScenario {
+    /// This drill's limits, offered rate and safety share.
+    fn default() -> Self {
+        LimitsScenario {
+            rpm: RPM,
+            tpm: TPM,
+            rate_per_sec: RATE,
+            client_share_of_limits: SAFETY,
+            time_scale: TIME_SCALE,
+        }
     }
+}
+
+/// The rate-limit drill's settings.
+#[derive(Debug, Serialize)]
+pub struct Scenario {
+    description: &'static str,
+    minute_ms: u64,
+    max_tokens: u32,
+    #[serde(flatten)]
+    limits: LimitsScenario,
+}
+
+/// One stack's run under the limits.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    name: StackKind,
+    requests: usize,
+    succeeded: usize,
+    upstream_429s: u64,
+    /// Refused by the client itself: throttled or circuit open.
+    rejected_locally: usize,
+    goodput_ratio: f64,
+    latency_ms: Latency,
+}
+
+/// Runs the drill.
+pub async fn run(seed: u64) -> Result<Report<Scenario, Row>, Box<dyn std::error::Error>> {
+    let stacks = each_stack(Which::RateLimit, DURATION, |kind| one(kind, seed)).await?;
     let minute = scaled(Duration::from_secs(60));
     Ok(Report {
-        json: json!({
-            "drill": "rate-limit",
-            "seed": seed,
-            "scenario": {
-                "description": "one simulator enforces RPM and TPM; offered load is about twice the TPM limit",
-                "rpm": RPM,
-                "tpm": TPM,
-                "minute_ms": minute.as_millis() as u64,
-                "rate_per_sec": RATE,
-                "max_tokens": MAX_TOKENS,
-                "client_share_of_limits": SAFETY,
-                "time_scale": 1.0 / super::SCALE,
-            },
-            "stacks": stacks_json,
-        }),
-        timelines: Vec::new(),
+        drill: Which::RateLimit,
+        seed,
+        scenario: Scenario {
+            description: "one simulator enforces RPM and TPM; offered load is about twice the TPM limit",
+            minute_ms: minute.as_millis() as u64,
+            max_tokens: MAX_TOKENS,
+            limits: LimitsScenario::default(),
+        },
+        stacks,
     })
 }
 
@@ -88,7 +124,7 @@ pub fn client_limits() -> Result<TokenBucketConfig, Box<dyn std::error::Error>> 
         .max_wait(scaled(Duration::from_secs(30))))
 }
 
-async fn one(name: &str, seed: u64) -> Result<Value, Box<dyn std::error::Error>> {
+async fn one(kind: StackKind, seed: u64) -> Result<Row, Box<dyn std::error::Error>> {
     let sim = Simulator::builder()
         .seed(seed)
         .limits(sim_limits())
@@ -96,9 +132,9 @@ async fn one(name: &str, seed: u64) -> Result<Value, Box<dyn std::error::Error>>
         .await?;
     let openai = stacks::openai(&sim.openai_base_url())?;
     let minute = scaled(Duration::from_secs(60));
-    let svc = match name {
-        "bare" => stacks::bare_with_sdk_retry(openai),
-        "seed" => BoxCloneSyncService::new(stacks::seed(
+    let svc = match kind {
+        StackKind::Bare => stacks::bare_with_sdk_retry(openai),
+        StackKind::Seed => BoxCloneSyncService::new(stacks::seed(
             vec![("openai".into(), BoxCloneSyncService::new(openai), None)],
             Some(SeedLimits {
                 rpm: RPM as f64,
@@ -107,7 +143,7 @@ async fn one(name: &str, seed: u64) -> Result<Value, Box<dyn std::error::Error>>
             }),
             seed,
         )),
-        _ => {
+        StackKind::Portcullis => {
             let config = client_limits()?;
             let stack = stacks::portcullis(vec![stacks::provider_stack(
                 ProviderStack::openai(openai),
@@ -129,15 +165,15 @@ async fn one(name: &str, seed: u64) -> Result<Value, Box<dyn std::error::Error>>
         .iter()
         .filter(|o| matches!(o.result, Err(ErrorKind::Throttled | ErrorKind::CircuitOpen)))
         .count();
-    Ok(json!({
-        "name": name,
-        "requests": outcomes.len(),
-        "succeeded": ok,
-        "upstream_429s": upstream_429s,
-        "rejected_locally": rejected_locally,
-        "goodput_ratio": goodput(&outcomes),
-        "latency_ms": latency(&outcomes, false),
-    }))
+    Ok(Row {
+        name: kind,
+        requests: outcomes.len(),
+        succeeded: ok,
+        upstream_429s,
+        rejected_locally,
+        goodput_ratio: goodput(&outcomes),
+        latency_ms: latency(&outcomes, false),
+    })
 }
 
 /// Tokens served per second over the steady part, over the TPM limit per second.

@@ -1,5 +1,6 @@
 //! The three stacks every drill compares, with the same scaled settings.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
 use portcullis::{
     ChatRequest, CompletionResult, LlmError, ProviderStack, RetryStop, Stack, StackError,
 };
+use serde::Serialize;
 use tower::Layer;
 use tower::util::BoxCloneSyncService;
 
@@ -18,8 +20,32 @@ use super::scaled;
 use super::seed::{SeedClient, SeedConfig, SeedLimits};
 use super::workload::StackService;
 
-/// The stack names, in the order they run.
-pub const NAMES: [&str; 3] = ["bare", "seed", "portcullis"];
+/// The stacks the `outage`, `rate-limit` and `storm` drills compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StackKind {
+    /// The provider alone.
+    Bare,
+    /// The port of the seed's classes ([`SeedClient`]).
+    Seed,
+    /// The [`Stack`].
+    Portcullis,
+}
+
+impl StackKind {
+    /// Every stack, in the order they run.
+    pub const ALL: [StackKind; 3] = [StackKind::Bare, StackKind::Seed, StackKind::Portcullis];
+}
+
+impl fmt::Display for StackKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StackKind::Bare => "bare",
+            StackKind::Seed => "seed",
+            StackKind::Portcullis => "portcullis",
+        })
+    }
+}
 
 /// Real-world defaults shared by the seed and Portcullis, before scaling.
 pub const MAX_RETRIES: u32 = 3;

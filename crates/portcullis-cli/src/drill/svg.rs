@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use plotters::prelude::*;
 
+use super::stacks::StackKind;
 use super::workload::Outcome;
 
 /// One stack's run, for the chart.
 pub struct Timeline {
-    /// The stack's name.
-    pub name: String,
+    /// The stack.
+    pub name: StackKind,
     /// Every request.
     pub outcomes: Vec<Outcome>,
     /// Breaker transitions of the primary: `(at, from, to)`.
