@@ -40,11 +40,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures_util::{StreamExt, stream};
 use portcullis::providers::{ApiKey, OpenAiProvider};
-use portcullis::sim::{Family, FaultKind, FaultRule, Simulator};
 use portcullis::{
     ChatMessage, ChatRequest, ChatStream, CompletionResult, ErrorKind, LlmError, ResponseFormat,
     Stack, StreamChunk,
 };
+use portcullis_sim::{Family, FaultKind, FaultRule, Simulator};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -365,7 +365,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn demo(
     stack: &Stack,
     addr: SocketAddr,
-    sim: Option<&portcullis::sim::SimHandle>,
+    sim: Option<&portcullis_sim::SimHandle>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let client = OpenAiProvider::builder()
         .base_url(format!("http://{addr}/v1"))

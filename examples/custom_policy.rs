@@ -9,7 +9,7 @@
 //! 2. **A classifier**: the layers decide through [`Classify`]. `AppError` wraps [`LlmError`]
 //!    and changes one row of the table: a 429 (`RateLimited`) counts as a *breaker failure*, so
 //!    a tenant that keeps getting rate-limited is cooled off by its breaker instead of hammering
-//!    a shared key.
+//!    a shared key. Besides `Classify`, the layers need one conversion: `From<Refusal>`.
 //! 3. **A breaker key**: `CircuitBreakerLayer::key_by` keys breakers per (tenant, model), the
 //!    tenant read from the request's extensions, so one noisy tenant's open breaker does not
 //!    refuse anyone else.
@@ -29,11 +29,10 @@ use portcullis::layers::CircuitBreakerLayer;
 use portcullis::layers::circuit_breaker::{CircuitBreakerConfig, TripPolicy};
 use portcullis::layers::retry::{Attempt, Decision, Policy, RetryLayer};
 use portcullis::providers::{ApiKey, OpenAiProvider};
-use portcullis::sim::{FaultKind, FaultRule, SimHandle, Simulator};
 use portcullis::{
-    ChatMessage, ChatRequest, CircuitOpen, Classification, Classify, ErrorKind, LlmError,
-    RetriesExhausted, RetryStop,
+    ChatMessage, ChatRequest, Classification, Classify, ErrorKind, LlmError, Refusal, RetryStop,
 };
+use portcullis_sim::{FaultKind, FaultRule, SimHandle, Simulator};
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -99,6 +98,11 @@ impl Classify for AppError {
     fn provider(&self) -> Option<&str> {
         self.0.provider()
     }
+
+    // When retries give up, the inner LlmError records how many attempts were made.
+    fn retries_exhausted(self, attempts: u32, stop: RetryStop) -> Self {
+        AppError(self.0.retries_exhausted(attempts, stop))
+    }
 }
 
 impl fmt::Display for AppError {
@@ -115,35 +119,10 @@ impl Borrow<LlmError> for AppError {
     }
 }
 
-// What the layers need to build their own errors: from the provider's, from a breaker refusal,
-// and from a retry layer giving up.
-impl From<LlmError> for AppError {
-    fn from(e: LlmError) -> Self {
-        AppError(e)
-    }
-}
-
-impl From<CircuitOpen> for AppError {
-    fn from(e: CircuitOpen) -> Self {
-        AppError(e.into())
-    }
-}
-
-impl From<RetriesExhausted<AppError>> for AppError {
-    fn from(e: RetriesExhausted<AppError>) -> Self {
-        let RetriesExhausted {
-            attempts,
-            stop,
-            last,
-        } = e;
-        AppError(
-            RetriesExhausted {
-                attempts,
-                stop,
-                last: last.0,
-            }
-            .into(),
-        )
+// The one conversion every layer needs: from its refusal (circuit open, throttled, …).
+impl From<Refusal> for AppError {
+    fn from(r: Refusal) -> Self {
+        AppError(r.into())
     }
 }
 
@@ -209,7 +188,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut svc = ServiceBuilder::new()
         .layer(RetryLayer::new(OverloadedOnly::default()))
         .layer(breaker)
-        .map_err(AppError::from)
+        .map_err(AppError)
         .service(provider);
     let key = |t: &str| (Tenant(t.into()), Arc::<str>::from(MODEL));
 

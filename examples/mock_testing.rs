@@ -26,7 +26,7 @@ use portcullis::layers::circuit_breaker::{CircuitBreakerConfig, CircuitState};
 use portcullis::layers::retry::{Jitter, RetryLayer, StandardPolicy};
 use portcullis::layers::{CircuitBreakerLayer, Retry};
 use portcullis::{
-    BoxError, ChatMessage, ChatRequest, CircuitOpen, CompletionResult, ErrorKind, LlmError,
+    BoxError, ChatMessage, ChatRequest, CompletionResult, ErrorKind, LlmError, Refusal,
     RetriesExhausted, RetryStop,
 };
 use tokio::time::{Instant, advance};
@@ -48,13 +48,13 @@ fn overloaded() -> LlmError {
     LlmError::new(ErrorKind::Overloaded, "503 from the mock").with_status(503)
 }
 
-/// The kind of a mock's error (a `BoxError` holding an `LlmError` or a layer's marker error).
+/// The kind of a mock's error: a `BoxError` holding the mock's `LlmError`, or a layer's
+/// [`Refusal`].
 fn kind(e: &BoxError) -> Option<ErrorKind> {
-    if let Some(e) = e.downcast_ref::<LlmError>() {
-        return Some(e.kind());
+    match e.downcast_ref::<LlmError>() {
+        Some(e) => Some(e.kind()),
+        None => e.downcast_ref::<Refusal>().map(Refusal::kind),
     }
-    e.downcast_ref::<CircuitOpen>()
-        .map(|_| ErrorKind::CircuitOpen)
 }
 
 /// The breaker, over a mock provider, through its whole cycle. Run with paused time.

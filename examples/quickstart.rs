@@ -20,8 +20,8 @@ mod common;
 
 use std::time::Instant;
 
-use portcullis::sim::{Family, FaultRule, Simulator};
 use portcullis::{ChatMessage, ChatRequest, CompletionResult};
+use portcullis_sim::{Family, FaultRule, Simulator};
 use tower::ServiceExt;
 
 use common::MODEL;

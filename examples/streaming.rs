@@ -27,8 +27,8 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use portcullis::sim::{Family, FaultKind, FaultRule, SimHandle, Simulator};
 use portcullis::{ChatMessage, ChatRequest, Streams};
+use portcullis_sim::{Family, FaultKind, FaultRule, SimHandle, Simulator};
 use tower::ServiceExt;
 
 use common::MODEL;
@@ -118,7 +118,7 @@ async fn stream_once(streams: &Streams, i: u32) -> Result<(), portcullis::LlmErr
 }
 
 /// Replaces the simulator's faults with `rule`, on OpenAI only, and zeroes its counters.
-fn inject(sim: &SimHandle, rule: FaultRule) -> Result<(), portcullis::sim::ScenarioError> {
+fn inject(sim: &SimHandle, rule: FaultRule) -> Result<(), portcullis_sim::ScenarioError> {
     sim.reset_stats();
     sim.set_faults(vec![rule.family(Family::Openai)])
 }

@@ -8,7 +8,7 @@
 //! | [`core`] | chat types, [`LlmError`] and its classification, rate-limit hints, token estimation |
 //! | [`layers`] | retry, circuit breaker, token bucket, fallback, timeouts (no hyper) |
 //! | [`providers`] | OpenAI and Anthropic over hyper + rustls, one SSE decoder |
-//! | [`sim`] | the simulated OpenAI + Anthropic server every test, example and drill runs against |
+//! | `sim` (feature `sim`, off by default) | the simulated OpenAI + Anthropic server every test, example and drill runs against |
 #![forbid(unsafe_code)]
 
 pub mod stack;
@@ -17,6 +17,7 @@ pub use portcullis_core as core;
 pub use portcullis_core::*;
 pub use portcullis_layers as layers;
 pub use portcullis_providers as providers;
+#[cfg(feature = "sim")]
 pub use portcullis_sim as sim;
 pub use stack::{
     Api, Completions, ProviderConfig, ProviderHandles, ProviderStack, Stack, StackBuilder,

@@ -50,7 +50,6 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use portcullis_core::{ChatRequest, ChatStream, CompletionResult, LlmError};
@@ -67,7 +66,7 @@ use portcullis_layers::{
     TokenBucketLayer,
 };
 use portcullis_providers::{
-    AnthropicProvider, AnthropicStream, ApiKey, OpenAiProvider, OpenAiStream, ResponseFuture,
+    AnthropicProvider, AnthropicStream, ApiKey, OpenAiProvider, OpenAiStream,
 };
 use serde::{Deserialize, Serialize};
 use tower::util::Either;
@@ -78,73 +77,12 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(150);
 /// The default attempt timeout (the seed's).
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One of the built-in providers, as a complete-call service.
-#[derive(Debug, Clone)]
-pub enum Provider {
-    /// OpenAI Chat Completions.
-    OpenAi(OpenAiProvider),
-    /// Anthropic Messages.
-    Anthropic(AnthropicProvider),
-}
+/// One of the built-in providers, as a complete-call service: OpenAI on the left, Anthropic
+/// on the right.
+pub type Provider = Either<OpenAiProvider, AnthropicProvider>;
 
 /// One of the built-in providers, as a streaming service.
-#[derive(Debug, Clone)]
-pub enum ProviderStream {
-    /// OpenAI Chat Completions, streaming.
-    OpenAi(OpenAiStream),
-    /// Anthropic Messages, streaming.
-    Anthropic(AnthropicStream),
-}
-
-impl Provider {
-    /// The streaming service of the same provider (same settings, same connection pool).
-    pub fn streaming(&self) -> ProviderStream {
-        match self {
-            Provider::OpenAi(p) => ProviderStream::OpenAi(p.streaming()),
-            Provider::Anthropic(p) => ProviderStream::Anthropic(p.streaming()),
-        }
-    }
-}
-
-impl Service<ChatRequest> for Provider {
-    type Response = CompletionResult;
-    type Error = LlmError;
-    type Future = ResponseFuture<CompletionResult>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
-        match self {
-            Provider::OpenAi(p) => p.poll_ready(cx),
-            Provider::Anthropic(p) => p.poll_ready(cx),
-        }
-    }
-
-    fn call(&mut self, req: ChatRequest) -> Self::Future {
-        match self {
-            Provider::OpenAi(p) => p.call(req),
-            Provider::Anthropic(p) => p.call(req),
-        }
-    }
-}
-
-impl Service<ChatRequest> for ProviderStream {
-    type Response = ChatStream;
-    type Error = LlmError;
-    type Future = ResponseFuture<ChatStream>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
-        match self {
-            ProviderStream::OpenAi(p) => p.poll_ready(cx),
-            ProviderStream::Anthropic(p) => p.poll_ready(cx),
-        }
-    }
-
-    fn call(&mut self, req: ChatRequest) -> Self::Future {
-        match self {
-            ProviderStream::OpenAi(p) => p.call(req),
-            ProviderStream::Anthropic(p) => p.call(req),
-        }
-    }
-}
+pub type ProviderStream = Either<OpenAiStream, AnthropicStream>;
 
 /// The per-provider chain: retry → breaker → (bucket) → attempt timeout → `S`.
 pub type ProviderChain<S> =
@@ -247,14 +185,14 @@ pub struct ProviderStack<S = Provider, Q = ProviderStream> {
 impl ProviderStack<Provider, ProviderStream> {
     /// An OpenAI provider named `"openai"`.
     pub fn openai(provider: OpenAiProvider) -> Self {
-        let p = Provider::OpenAi(provider);
-        ProviderStack::new(portcullis_core::OPENAI, p.clone(), p.streaming())
+        let stream = Either::Left(provider.streaming());
+        ProviderStack::new(portcullis_core::OPENAI, Either::Left(provider), stream)
     }
 
     /// An Anthropic provider named `"anthropic"`.
     pub fn anthropic(provider: AnthropicProvider) -> Self {
-        let p = Provider::Anthropic(provider);
-        ProviderStack::new(portcullis_core::ANTHROPIC, p.clone(), p.streaming())
+        let stream = Either::Right(provider.streaming());
+        ProviderStack::new(portcullis_core::ANTHROPIC, Either::Right(provider), stream)
     }
 }
 
@@ -402,7 +340,7 @@ pub struct ProviderHandles {
 /// ```
 /// use portcullis::{ChatMessage, ChatRequest, ErrorKind, Stack, ProviderStack};
 /// use portcullis::providers::{ApiKey, OpenAiProvider, AnthropicProvider};
-/// use portcullis::sim::{FaultKind, FaultRule, Family, Simulator};
+/// use portcullis_sim::{FaultKind, FaultRule, Family, Simulator};
 /// use tower::ServiceExt;
 ///
 /// # #[tokio::main(flavor = "current_thread")]

@@ -6,8 +6,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use portcullis::layers::TimeoutLayer;
 use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
-use portcullis::sim::{FaultKind, FaultRule, Limits, OpenAiLimits, SimHandle, Simulator};
 use portcullis::{ChatMessage, ChatRequest, ChatStream, Classify, ErrorKind, Failover, LlmError};
+use portcullis_sim::{FaultKind, FaultRule, Limits, OpenAiLimits, SimHandle, Simulator};
 use tower::{Layer, ServiceExt};
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -10,10 +10,10 @@ use portcullis::layers::circuit_breaker::{CircuitBreakerConfig, CircuitState};
 use portcullis::layers::retry::{BudgetConfig, RetryConfig};
 use portcullis::layers::token_bucket::{KeyLimits, Rate, TokenBucketConfig};
 use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
-use portcullis::sim::{
+use portcullis::{ChatMessage, ChatRequest, ErrorKind, ProviderStack, Stack};
+use portcullis_sim::{
     Family, FaultKind, FaultRule, Limits, OpenAiLimits, Phase, SimHandle, Simulator,
 };
-use portcullis::{ChatMessage, ChatRequest, ErrorKind, ProviderStack, Stack};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::ServiceExt;

@@ -4,8 +4,8 @@
 
 use portcullis::layers::retry::RetryConfig;
 use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
-use portcullis::sim::{SimHandle, Simulator};
 use portcullis::{ProviderStack, StackBuilder};
+use portcullis_sim::{SimHandle, Simulator};
 
 /// The model asked for; the Anthropic entry of a stack remaps it to [`SECONDARY_MODEL`].
 pub const MODEL: &str = "gpt-4o-mini";

@@ -2,13 +2,26 @@
 //!
 //! | trait | what it tells a layer |
 //! |---|---|
-//! | [`Classify`] | for an error: retry the same provider? a breaker failure? fail over? wait how long? |
-//! | [`OnFinish`] | for a response: when it is really over (a stream ends later) and its usage |
-//! | [`RateLimitInfo`] | for a response or an error: the provider's rate-limit headers |
+//! | [`Classify`] | for an error: retry the same provider? a breaker failure? fail over? wait how long? the provider's rate-limit headers |
+//! | [`OnFinish`] | for a response: when it is really over (a stream ends later), its usage, its rate-limit headers |
+//! | [`RequestInfo`] | for a request: its model and deadline |
 //! | [`CostOf`](crate::CostOf) | for a request: its token cost (in [`tokens`](crate::tokens)) |
 //!
-//! [`LlmError`](crate::LlmError) and the chat types implement all of them. A user's own service
-//! plugs in by implementing them for its own types.
+//! # The contract for your own types
+//!
+//! - **Your error** needs `Classify` and one `From<`[`Refusal`](crate::Refusal)`>`: every layer
+//!   refuses through that one type (circuit open, throttled, over capacity, deadline, attempt
+//!   timeout). [`LlmError`](crate::LlmError) and [`BoxError`](crate::BoxError) have both.
+//! - **Your response**, if you own its type, implements `OnFinish` (a response that is over at
+//!   once needs only the one-line `on_finish` body shown on the trait). A type you do not own
+//!   (`bytes::Bytes`, a client library's response) passes every layer as
+//!   [`Finished<T>`](crate::Finished): wrap it under the layers with `map_response`.
+//!   `http::Response<B>` and the chat types implement `OnFinish` already.
+//! - **Your request** needs `RequestInfo` (all of whose methods have defaults) for the layers
+//!   that key by model or respect deadlines, and a [`CostOf`](crate::CostOf) for the token
+//!   bucket.
+//!
+//! [`LlmError`](crate::LlmError) and the chat types implement all of them.
 //!
 //! The table itself is [`ErrorKind::classification`] (a kind's row) and
 //! [`ErrorKind::from_wire`] (an HTTP status and a provider's error `type` / `code` to a kind):
@@ -78,7 +91,39 @@ impl Classification {
 }
 
 /// Classifies an error for the layers. Implemented by [`LlmError`](crate::LlmError), by the
-/// layers' own refusals, and by [`BoxError`](crate::BoxError) (which downcasts to those).
+/// layers' own [`Refusal`](crate::Refusal), and by [`BoxError`](crate::BoxError) (which
+/// downcasts to those).
+///
+/// A user's own error plugs in with this and one `From<Refusal>`:
+///
+/// ```
+/// use portcullis_core::{Classification, Classify, Refusal};
+///
+/// #[derive(Debug)]
+/// enum JobError {
+///     Busy,
+///     BadInput,
+///     Refused(Refusal),
+/// }
+///
+/// impl Classify for JobError {
+///     fn classify(&self) -> Classification {
+///         match self {
+///             JobError::Busy => Classification::TRANSIENT,
+///             JobError::BadInput => Classification::PERMANENT,
+///             JobError::Refused(r) => r.classify(),
+///         }
+///     }
+/// }
+///
+/// impl From<Refusal> for JobError {
+///     fn from(r: Refusal) -> Self {
+///         JobError::Refused(r)
+///     }
+/// }
+///
+/// assert!(JobError::Busy.classify().breaker_failure);
+/// ```
 pub trait Classify {
     /// This outcome's row of the classification table.
     fn classify(&self) -> Classification;
@@ -86,6 +131,23 @@ pub trait Classify {
     /// The provider that produced the error, for logs (`None` when unknown).
     fn provider(&self) -> Option<&str> {
         None
+    }
+
+    /// The provider's rate-limit headers that came with the error, if any (a token bucket
+    /// pauses or clamps its key by them).
+    fn rate_limits(&self) -> Option<&RateLimitHints> {
+        None
+    }
+
+    /// Called by a retry layer when it gives up and returns this (its last) error: it made
+    /// `attempts` attempts and stopped for `stop`. [`LlmError`](crate::LlmError) records both;
+    /// the default returns the error unchanged.
+    fn retries_exhausted(self, attempts: u32, stop: crate::RetryStop) -> Self
+    where
+        Self: Sized,
+    {
+        let _ = (attempts, stop);
+        self
     }
 }
 
@@ -126,6 +188,22 @@ impl Finish {
 ///
 /// A complete response is over at once: `on_finish` calls the hook immediately. A stream is over
 /// when it ends, fails, or is dropped: the hook runs then, exactly once.
+///
+/// A response type of your own implements it in a few lines:
+///
+/// ```
+/// use portcullis_core::{Finish, OnFinish};
+///
+/// struct Report(String);
+///
+/// impl OnFinish for Report {
+///     fn on_finish<F: FnOnce(&Finish) + Send + 'static>(&mut self, f: F) {
+///         f(&Finish::Completed { usage: None }) // over at once, no token usage
+///     }
+/// }
+/// ```
+///
+/// A type you do not own passes as [`Finished<T>`](crate::Finished).
 pub trait OnFinish {
     /// Runs `f` once, when this response is over.
     fn on_finish<F>(&mut self, f: F)
@@ -135,6 +213,12 @@ pub trait OnFinish {
     /// Whether the outcome is only known later (a stream). Defaults to `false`.
     fn is_streaming(&self) -> bool {
         false
+    }
+
+    /// The provider's rate-limit headers that came with the response, if any (a token bucket
+    /// learns and clamps its levels by them).
+    fn rate_limits(&self) -> Option<&RateLimitHints> {
+        None
     }
 }
 
@@ -147,15 +231,55 @@ impl<B> OnFinish for http::Response<B> {
     }
 }
 
-/// A response or error that carries the provider's rate-limit headers.
-pub trait RateLimitInfo {
-    /// The parsed headers, if any came with it.
-    fn rate_limits(&self) -> Option<&RateLimitHints> {
-        None
+/// A response of a type that does not implement [`OnFinish`] (one you do not own, such as
+/// `bytes::Bytes` or a client library's response), made to pass every layer: it is over as soon
+/// as it arrives, with no usage.
+///
+/// Wrap it under the layers and unwrap it above them:
+///
+/// ```
+/// use portcullis_core::{BoxError, Finished};
+/// use tower::{ServiceBuilder, ServiceExt};
+///
+/// # async fn run() -> Result<(), BoxError> {
+/// let bytes_service = tower::service_fn(|_: String| async { Ok::<_, BoxError>(bytes::Bytes::from("ok")) });
+/// let svc = ServiceBuilder::new()
+///     .map_response(Finished::into_inner) // above the layers: the plain value again
+///     // .layer(circuit_breaker) .layer(token_bucket) …
+///     .map_response(Finished::new) // under the layers: a response they can watch
+///     .service(bytes_service);
+/// assert_eq!(svc.oneshot("hi".to_owned()).await?, "ok");
+/// # Ok(()) }
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(run()).unwrap();
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Finished<T>(pub T);
+
+impl<T> Finished<T> {
+    /// Wraps a response.
+    pub fn new(inner: T) -> Self {
+        Finished(inner)
+    }
+
+    /// The response.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+
+    /// The response, borrowed.
+    pub fn get_ref(&self) -> &T {
+        &self.0
     }
 }
 
-impl<B> RateLimitInfo for http::Response<B> {}
+impl<T> OnFinish for Finished<T> {
+    fn on_finish<F>(&mut self, f: F)
+    where
+        F: FnOnce(&Finish) + Send + 'static,
+    {
+        f(&Finish::Completed { usage: None })
+    }
+}
 
 /// What a layer may read from (or set on) a request: its model, for logs and keys, and the
 /// overall deadline that every sleeping layer respects.
@@ -192,7 +316,6 @@ macro_rules! plain_values {
                 f(&Finish::Completed { usage: None })
             }
         }
-        impl RateLimitInfo for $t {}
         impl RequestInfo for $t {}
     )*};
 }

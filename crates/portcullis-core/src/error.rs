@@ -5,7 +5,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
-use crate::classify::{Classification, Classify, RateLimitInfo};
+use crate::classify::{Classification, Classify};
 use crate::hints::RateLimitHints;
 use crate::kind::ErrorKind;
 use crate::refusal::RetryStop;
@@ -270,11 +270,13 @@ impl Classify for LlmError {
     fn provider(&self) -> Option<&str> {
         self.0.provider.as_deref()
     }
-}
 
-impl RateLimitInfo for LlmError {
     fn rate_limits(&self) -> Option<&RateLimitHints> {
         self.0.rate_limits.as_ref()
+    }
+
+    fn retries_exhausted(self, attempts: u32, stop: RetryStop) -> Self {
+        self.with_retry_stop(attempts, stop)
     }
 }
 

@@ -6,15 +6,17 @@
 //!   [`CompletionResult`], [`Usage`], [`FinishReason`], [`StreamChunk`], [`ChatStream`];
 //! - one typed error, [`LlmError`], with an [`ErrorKind`] per row of the classification table,
 //!   and [`ErrorKind::from_wire`], the one place that maps statuses and provider error types;
-//! - the layers' own refusals: [`CircuitOpen`], [`Throttled`], [`OverCapacity`],
-//!   [`DeadlineExceeded`], [`AttemptTimedOut`], [`RetriesExhausted`];
-//! - the traits the layers are generic over: [`Classify`], [`OnFinish`], [`RateLimitInfo`],
-//!   [`CostOf`];
+//! - the layers' own refusals, in one type, [`Refusal`]: [`CircuitOpen`], [`Throttled`],
+//!   [`OverCapacity`], [`DeadlineExceeded`], [`AttemptTimedOut`]; and [`RetriesExhausted`];
+//! - the traits the layers are generic over: [`Classify`] (errors), [`OnFinish`] (responses;
+//!   [`Finished`] wraps a response type you do not own), [`RequestInfo`] and [`CostOf`]
+//!   (requests); the contract is spelled out in [`classify`];
 //! - [`RateLimitHints`], parsed from response headers in one place;
 //! - token estimation: [`TokenEstimator`], [`OpenAiTokenizer`], [`AnthropicEstimator`].
 #![forbid(unsafe_code)]
 
 pub mod classify;
+pub mod config;
 pub mod error;
 pub mod hints;
 pub mod kind;
@@ -23,15 +25,14 @@ pub mod request;
 pub mod response;
 pub mod tokens;
 
-pub use classify::{
-    Classification, Classify, Failover, Finish, OnFinish, RateLimitInfo, RequestInfo,
-};
+pub use classify::{Classification, Classify, Failover, Finish, Finished, OnFinish, RequestInfo};
+pub use config::ConfigError;
 pub use error::{BoxError, LlmError};
 pub use hints::{LimitHint, RateLimitHints};
 pub use kind::ErrorKind;
 pub use refusal::{
-    AttemptTimedOut, CircuitOpen, DeadlineExceeded, OverCapacity, RetriesExhausted, RetryStop,
-    Throttled,
+    AttemptTimedOut, CircuitOpen, DeadlineExceeded, OverCapacity, Refusal, RetriesExhausted,
+    RetryStop, Throttled,
 };
 pub use request::{ChatMessage, ChatRequest, CompletionOptions, ResponseFormat, Role};
 pub use response::{ChatStream, CompletionResult, FinishReason, StreamChunk, StreamMeta, Usage};

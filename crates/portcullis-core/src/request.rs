@@ -90,7 +90,7 @@ pub struct CompletionOptions {
     /// Sequences that end generation. Behind an `Arc` so that cloning a request is cheap.
     pub stop_sequences: Arc<[String]>,
     /// A per-attempt timeout for this request, overriding the timeout layer's own.
-    #[serde(with = "opt_millis")]
+    #[serde(with = "crate::config::opt_millis")]
     pub timeout: Option<Duration>,
 }
 
@@ -103,24 +103,6 @@ impl Default for CompletionOptions {
             stop_sequences: Arc::from(Vec::new()),
             timeout: None,
         }
-    }
-}
-
-mod opt_millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
     }
 }
 

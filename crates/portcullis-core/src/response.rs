@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_core::Stream;
 use serde::{Deserialize, Serialize};
 
-use crate::classify::{Classify, Finish, OnFinish, RateLimitInfo};
+use crate::classify::{Classify, Finish, OnFinish};
 use crate::error::LlmError;
 use crate::hints::RateLimitHints;
 
@@ -364,9 +364,7 @@ impl OnFinish for ChatStream {
     fn is_streaming(&self) -> bool {
         true
     }
-}
 
-impl RateLimitInfo for ChatStream {
     fn rate_limits(&self) -> Option<&RateLimitHints> {
         Some(&self.meta.rate_limits)
     }
@@ -381,9 +379,7 @@ impl OnFinish for CompletionResult {
             usage: Some(self.usage),
         })
     }
-}
 
-impl RateLimitInfo for CompletionResult {
     fn rate_limits(&self) -> Option<&RateLimitHints> {
         Some(&self.rate_limits)
     }

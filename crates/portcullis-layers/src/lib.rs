@@ -2,7 +2,10 @@
 //!
 //! Tower layers that make calls to LLM APIs survive the real world. Each resilience concern is
 //! its own [`tower_layer::Layer`]; they stack with `tower::ServiceBuilder` over any service
-//! whose error implements [`Classify`](portcullis_core::Classify).
+//! whose error implements [`Classify`](portcullis_core::Classify) and
+//! `From<`[`Refusal`](portcullis_core::Refusal)`>`, and whose response implements
+//! [`OnFinish`](portcullis_core::OnFinish) (or is wrapped in
+//! [`Finished`](portcullis_core::Finished)).
 //!
 //! | layer | module |
 //! |---|---|
@@ -29,3 +32,10 @@ pub use fallback::{Entry, Fallback, FallbackLayer};
 pub use retry::{Retry, RetryLayer};
 pub use timeout::{Deadline, DeadlineLayer, StreamIdleLayer, Timeout, TimeoutLayer};
 pub use token_bucket::{TokenBucket, TokenBucketLayer};
+
+/// A layer's refusal as the service's error: every layer asks only `E: From<Refusal>`.
+pub(crate) fn refuse<E: From<portcullis_core::Refusal>>(
+    r: impl Into<portcullis_core::Refusal>,
+) -> E {
+    E::from(r.into())
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use portcullis_core::{
     BoxError, ChatMessage, ChatRequest, ChatStream, CircuitOpen, CompletionResult, ErrorKind,
-    LlmError, StreamChunk, StreamMeta, Throttled,
+    LlmError, Refusal, StreamChunk, StreamMeta, Throttled,
 };
 use portcullis_layers::SingleKey;
 use portcullis_layers::circuit_breaker::{
@@ -109,17 +109,15 @@ impl Harness<String> {
 
 fn refusal(res: Result<impl std::fmt::Debug, BoxError>) -> Duration {
     let err = res.unwrap_err();
-    err.downcast_ref::<CircuitOpen>()
-        .unwrap_or_else(|| panic!("expected CircuitOpen, got {err}"))
-        .retry_after
+    match err.downcast_ref::<Refusal>() {
+        Some(Refusal::CircuitOpen(open)) => open.retry_after,
+        _ => panic!("expected CircuitOpen, got {err}"),
+    }
 }
 
 fn upstream_error(res: Result<impl std::fmt::Debug, BoxError>) {
     let err = res.unwrap_err();
-    assert!(
-        err.downcast_ref::<CircuitOpen>().is_none(),
-        "refused: {err}"
-    );
+    assert!(err.downcast_ref::<Refusal>().is_none(), "refused: {err}");
 }
 
 use CircuitState::{Closed, HalfOpen, Open};
@@ -385,6 +383,7 @@ async fn only_breaker_failures_count() {
             .into(),
         Box::new(Throttled { retry_after: SEC }),
         Box::new(CircuitOpen { retry_after: SEC }),
+        Box::new(Refusal::from(CircuitOpen { retry_after: SEC })),
         LlmError::from(CircuitOpen { retry_after: SEC }).into(),
     ];
     let n = ignored.len() as u64;
@@ -930,9 +929,9 @@ impl portcullis_core::Classify for JobError {
     }
 }
 
-impl From<CircuitOpen> for JobError {
-    fn from(e: CircuitOpen) -> Self {
-        JobError::Open(e.retry_after)
+impl From<portcullis_core::Refusal> for JobError {
+    fn from(r: portcullis_core::Refusal) -> Self {
+        JobError::Open(r.retry_after().unwrap_or_default())
     }
 }
 

@@ -16,12 +16,12 @@ pub enum FailurePolicy {
     /// `warn` event marks each outage's start, an `info` event its end.
     #[default]
     FailOpen,
-    /// Refuse admissions with [`Refusal::Throttled`], which the token bucket returns as a
+    /// Refuse admissions with [`Denied::Throttled`], which the token bucket returns as a
     /// `portcullis_core::Throttled` error (`ErrorKind::Throttled`); its
     /// `retry_after` is the time until Redis is tried again. Never exceeds the shared limit;
     /// serves nothing while Redis is away. A `warn` event marks each outage's start.
     ///
-    /// [`Refusal::Throttled`]: portcullis_layers::token_bucket::Refusal::Throttled
+    /// [`Denied::Throttled`]: portcullis_layers::token_bucket::Denied::Throttled
     FailClosed,
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use portcullis_layers::token_bucket::Refusal;
+use portcullis_layers::token_bucket::Denied;
 use redis::Script;
 
 use crate::Error;
@@ -78,16 +78,16 @@ fn four(r: &[i64]) -> [i64; 4] {
 }
 
 /// The reply of the reserve script: a refusal, or the wait, the ticket and the new state.
-pub(crate) type Reserved = Result<(Duration, Granted, State), Refusal>;
+pub(crate) type Reserved = Result<(Duration, Granted, State), Denied>;
 
 pub(crate) fn parse_reserve(r: &[i64]) -> Result<Reserved, Error> {
     let pos = |v: i64| v.max(0) as u64;
     match r {
-        [1, cost, capacity] => Ok(Err(Refusal::OverCapacity {
+        [1, cost, capacity] => Ok(Err(Denied::OverCapacity {
             cost: pos(*cost),
             capacity: pos(*capacity),
         })),
-        [2, wait] => Ok(Err(Refusal::Throttled {
+        [2, wait] => Ok(Err(Denied::Throttled {
             retry_after: Duration::from_micros(pos(*wait)),
         })),
         [0, wait, seq, prev_floor, rest @ ..] if rest.len() == 19 => Ok(Ok((

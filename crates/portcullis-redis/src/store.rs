@@ -11,8 +11,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use portcullis_layers::token_bucket::{
-    Admission, BucketStore, Cost, KeyLabel, KeyLimits, Levels, MemoryStore, MemoryTicket, Rate,
-    Refusal, Remaining, Settlement, TokenBucketConfig,
+    Admission, BucketStore, Cost, Denied, KeyLabel, KeyLimits, Levels, MemoryStore, MemoryTicket,
+    Rate, Remaining, Settlement, TokenBucketConfig,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
@@ -446,11 +446,11 @@ impl RedisTicket {
 /// The future of [`RedisStore::reserve`]: one round trip (boxed: the round trip, not the
 /// allocation, is the cost).
 pub struct ReserveFuture(
-    Pin<Box<dyn Future<Output = Result<Admission<RedisTicket>, Refusal>> + Send + 'static>>,
+    Pin<Box<dyn Future<Output = Result<Admission<RedisTicket>, Denied>> + Send + 'static>>,
 );
 
 impl Future for ReserveFuture {
-    type Output = Result<Admission<RedisTicket>, Refusal>;
+    type Output = Result<Admission<RedisTicket>, Denied>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.0.as_mut().poll(cx)
     }
@@ -715,7 +715,7 @@ where
                         ticket: RedisTicket(TicketInner::Local(a.ticket)),
                     })
                 }
-                FailurePolicy::FailClosed => Err(Refusal::Throttled {
+                FailurePolicy::FailClosed => Err(Denied::Throttled {
                     retry_after: remote.until_retry(),
                 }),
             }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use portcullis_core::ErrorKind;
-use portcullis_layers::token_bucket::{BucketStore, Cost, Refusal, TokenBucketLayer};
+use portcullis_layers::token_bucket::{BucketStore, Cost, Denied, TokenBucketLayer};
 use portcullis_redis::{FailurePolicy, LocalRedis, RedisStore};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
@@ -137,7 +137,7 @@ async fn fail_closed_refuses_within_the_timeout_and_reconnects(server) {
     for _ in 0..5 {
         let start = Instant::now();
         match store.reserve(&k, one(), Duration::ZERO).await {
-            Err(Refusal::Throttled { retry_after }) => {
+            Err(Denied::Throttled { retry_after }) => {
                 assert!(retry_after <= Duration::from_millis(100), "{retry_after:?}")
             }
             other => panic!("expected Throttled, got {other:?}"),
@@ -177,7 +177,7 @@ async fn a_hung_redis_costs_at_most_the_timeout(server) {
     let start = Instant::now();
     let r = store.reserve(&k, one(), Duration::ZERO).await;
     let took = start.elapsed();
-    assert!(matches!(r, Err(Refusal::Throttled { .. })), "{r:?}");
+    assert!(matches!(r, Err(Denied::Throttled { .. })), "{r:?}");
     assert!(took >= TIMEOUT && took < BOUND, "took {took:?}");
     // Background updates are bounded too: flush returns.
     store.pause(&k, Duration::from_millis(1));
@@ -213,7 +213,7 @@ async fn unreachable_at_startup(server) {
     assert!(
         matches!(
             store.reserve(&k, one(), Duration::ZERO).await,
-            Err(Refusal::Throttled { .. })
+            Err(Denied::Throttled { .. })
         ),
         "a quarter of 8 requests"
     );

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use portcullis_layers::token_bucket::{
-    Cost, Rate, Refusal, Remaining, Settlement, TokenBucketLayer,
+    Cost, Denied, Rate, Remaining, Settlement, TokenBucketLayer,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -132,12 +132,12 @@ async fn refusals_consume_nothing<St: Probe>(make: impl Fn(TokenBucketConfigArg)
     let before = store.now_levels("m").await;
     assert!(close(before.tokens(), 0.0), "{before:?}");
     match store.reserve(&k, cost(1, 101), Duration::ZERO).await {
-        Err(Refusal::OverCapacity { cost, capacity }) => assert_eq!((cost, capacity), (101, 100)),
+        Err(Denied::OverCapacity { cost, capacity }) => assert_eq!((cost, capacity), (101, 100)),
         other => panic!("expected OverCapacity, got {other:?}"),
     }
     match store.reserve(&k, cost(1, 50), Duration::from_secs(1)).await {
         // 50 tokens at 0.001/s: 50 000 s away.
-        Err(Refusal::Throttled { retry_after }) => {
+        Err(Denied::Throttled { retry_after }) => {
             let s = retry_after.as_secs_f64();
             assert!((49_999.0..=50_000.1).contains(&s), "{retry_after:?}");
         }
@@ -212,7 +212,7 @@ async fn pause_delays_admission_of_its_key_only<St: Probe>(
     store.pause(&k, Duration::from_secs(30));
     store.sync().await;
     match store.reserve(&k, cost(1, 1), Duration::from_secs(1)).await {
-        Err(Refusal::Throttled { retry_after }) => {
+        Err(Denied::Throttled { retry_after }) => {
             assert!(retry_after > Duration::from_secs(29), "{retry_after:?}")
         }
         other => panic!("expected Throttled, got {other:?}"),
@@ -273,6 +273,6 @@ async fn set_limits_keeps_levels<St: Probe>(make: impl Fn(TokenBucketConfigArg) 
     assert_eq!(a.wait, Duration::ZERO);
     assert!(matches!(
         store.reserve(&k, cost(1, 501), Duration::ZERO).await,
-        Err(Refusal::OverCapacity { capacity: 500, .. })
+        Err(Denied::OverCapacity { capacity: 500, .. })
     ));
 }

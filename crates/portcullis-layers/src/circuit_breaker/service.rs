@@ -5,7 +5,7 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use portcullis_core::{CircuitOpen, Classify, OnFinish};
+use portcullis_core::{CircuitOpen, Classify, OnFinish, Refusal};
 use tower_service::Service;
 
 use super::future::{Guard, ResponseFuture};
@@ -89,7 +89,7 @@ impl<S, F, K, Req> Service<Req> for CircuitBreaker<S, F, K>
 where
     S: Service<Req>,
     S::Response: OnFinish,
-    S::Error: Classify + From<CircuitOpen>,
+    S::Error: Classify + From<Refusal>,
     F: KeyFn<Req, Key = K>,
     K: Clone + Eq + Hash + fmt::Debug + Send + Sync + 'static,
 {
@@ -112,7 +112,9 @@ where
         };
         match state.admit() {
             Ok(permit) => ResponseFuture::called(self.inner.call(req), Guard::new(state, permit)),
-            Err(retry_after) => ResponseFuture::rejected(CircuitOpen { retry_after }.into()),
+            Err(retry_after) => {
+                ResponseFuture::rejected(crate::refuse(CircuitOpen { retry_after }))
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use portcullis_core::{Classify, RequestInfo, RetriesExhausted, RetryStop};
+use portcullis_core::{Classify, Refusal, RequestInfo, RetryStop};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -90,7 +90,7 @@ where
 impl<S, Req, P> Future for ResponseFuture<S, Req, P>
 where
     S: Service<Req>,
-    S::Error: From<RetriesExhausted<S::Error>> + Display + Classify,
+    S::Error: From<Refusal> + Display + Classify,
     P: Policy<Req, S::Response, S::Error>,
     Req: Clone + RequestInfo,
 {
@@ -144,19 +144,14 @@ where
     }
 }
 
-/// Ends the call: a success as is, an error as `E::from(RetriesExhausted { .. })`.
-fn give_up<R, E>(outcome: Result<R, E>, attempts: u32, stop: RetryStop) -> Poll<Result<R, E>>
-where
-    E: From<RetriesExhausted<E>>,
-{
-    Poll::Ready(outcome.map_err(|last| {
-        RetriesExhausted {
-            attempts,
-            stop,
-            last,
-        }
-        .into()
-    }))
+/// Ends the call: a success as is, an error told how many attempts were made and why they
+/// stopped ([`Classify::retries_exhausted`]).
+fn give_up<R, E: Classify>(
+    outcome: Result<R, E>,
+    attempts: u32,
+    stop: RetryStop,
+) -> Poll<Result<R, E>> {
+    Poll::Ready(outcome.map_err(|last| last.retries_exhausted(attempts, stop)))
 }
 
 fn log_retry<Req: RequestInfo, E: Display + Classify>(

@@ -4,7 +4,7 @@ use std::fmt::Display;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use portcullis_core::{Classify, RequestInfo, RetriesExhausted};
+use portcullis_core::{Classify, Refusal, RequestInfo};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -83,7 +83,7 @@ impl<S: Clone, P> Clone for Retry<S, P> {
 impl<S, P, Req> Service<Req> for Retry<S, P>
 where
     S: Service<Req> + Clone,
-    S::Error: From<RetriesExhausted<S::Error>> + Display + Classify,
+    S::Error: From<Refusal> + Display + Classify,
     P: Policy<Req, S::Response, S::Error>,
     Req: Clone + RequestInfo,
 {

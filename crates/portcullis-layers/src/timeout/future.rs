@@ -4,7 +4,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use portcullis_core::{AttemptTimedOut, ChatStream, DeadlineExceeded};
+use portcullis_core::{AttemptTimedOut, ChatStream, DeadlineExceeded, Refusal};
 use tokio::time::{Instant, Sleep, sleep_until};
 
 pin_project! {
@@ -57,7 +57,7 @@ fn poll_timer(mut sleep: Pin<&mut Option<Sleep>>, at: Instant, cx: &mut Context<
 impl<F, T, E> Future for TimeoutFuture<F>
 where
     F: Future<Output = Result<T, E>>,
-    E: From<AttemptTimedOut> + From<DeadlineExceeded>,
+    E: From<Refusal>,
 {
     type Output = Result<T, E>;
 
@@ -68,12 +68,11 @@ where
         }
         ready!(poll_timer(this.sleep, *this.at, cx));
         if *this.at_deadline {
-            Poll::Ready(Err(DeadlineExceeded {}.into()))
+            Poll::Ready(Err(crate::refuse(DeadlineExceeded {})))
         } else {
-            Poll::Ready(Err(AttemptTimedOut {
+            Poll::Ready(Err(crate::refuse(AttemptTimedOut {
                 after: *this.timeout,
-            }
-            .into()))
+            })))
         }
     }
 }
@@ -104,7 +103,7 @@ impl<F> DeadlineFuture<F> {
 impl<F, T, E> Future for DeadlineFuture<F>
 where
     F: Future<Output = Result<T, E>>,
-    E: From<DeadlineExceeded>,
+    E: From<Refusal>,
 {
     type Output = Result<T, E>;
 
@@ -114,7 +113,7 @@ where
             return Poll::Ready(out);
         }
         ready!(poll_timer(this.sleep, *this.at, cx));
-        Poll::Ready(Err(DeadlineExceeded {}.into()))
+        Poll::Ready(Err(crate::refuse(DeadlineExceeded {})))
     }
 }
 

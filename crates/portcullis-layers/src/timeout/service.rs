@@ -1,7 +1,7 @@
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use portcullis_core::{AttemptTimedOut, ChatStream, DeadlineExceeded, RequestInfo};
+use portcullis_core::{ChatStream, Refusal, RequestInfo};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -30,7 +30,7 @@ impl<S> Timeout<S> {
 impl<S, Req> Service<Req> for Timeout<S>
 where
     S: Service<Req>,
-    S::Error: From<AttemptTimedOut> + From<DeadlineExceeded>,
+    S::Error: From<Refusal>,
     Req: RequestInfo,
 {
     type Response = S::Response;
@@ -66,7 +66,7 @@ impl<S> Deadline<S> {
 impl<S, Req> Service<Req> for Deadline<S>
 where
     S: Service<Req>,
-    S::Error: From<DeadlineExceeded>,
+    S::Error: From<Refusal>,
     Req: RequestInfo,
 {
     type Response = S::Response;

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use portcullis_core::{
-    Classify, OnFinish, OverCapacity, RateLimitHints, RateLimitInfo, Throttled, Usage,
+    Classify, OnFinish, OverCapacity, RateLimitHints, Refusal, Throttled, Usage,
 };
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
 
 use super::KeyDisplay;
-use super::store::{BucketStore, Cost, KeyLabel, Refusal, Remaining, Settlement};
+use super::store::{BucketStore, Cost, Denied, KeyLabel, Remaining, Settlement};
 
 pin_project! {
     /// The response future of [`TokenBucket`](super::TokenBucket): reserves, sleeps until the
@@ -191,8 +191,8 @@ fn reported(usage: Option<Usage>) -> Option<Usage> {
 impl<S, Req, K, St> Future for ResponseFuture<S, Req, K, St>
 where
     S: Service<Req>,
-    S::Response: OnFinish + RateLimitInfo,
-    S::Error: Classify + RateLimitInfo + From<Throttled> + From<OverCapacity>,
+    S::Response: OnFinish,
+    S::Error: Classify + From<Refusal>,
     K: KeyLabel,
     St: BucketStore<K>,
 {
@@ -227,23 +227,23 @@ where
                             let label = ctx.key.label();
                             let key = tracing::field::display(KeyDisplay(&ctx.name, &label));
                             return Poll::Ready(Err(match refusal {
-                                Refusal::OverCapacity { cost, capacity } => {
+                                Denied::OverCapacity { cost, capacity } => {
                                     tracing::info!(
                                         key,
                                         cost,
                                         capacity,
                                         "token bucket: refused, cost over capacity"
                                     );
-                                    OverCapacity { cost, capacity }.into()
+                                    crate::refuse(OverCapacity { cost, capacity })
                                 }
-                                Refusal::Throttled { retry_after } => {
+                                Denied::Throttled { retry_after } => {
                                     tracing::info!(
                                         key,
                                         tokens = ctx.cost.input_tokens + ctx.cost.output_tokens,
                                         wait_ms = retry_after.as_millis() as u64,
                                         "token bucket: refused, wait too long"
                                     );
-                                    Throttled { retry_after }.into()
+                                    crate::refuse(Throttled { retry_after })
                                 }
                             }));
                         }
@@ -263,7 +263,9 @@ where
                             if until > limit {
                                 ctx.refund("paused beyond the allowed wait");
                                 this.state.set(State::Done);
-                                return Poll::Ready(Err(Throttled { retry_after: p }.into()));
+                                return Poll::Ready(Err(crate::refuse(Throttled {
+                                    retry_after: p,
+                                })));
                             }
                             this.state.set(State::Sleep {
                                 sleep: sleep_until(until),

@@ -53,7 +53,7 @@ pub use handle::TokenBucketHandle;
 pub use layer::TokenBucketLayer;
 pub use service::TokenBucket;
 pub use store::{
-    Admission, BucketStore, Cost, KeyLabel, Levels, MemoryStore, MemoryTicket, Refusal, Remaining,
+    Admission, BucketStore, Cost, Denied, KeyLabel, Levels, MemoryStore, MemoryTicket, Remaining,
     Settlement,
 };
 

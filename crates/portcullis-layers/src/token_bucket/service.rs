@@ -1,9 +1,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use portcullis_core::{
-    ChatCost, Classify, CostOf, OnFinish, OverCapacity, RateLimitInfo, RequestInfo, Throttled,
-};
+use portcullis_core::{ChatCost, Classify, CostOf, OnFinish, Refusal, RequestInfo};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -58,8 +56,8 @@ impl<S: std::fmt::Debug, KF, C, St: std::fmt::Debug> std::fmt::Debug for TokenBu
 impl<S, Req, KF, C, St> Service<Req> for TokenBucket<S, KF, C, St>
 where
     S: Service<Req> + Clone,
-    S::Response: OnFinish + RateLimitInfo,
-    S::Error: Classify + RateLimitInfo + From<Throttled> + From<OverCapacity>,
+    S::Response: OnFinish,
+    S::Error: Classify + From<Refusal>,
     Req: RequestInfo,
     KF: KeyFn<Req>,
     KF::Key: KeyLabel,

@@ -8,12 +8,12 @@
 //! negative while reservations are queued. A request costing `c` fits at the earliest `t` with
 //! `level(t) ≥ c`. A reservation:
 //!
-//! 1. refuses at once, consuming nothing, if `c > capacity` ([`Refusal::OverCapacity`]);
+//! 1. refuses at once, consuming nothing, if `c > capacity` ([`Denied::OverCapacity`]);
 //! 2. computes its admission instant `at`: the latest of now, the key's pause, the previous
 //!    reservation's `at` (the FIFO floor) and, for every bucket, the instant it can afford its
 //!    share of the cost;
 //! 3. refuses at once, consuming nothing, if `at - now` exceeds the allowed wait
-//!    ([`Refusal::Throttled`]);
+//!    ([`Denied::Throttled`]);
 //! 4. otherwise charges every bucket *at `at`* (`tat = max(tat, at) + c / rate`), atomically.
 //!
 //! Admission instants never decrease, so the charges are applied in time order, which makes
@@ -137,7 +137,7 @@ pub struct Admission<T> {
 
 /// A reservation refused at once, with nothing consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub enum Denied {
     /// One bucket's share of the cost exceeds its capacity: it can never be admitted.
     OverCapacity {
         /// The share of the cost.
@@ -249,7 +249,7 @@ pub trait BucketStore<K>: Clone + Send + Sync + 'static {
     type Ticket: Send + 'static;
     /// The future of a reservation: immediate for the in-memory store, one round trip for a
     /// shared one.
-    type Reserve: Future<Output = Result<Admission<Self::Ticket>, Refusal>> + Send + 'static;
+    type Reserve: Future<Output = Result<Admission<Self::Ticket>, Denied>> + Send + 'static;
 
     /// Reserves `cost` in every bucket of `key`, atomically (all or none), unless the wait would
     /// exceed `max_wait` or the cost a capacity (then nothing is consumed).
@@ -535,7 +535,7 @@ where
         key: &K,
         cost: Cost,
         max_wait: Duration,
-    ) -> Result<Admission<MemoryTicket>, Refusal> {
+    ) -> Result<Admission<MemoryTicket>, Denied> {
         let slot = self.slot(key);
         let now = self.now();
         let mut s = lock(&slot);
@@ -544,7 +544,7 @@ where
         for (i, b) in s.buckets.iter().enumerate() {
             if let Some(b) = b {
                 if c[i] > b.capacity {
-                    return Err(Refusal::OverCapacity {
+                    return Err(Denied::OverCapacity {
                         cost: c[i],
                         capacity: b.capacity,
                     });
@@ -554,7 +554,7 @@ where
         }
         let wait = Duration::from_nanos(at - now);
         if wait > max_wait {
-            return Err(Refusal::Throttled { retry_after: wait });
+            return Err(Denied::Throttled { retry_after: wait });
         }
         let tat_before = s.tat;
         let prev_floor = s.floor;
@@ -589,7 +589,7 @@ where
     K: Clone + Eq + Hash + KeyLabel + Send + Sync + 'static,
 {
     type Ticket = MemoryTicket;
-    type Reserve = Ready<Result<Admission<MemoryTicket>, Refusal>>;
+    type Reserve = Ready<Result<Admission<MemoryTicket>, Denied>>;
 
     fn reserve(&self, key: &K, cost: Cost, max_wait: Duration) -> Self::Reserve {
         ready(self.reserve_now(key, cost, max_wait))
