@@ -201,8 +201,11 @@ async fn enforced_limits_answer_429_exactly_at_the_limit() {
         let res = complete(&sim, Api::OpenAi)
             .await
             .unwrap_or_else(|e| panic!("request {i}: {e}"));
-        assert_eq!(res.rate_limits.requests.limit, Some(3));
-        assert_eq!(res.rate_limits.requests.remaining, Some(2 - i));
+        assert_eq!(res.rate_limits.as_ref().unwrap().requests.limit, Some(3));
+        assert_eq!(
+            res.rate_limits.as_ref().unwrap().requests.remaining,
+            Some(2 - i)
+        );
     }
     let err = complete(&sim, Api::OpenAi).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::RateLimited);

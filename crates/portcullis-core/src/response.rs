@@ -100,8 +100,9 @@ pub struct CompletionResult {
     pub provider: Cow<'static, str>,
     /// The provider's request id (`x-request-id` / `request-id`).
     pub request_id: Option<String>,
-    /// Rate-limit headers that came with the response.
-    pub rate_limits: RateLimitHints,
+    /// Rate-limit headers that came with the response (`None` when there were none). Boxed:
+    /// every layer moves the result, and most of its size would be these hints.
+    pub rate_limits: Option<Box<RateLimitHints>>,
 }
 
 impl CompletionResult {
@@ -119,7 +120,7 @@ impl CompletionResult {
             latency: Duration::ZERO,
             provider: provider.into(),
             request_id: None,
-            rate_limits: RateLimitHints::default(),
+            rate_limits: None,
         }
     }
 
@@ -286,7 +287,7 @@ impl ChatStream {
             latency: Duration::ZERO,
             provider: self.meta.provider.clone(),
             request_id: self.meta.request_id.clone(),
-            rate_limits: self.meta.rate_limits.clone(),
+            rate_limits: Some(Box::new(self.meta.rate_limits.clone())),
         })
     }
 
@@ -381,7 +382,7 @@ impl OnFinish for CompletionResult {
     }
 
     fn rate_limits(&self) -> Option<&RateLimitHints> {
-        Some(&self.rate_limits)
+        self.rate_limits.as_deref()
     }
 }
 

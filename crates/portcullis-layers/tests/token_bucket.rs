@@ -460,7 +460,7 @@ async fn remaining_headers_clamp_down_never_up() {
         let mut hints = RateLimitHints::default();
         hints.tokens.remaining = Some(r2.load(Ordering::SeqCst));
         let mut res = CompletionResult::new("t", "m", "ok").with_usage(Usage::new(0, 1));
-        res.rate_limits = hints;
+        res.rate_limits = Some(Box::new(hints));
         async move { Ok::<_, LlmError>(res) }
     });
     let mut svc = l.layer(inner);

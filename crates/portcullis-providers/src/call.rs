@@ -195,7 +195,7 @@ pub(crate) async fn complete<W: Wire>(
     r.provider = ep.provider.into();
     r.latency = start.elapsed();
     r.request_id = request_id;
-    r.rate_limits = RateLimitHints::from_headers(&parts.headers);
+    r.rate_limits = Some(Box::new(RateLimitHints::from_headers(&parts.headers)));
     tracing::debug!(
         provider = ep.provider,
         model = %r.model,

@@ -219,7 +219,10 @@ async fn openai_complete_replay() {
         assert_eq!(r.model, "gpt-5-nano-2025-08-07");
         assert_eq!(r.provider, OPENAI);
         assert_eq!(r.request_id, f.request_id);
-        assert_eq!(r.rate_limits.requests.remaining, Some(499));
+        assert_eq!(
+            r.rate_limits.as_ref().unwrap().requests.remaining,
+            Some(499)
+        );
     }
     // The request on the wire.
     let seen = server.last();
