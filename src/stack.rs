@@ -52,11 +52,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use portcullis_core::{ChatRequest, ChatStream, CompletionResult, LlmError};
+use portcullis_core::config::{self, millis};
+use portcullis_core::{ChatRequest, ChatStream, CompletionResult, ConfigError, LlmError};
 use portcullis_layers::circuit_breaker::{
     self, CircuitBreakerConfig, CircuitBreakerHandle, Window,
 };
-use portcullis_layers::retry::{self, RetryConfig, StandardPolicy};
+use portcullis_layers::retry::{RetryConfig, StandardPolicy};
 use portcullis_layers::timeout::{
     Deadline, DeadlineLayer, StreamIdle, StreamIdleLayer, Timeout, TimeoutLayer,
 };
@@ -123,16 +124,13 @@ pub enum StackError {
         /// The attempt timeout.
         attempt_timeout: Duration,
     },
-    /// A retry setting is invalid.
-    Retry(String, retry::ConfigError),
-    /// A breaker setting is invalid.
-    Breaker(String, circuit_breaker::ConfigError),
+    /// A setting is invalid: the stack's own (provider `None`), or a provider's retry, breaker
+    /// or timeout setting.
+    Config(Option<String>, ConfigError),
     /// A limit is invalid.
     Limits(String, token_bucket::ConfigError),
     /// A provider could not be built (a missing key, a bad URL).
     Provider(String, LlmError),
-    /// A duration is zero where it must not be.
-    ZeroDuration(&'static str),
 }
 
 impl fmt::Display for StackError {
@@ -156,11 +154,10 @@ impl fmt::Display for StackError {
                 f,
                 "provider {provider:?}: breaker window {window:?} is shorter than twice the attempt timeout {attempt_timeout:?}"
             ),
-            StackError::Retry(p, e) => write!(f, "provider {p:?}: retry: {e}"),
-            StackError::Breaker(p, e) => write!(f, "provider {p:?}: breaker: {e}"),
+            StackError::Config(None, e) => write!(f, "{e}"),
+            StackError::Config(Some(p), e) => write!(f, "provider {p:?}: {e}"),
             StackError::Limits(p, e) => write!(f, "provider {p:?}: limits: {e}"),
             StackError::Provider(p, e) => write!(f, "provider {p:?}: {e}"),
-            StackError::ZeroDuration(what) => write!(f, "{what} must be greater than zero"),
         }
     }
 }
@@ -271,12 +268,9 @@ impl<S, Q> ProviderStack<S, Q> {
 
     fn validate(&self, deadline: Duration) -> Result<(), StackError> {
         let provider = self.name.to_string();
-        if self.attempt_timeout.is_zero() {
-            return Err(StackError::ZeroDuration("attempt timeout"));
-        }
-        if self.stream_idle.is_zero() {
-            return Err(StackError::ZeroDuration("stream idle timeout"));
-        }
+        let config = |e| StackError::Config(Some(provider.clone()), e);
+        config::positive("stack", "attempt_timeout_ms", self.attempt_timeout).map_err(config)?;
+        config::positive("stack", "stream_idle_timeout_ms", self.stream_idle).map_err(config)?;
         if self.attempt_timeout > deadline {
             return Err(StackError::AttemptTimeoutExceedsDeadline {
                 provider,
@@ -379,7 +373,7 @@ impl Stack {
 
     /// Builds a stack of the built-in providers from a configuration.
     pub fn from_config(config: &StackConfig) -> Result<Stack, StackError> {
-        let mut builder = Stack::builder().deadline(Duration::from_millis(config.deadline_ms));
+        let mut builder = Stack::builder().deadline(config.deadline);
         for p in &config.providers {
             let err = |e| StackError::Provider(p.name.clone(), e);
             let key = match &p.api_key_env {
@@ -413,8 +407,8 @@ impl Stack {
                 .larger_context(p.larger_context)
                 .retry(p.retry.clone())
                 .breaker(p.breaker.clone())
-                .attempt_timeout(Duration::from_millis(p.attempt_timeout_ms))
-                .stream_idle_timeout(Duration::from_millis(p.stream_idle_timeout_ms));
+                .attempt_timeout(p.attempt_timeout)
+                .stream_idle_timeout(p.stream_idle_timeout);
             if let Some(m) = &p.model {
                 ps = ps.model(m.clone());
             }
@@ -451,9 +445,8 @@ where
         if self.providers.is_empty() {
             return Err(StackError::NoProviders);
         }
-        if self.deadline.is_zero() {
-            return Err(StackError::ZeroDuration("deadline"));
-        }
+        config::positive("stack", "deadline_ms", self.deadline)
+            .map_err(|e| StackError::Config(None, e))?;
         let mut complete_entries = Vec::new();
         let mut stream_entries = Vec::new();
         let mut handles = Vec::new();
@@ -466,10 +459,10 @@ where
             let policy = p
                 .retry
                 .build()
-                .map_err(|e| StackError::Retry(name.clone(), e))?;
+                .map_err(|e| StackError::Config(Some(name.clone()), e))?;
             let retry = RetryLayer::new(policy);
             let breaker = CircuitBreakerLayer::new(name.clone(), p.breaker.clone())
-                .map_err(|e| StackError::Breaker(name.clone(), e))?;
+                .map_err(|e| StackError::Config(Some(name.clone()), e))?;
             let bucket = match &p.limits {
                 Some(l) => Some(
                     TokenBucketLayer::new(name.clone(), l.clone())
@@ -574,9 +567,9 @@ pub enum Api {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StackConfig {
-    /// The overall deadline, in milliseconds (default 150 000).
-    #[serde(default = "default_deadline_ms")]
-    pub deadline_ms: u64,
+    /// The overall deadline (`deadline_ms` in files; default 150 s).
+    #[serde(rename = "deadline_ms", with = "millis", default = "default_deadline")]
+    pub deadline: Duration,
     /// The providers, primary first.
     pub providers: Vec<ProviderConfig>,
 }
@@ -602,12 +595,20 @@ pub struct ProviderConfig {
     /// Whether it has a larger context window than the providers before it.
     #[serde(default)]
     pub larger_context: bool,
-    /// The attempt timeout, in milliseconds (default 30 000).
-    #[serde(default = "default_attempt_ms")]
-    pub attempt_timeout_ms: u64,
-    /// The idle limit between stream chunks, in milliseconds (default 30 000).
-    #[serde(default = "default_attempt_ms")]
-    pub stream_idle_timeout_ms: u64,
+    /// The attempt timeout (`attempt_timeout_ms` in files; default 30 s).
+    #[serde(
+        rename = "attempt_timeout_ms",
+        with = "millis",
+        default = "default_attempt"
+    )]
+    pub attempt_timeout: Duration,
+    /// The idle limit between stream chunks (`stream_idle_timeout_ms` in files; default 30 s).
+    #[serde(
+        rename = "stream_idle_timeout_ms",
+        with = "millis",
+        default = "default_attempt"
+    )]
+    pub stream_idle_timeout: Duration,
     /// Retry settings.
     #[serde(default)]
     pub retry: RetryConfig,
@@ -619,10 +620,10 @@ pub struct ProviderConfig {
     pub limits: Option<TokenBucketConfig>,
 }
 
-fn default_deadline_ms() -> u64 {
-    DEFAULT_DEADLINE.as_millis() as u64
+fn default_deadline() -> Duration {
+    DEFAULT_DEADLINE
 }
 
-fn default_attempt_ms() -> u64 {
-    DEFAULT_ATTEMPT_TIMEOUT.as_millis() as u64
+fn default_attempt() -> Duration {
+    DEFAULT_ATTEMPT_TIMEOUT
 }

@@ -62,11 +62,11 @@ fn anthropic(sim: &SimHandle) -> ProviderStack {
 /// The seed's retry, scaled by 1/50.
 fn retry() -> RetryConfig {
     RetryConfig {
-        base_delay_ms: 20.0,
-        max_delay_ms: 600.0,
-        retry_after_cap_ms: 1200.0,
+        base_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(600),
+        retry_after_cap: Duration::from_millis(1200),
         budget: Some(BudgetConfig {
-            window_ms: 200.0,
+            window: Duration::from_millis(200),
             min_per_sec: 50.0,
             ..BudgetConfig::default()
         }),
@@ -420,7 +420,7 @@ fn stack_config_is_validated() {
     assert!(err.to_string().contains("dedline_ms"), "{err}");
     assert!(matches!(
         Stack::from_config(&StackConfig {
-            deadline_ms: 1000,
+            deadline: Duration::from_secs(1),
             providers: vec![]
         }),
         Err(StackError::NoProviders)
@@ -455,4 +455,23 @@ async fn stack_rejects_inconsistent_timeouts() {
         .build()
         .unwrap_err();
     assert!(matches!(e, StackError::BreakerWindowTooShort { .. }), "{e}");
+    // Durations a caller or a file controls are checked when the stack is built, never
+    // overflow an `Instant` at run time.
+    for e in [
+        Stack::builder()
+            .deadline(Duration::MAX)
+            .provider(openai(&sim))
+            .build()
+            .unwrap_err(),
+        Stack::builder()
+            .deadline(Duration::ZERO)
+            .provider(openai(&sim))
+            .build()
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(&e, StackError::Config(None, c) if c.field == "deadline_ms"),
+            "{e}"
+        );
+    }
 }

@@ -2,6 +2,8 @@
 //! default, or against the real APIs when both `OPENAI_API_KEY` and `ANTHROPIC_API_KEY` are set
 //! (and `PORTCULLIS_EXAMPLES_SIM` is not).
 
+use std::time::Duration;
+
 use portcullis::layers::retry::RetryConfig;
 use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
 use portcullis::{ProviderStack, StackBuilder};
@@ -62,8 +64,8 @@ impl Backend {
         &self,
     ) -> StackBuilder<portcullis::stack::Provider, portcullis::stack::ProviderStream> {
         let retry = RetryConfig {
-            base_delay_ms: 50.0,
-            max_delay_ms: 500.0,
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
             ..RetryConfig::default()
         };
         portcullis::Stack::builder()

@@ -132,7 +132,7 @@ pub fn duration_from_millis(ms: f64) -> Result<Duration, String> {
     }
     if ms > MAX_DURATION.as_secs_f64() * 1000.0 {
         return Err(format!(
-            "a duration must be at most a year ({} ms), got {ms}",
+            "a duration must be at most a year ({} milliseconds), got {ms:e}",
             MAX_DURATION.as_millis()
         ));
     }

@@ -807,79 +807,90 @@ fn config_is_validated() {
         );
         err
     };
+    let field = |e: ConfigError| {
+        assert_eq!(e.component, "circuit breaker");
+        e.field.into_owned()
+    };
     assert_eq!(
-        bad(|c| c.trip = TripPolicy::consecutive(0)),
-        ConfigError::Zero {
-            field: "trip.consecutive_failures.threshold"
-        }
+        bad(|c| c.trip = TripPolicy::consecutive(0)).to_string(),
+        "circuit breaker: `trip.consecutive_failures.threshold` must be > 0"
     );
-    assert!(matches!(
-        bad(|c| c.trip = TripPolicy::failure_rate(1.5, Window::Count(10), 5)),
-        ConfigError::OutOfRange { .. }
-    ));
-    assert!(matches!(
-        bad(|c| c.trip = TripPolicy::failure_rate(f64::NAN, Window::Count(10), 5)),
-        ConfigError::OutOfRange { .. }
-    ));
-    assert!(matches!(
-        bad(|c| c.trip = TripPolicy::failure_rate(0.5, Window::Count(0), 0)),
-        ConfigError::Zero { .. }
-    ));
+    let rate = "trip.failure_rate.threshold";
     assert_eq!(
-        bad(|c| c.trip = TripPolicy::failure_rate(0.5, Window::Count(10), 11)),
-        ConfigError::MinCallsExceedWindow {
-            field: "trip.failure_rate.window",
-            min_calls: 11,
-            window: 10
-        }
+        field(bad(
+            |c| c.trip = TripPolicy::failure_rate(1.5, Window::Count(10), 5)
+        )),
+        rate
     );
-    assert!(matches!(
-        bad(|c| c.trip = TripPolicy::failure_rate(0.5, Window::Time(Duration::ZERO), 1)),
-        ConfigError::Zero { .. }
-    ));
-    assert!(matches!(
-        bad(|c| c.recovery_timeout = Duration::from_secs(u64::MAX)),
-        ConfigError::TooLong { .. }
-    ));
-    assert!(matches!(
-        bad(|c| c.trip = TripPolicy::failure_rate(0.5, Window::Count(u32::MAX), 1)),
-        ConfigError::OutOfRange { .. }
-    ));
-    assert!(matches!(
-        bad(|c| c.half_open_probes = u32::MAX),
-        ConfigError::OutOfRange { .. }
-    ));
-    assert!(matches!(
-        bad(|c| c.half_open_probes = 0),
-        ConfigError::Zero { .. }
-    ));
-    assert!(matches!(
-        bad(|c| c.max_probe_wait = Duration::ZERO),
-        ConfigError::Zero { .. }
-    ));
-    assert!(matches!(
-        bad(|c| c.slow_calls = Some(SlowCallPolicy {
+    assert_eq!(
+        field(bad(
+            |c| c.trip = TripPolicy::failure_rate(f64::NAN, Window::Count(10), 5)
+        )),
+        rate
+    );
+    let window = "trip.failure_rate.window";
+    assert_eq!(
+        field(bad(
+            |c| c.trip = TripPolicy::failure_rate(0.5, Window::Count(0), 0)
+        )),
+        window
+    );
+    let e = bad(|c| c.trip = TripPolicy::failure_rate(0.5, Window::Count(10), 11));
+    assert!(
+        e.problem.contains("min_calls") && e.problem.contains("11"),
+        "{e}"
+    );
+    assert_eq!(field(e), window);
+    assert_eq!(
+        field(bad(|c| c.trip = TripPolicy::failure_rate(
+            0.5,
+            Window::Time(Duration::ZERO),
+            1
+        ))),
+        window
+    );
+    assert_eq!(
+        field(bad(|c| c.recovery_timeout = Duration::from_secs(u64::MAX))),
+        "recovery_timeout_ms"
+    );
+    assert_eq!(
+        field(bad(
+            |c| c.trip = TripPolicy::failure_rate(0.5, Window::Count(u32::MAX), 1)
+        )),
+        window
+    );
+    assert_eq!(
+        field(bad(|c| c.half_open_probes = u32::MAX)),
+        "half_open_probes"
+    );
+    assert_eq!(field(bad(|c| c.half_open_probes = 0)), "half_open_probes");
+    assert_eq!(
+        field(bad(|c| c.max_probe_wait = Duration::ZERO)),
+        "max_probe_wait_ms"
+    );
+    assert_eq!(
+        field(bad(|c| c.slow_calls = Some(SlowCallPolicy {
             threshold: SEC,
             rate: 0.0,
             window: Window::Count(5),
             min_calls: 1
-        })),
-        ConfigError::OutOfRange { .. }
-    ));
-    assert!(matches!(
-        bad(|c| c.open_backoff = Some(OpenBackoff {
+        }))),
+        "slow_calls.rate"
+    );
+    assert_eq!(
+        field(bad(|c| c.open_backoff = Some(OpenBackoff {
             multiplier: 0.5,
             max: 600 * SEC
-        })),
-        ConfigError::OutOfRange { .. }
-    ));
-    assert!(matches!(
-        bad(|c| c.open_backoff = Some(OpenBackoff {
+        }))),
+        "open_backoff.multiplier"
+    );
+    assert_eq!(
+        field(bad(|c| c.open_backoff = Some(OpenBackoff {
             multiplier: 2.0,
             max: SEC
-        })),
-        ConfigError::BackoffMaxBelowRecovery { .. }
-    ));
+        }))),
+        "open_backoff.max_ms"
+    );
     assert!(CircuitBreakerConfig::default().validate().is_ok());
 }
 
@@ -888,10 +899,10 @@ fn config_deserializes_with_defaults_and_rejects_unknown_fields() {
     let c: CircuitBreakerConfig = serde_json::from_str("{}").unwrap();
     assert_eq!(c, CircuitBreakerConfig::default());
     let c: CircuitBreakerConfig = serde_json::from_str(
-        r#"{"trip": {"failure_rate": {"threshold": 0.25, "window": {"time": 30000}, "min_calls": 20}},
-            "slow_calls": {"threshold": 5000, "rate": 0.8, "window": {"count": 50}, "min_calls": 10},
-            "open_backoff": {"multiplier": 1.5, "max": 600000},
-            "half_open_probes": 2, "max_probe_wait": 10000}"#,
+        r#"{"trip": {"failure_rate": {"threshold": 0.25, "window": {"time_ms": 30000}, "min_calls": 20}},
+            "slow_calls": {"threshold_ms": 5000, "rate": 0.8, "window": {"count": 50}, "min_calls": 10},
+            "open_backoff": {"multiplier": 1.5, "max_ms": 600000},
+            "half_open_probes": 2, "max_probe_wait_ms": 10000}"#,
     )
     .unwrap();
     assert_eq!(

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use portcullis_core::config::millis;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -169,18 +170,5 @@ impl RedisConfig {
             }
         }
         Ok(())
-    }
-}
-
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(v.as_millis() as u64)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }

@@ -159,19 +159,15 @@ pub fn seed(
     SeedClient::new(seed_config(limits), providers, rng)
 }
 
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 /// Portcullis' retry settings, scaled.
 pub fn retry_config(rng: u64) -> RetryConfig {
     RetryConfig {
         max_retries: MAX_RETRIES,
-        base_delay_ms: millis(scaled(BASE_DELAY)),
-        max_delay_ms: millis(scaled(MAX_DELAY)),
-        retry_after_cap_ms: millis(scaled(Duration::from_secs(60))),
+        base_delay: scaled(BASE_DELAY),
+        max_delay: scaled(MAX_DELAY),
+        retry_after_cap: scaled(Duration::from_secs(60)),
         budget: Some(BudgetConfig {
-            window_ms: millis(scaled(Duration::from_secs(10))),
+            window: scaled(Duration::from_secs(10)),
             min_per_sec: 1.0 / super::SCALE,
             ..BudgetConfig::default()
         }),

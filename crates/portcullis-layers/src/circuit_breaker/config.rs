@@ -1,16 +1,17 @@
 //! The breaker's configuration: trip policies, recovery, half-open probes. Serde-deserializable
 //! and validated by [`CircuitBreakerConfig::validate`].
 //!
-//! Durations are written in milliseconds (`"recovery_timeout": 60000`), as everywhere in
-//! Portcullis.
+//! Durations are [`Duration`]s in Rust and milliseconds in files (`"recovery_timeout_ms":
+//! 60000`), as everywhere in Portcullis ([`portcullis_core::config`]).
 
-use std::fmt;
 use std::time::Duration;
 
+use portcullis_core::config::{self, millis};
+pub use portcullis_core::config::{ConfigError, MAX_DURATION};
 use serde::{Deserialize, Serialize};
 
-/// The longest duration any setting may hold (one year): keeps instant arithmetic in range.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The component name in this module's [`ConfigError`]s.
+const COMPONENT: &str = "circuit breaker";
 
 /// The largest count window, in calls (each key keeps one byte per call of its window).
 pub const MAX_WINDOW_CALLS: u32 = 1_000_000;
@@ -29,7 +30,7 @@ pub const MAX_HALF_OPEN_PROBES: u32 = 10_000;
 ///
 /// let config: CircuitBreakerConfig = serde_json::from_str(r#"{
 ///     "trip": {"failure_rate": {"threshold": 0.5, "window": {"count": 20}, "min_calls": 10}},
-///     "recovery_timeout": 30000
+///     "recovery_timeout_ms": 30000
 /// }"#).unwrap();
 /// assert_eq!(config.recovery_timeout, Duration::from_secs(30));
 /// assert_eq!(config.trip, TripPolicy::failure_rate(0.5, Window::Count(20), 10));
@@ -43,7 +44,7 @@ pub struct CircuitBreakerConfig {
     /// Optionally, also open when too many calls are slow.
     pub slow_calls: Option<SlowCallPolicy>,
     /// How long the breaker stays OPEN before it lets probes through (seed: 60 s).
-    #[serde(with = "millis")]
+    #[serde(rename = "recovery_timeout_ms", with = "millis")]
     pub recovery_timeout: Duration,
     /// Optionally, lengthen the open duration on each consecutive trip.
     pub open_backoff: Option<OpenBackoff>,
@@ -53,7 +54,7 @@ pub struct CircuitBreakerConfig {
     /// next call and its late outcome is ignored, so a hung probe cannot wedge the breaker.
     /// A streamed probe holds its permit until the stream ends: keep this above the longest
     /// expected stream. (Default 30 s.)
-    #[serde(with = "millis")]
+    #[serde(rename = "max_probe_wait_ms", with = "millis")]
     pub max_probe_wait: Duration,
 }
 
@@ -113,8 +114,9 @@ impl TripPolicy {
 pub enum Window {
     /// The last `n` outcomes.
     Count(u32),
-    /// The outcomes of the last duration (milliseconds in serde). Outcomes age out in steps of
-    /// a tenth of the window.
+    /// The outcomes of the last duration (`{"time_ms": …}` in files). Outcomes age out in
+    /// steps of a tenth of the window.
+    #[serde(rename = "time_ms")]
     Time(#[serde(with = "millis")] Duration),
 }
 
@@ -126,8 +128,8 @@ pub enum Window {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlowCallPolicy {
-    /// Calls at least this long are slow.
-    #[serde(with = "millis")]
+    /// Calls at least this long are slow (`threshold_ms` in files).
+    #[serde(rename = "threshold_ms", with = "millis")]
     pub threshold: Duration,
     /// Slow-call rate in `(0, 1]` that opens the breaker.
     pub rate: f64,
@@ -144,115 +146,42 @@ pub struct SlowCallPolicy {
 pub struct OpenBackoff {
     /// Factor applied per consecutive trip, at least 1.
     pub multiplier: f64,
-    /// The longest open duration.
-    #[serde(with = "millis")]
+    /// The longest open duration (`max_ms` in files).
+    #[serde(rename = "max_ms", with = "millis")]
     pub max: Duration,
 }
 
-/// A configuration value the breaker cannot work with.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The field must be greater than zero.
-    Zero {
-        /// The field, as in serde.
-        field: &'static str,
-    },
-    /// A rate outside `(0, 1]`, a multiplier below 1 or not finite, a count window over
-    /// [`MAX_WINDOW_CALLS`], or more probes than [`MAX_HALF_OPEN_PROBES`].
-    OutOfRange {
-        /// The field, as in serde.
-        field: &'static str,
-        /// The value given.
-        value: f64,
-    },
-    /// A duration over [`MAX_DURATION`].
-    TooLong {
-        /// The field, as in serde.
-        field: &'static str,
-        /// The value given.
-        value: Duration,
-    },
-    /// `min_calls` exceeds the size of a count window: the rate could never be judged.
-    MinCallsExceedWindow {
-        /// The field, as in serde.
-        field: &'static str,
-        /// The minimum number of calls.
-        min_calls: u32,
-        /// The window size.
-        window: u32,
-    },
-    /// The open-backoff cap is shorter than the recovery timeout.
-    BackoffMaxBelowRecovery {
-        /// The cap.
-        max: Duration,
-        /// The recovery timeout.
-        recovery_timeout: Duration,
-    },
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::Zero { field } => write!(f, "circuit breaker: `{field}` must be > 0"),
-            ConfigError::OutOfRange { field, value } => {
-                write!(f, "circuit breaker: `{field}` = {value} is out of range")
-            }
-            ConfigError::TooLong { field, value } => write!(
-                f,
-                "circuit breaker: `{field}` = {value:?} exceeds {MAX_DURATION:?}"
-            ),
-            ConfigError::MinCallsExceedWindow {
-                field,
-                min_calls,
-                window,
-            } => write!(
-                f,
-                "circuit breaker: `{field}.min_calls` = {min_calls} exceeds its window of {window} calls"
-            ),
-            ConfigError::BackoffMaxBelowRecovery {
-                max,
-                recovery_timeout,
-            } => write!(
-                f,
-                "circuit breaker: `open_backoff.max` = {max:?} is below `recovery_timeout` = {recovery_timeout:?}"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 fn duration(field: &'static str, value: Duration) -> Result<(), ConfigError> {
-    if value.is_zero() {
-        Err(ConfigError::Zero { field })
-    } else if value > MAX_DURATION {
-        Err(ConfigError::TooLong { field, value })
-    } else {
-        Ok(())
-    }
+    config::positive(COMPONENT, field, value).map(drop)
+}
+
+fn out_of_range(field: &'static str, value: f64, expected: &str) -> ConfigError {
+    ConfigError::new(COMPONENT, field, format!("must be {expected}, got {value}"))
 }
 
 fn rate(field: &'static str, value: f64) -> Result<(), ConfigError> {
     // `!(x > 0)` also rejects NaN.
     if !(value > 0.0 && value <= 1.0) {
-        return Err(ConfigError::OutOfRange { field, value });
+        return Err(out_of_range(field, value, "within (0, 1]"));
     }
     Ok(())
 }
 
 fn window(field: &'static str, window: Window, min_calls: u32) -> Result<(), ConfigError> {
     match window {
-        Window::Count(0) => Err(ConfigError::Zero { field }),
-        Window::Count(n) if n > MAX_WINDOW_CALLS => Err(ConfigError::OutOfRange {
+        Window::Count(0) => Err(ConfigError::new(COMPONENT, field, "must be > 0")),
+        Window::Count(n) if n > MAX_WINDOW_CALLS => Err(out_of_range(
             field,
-            value: f64::from(n),
-        }),
-        Window::Count(n) if min_calls > n => Err(ConfigError::MinCallsExceedWindow {
+            f64::from(n),
+            "at most MAX_WINDOW_CALLS calls",
+        )),
+        Window::Count(n) if min_calls > n => Err(ConfigError::new(
+            COMPONENT,
             field,
-            min_calls,
-            window: n,
-        }),
+            format!(
+                "holds {n} calls, fewer than `min_calls` ({min_calls}): the rate could never be judged"
+            ),
+        )),
         Window::Count(_) => Ok(()),
         Window::Time(d) => duration(field, d),
     }
@@ -263,9 +192,11 @@ impl CircuitBreakerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         match &self.trip {
             TripPolicy::ConsecutiveFailures { threshold: 0 } => {
-                return Err(ConfigError::Zero {
-                    field: "trip.consecutive_failures.threshold",
-                });
+                return Err(ConfigError::new(
+                    COMPONENT,
+                    "trip.consecutive_failures.threshold",
+                    "must be > 0",
+                ));
             }
             TripPolicy::ConsecutiveFailures { .. } => {}
             TripPolicy::FailureRate {
@@ -278,36 +209,37 @@ impl CircuitBreakerConfig {
             }
         }
         if let Some(slow) = &self.slow_calls {
-            duration("slow_calls.threshold", slow.threshold)?;
+            duration("slow_calls.threshold_ms", slow.threshold)?;
             rate("slow_calls.rate", slow.rate)?;
             window("slow_calls.window", slow.window, slow.min_calls)?;
         }
-        duration("recovery_timeout", self.recovery_timeout)?;
-        duration("max_probe_wait", self.max_probe_wait)?;
-        if self.half_open_probes == 0 {
-            return Err(ConfigError::Zero {
-                field: "half_open_probes",
-            });
-        }
-        if self.half_open_probes > MAX_HALF_OPEN_PROBES {
-            return Err(ConfigError::OutOfRange {
-                field: "half_open_probes",
-                value: f64::from(self.half_open_probes),
-            });
+        duration("recovery_timeout_ms", self.recovery_timeout)?;
+        duration("max_probe_wait_ms", self.max_probe_wait)?;
+        if self.half_open_probes == 0 || self.half_open_probes > MAX_HALF_OPEN_PROBES {
+            return Err(out_of_range(
+                "half_open_probes",
+                f64::from(self.half_open_probes),
+                "within [1, MAX_HALF_OPEN_PROBES]",
+            ));
         }
         if let Some(b) = &self.open_backoff {
             if !(b.multiplier >= 1.0 && b.multiplier.is_finite()) {
-                return Err(ConfigError::OutOfRange {
-                    field: "open_backoff.multiplier",
-                    value: b.multiplier,
-                });
+                return Err(out_of_range(
+                    "open_backoff.multiplier",
+                    b.multiplier,
+                    "a finite number ≥ 1",
+                ));
             }
-            duration("open_backoff.max", b.max)?;
+            duration("open_backoff.max_ms", b.max)?;
             if b.max < self.recovery_timeout {
-                return Err(ConfigError::BackoffMaxBelowRecovery {
-                    max: b.max,
-                    recovery_timeout: self.recovery_timeout,
-                });
+                return Err(ConfigError::new(
+                    COMPONENT,
+                    "open_backoff.max_ms",
+                    format!(
+                        "({:?}) must not be below `recovery_timeout_ms` ({:?})",
+                        b.max, self.recovery_timeout
+                    ),
+                ));
             }
         }
         Ok(())
@@ -323,19 +255,5 @@ impl CircuitBreakerConfig {
         Duration::try_from_secs_f64(secs)
             .unwrap_or(b.max)
             .min(b.max)
-    }
-}
-
-/// A `Duration` as integer milliseconds.
-pub(crate) mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(crate) fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(v.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::backoff::nanos;
-use super::config::{BudgetConfig, ConfigError, in_range, positive_millis};
+use super::config::{BudgetConfig, ConfigError, in_range, positive};
 
 /// Slots of the sliding window: requests and retries older than the window leave it one slot
 /// (a tenth of the window) at a time.
@@ -28,10 +28,11 @@ const SLOTS: usize = 10;
 /// the window.
 ///
 /// ```
+/// use std::time::Duration;
 /// use portcullis_layers::retry::{BudgetConfig, RetryBudget};
 ///
-/// let budget = RetryBudget::new(&BudgetConfig { retry_ratio: 0.5, min_per_sec: 0.0, window_ms: 10_000.0 })
-///     .unwrap();
+/// let config = BudgetConfig { retry_ratio: 0.5, min_per_sec: 0.0, window: Duration::from_secs(10) };
+/// let budget = RetryBudget::new(&config).unwrap();
 /// for _ in 0..4 {
 ///     budget.deposit();
 /// }
@@ -73,21 +74,9 @@ struct Counts {
 impl RetryBudget {
     /// A budget from a validated [`BudgetConfig`].
     pub fn new(config: &BudgetConfig) -> Result<Self, ConfigError> {
-        let ratio = in_range(
-            "budget.retry_ratio",
-            config.retry_ratio,
-            0.0,
-            1.0,
-            "in [0, 1]",
-        )?;
-        let per_sec = in_range(
-            "budget.min_per_sec",
-            config.min_per_sec,
-            0.0,
-            f64::MAX,
-            "a finite number ≥ 0",
-        )?;
-        let window = positive_millis("budget.window_ms", config.window_ms)?;
+        let ratio = in_range("budget.retry_ratio", config.retry_ratio, 0.0, 1.0)?;
+        let per_sec = in_range("budget.min_per_sec", config.min_per_sec, 0.0, f64::MAX)?;
+        let window = positive("budget.window_ms", config.window)?;
         Ok(Self::from_parts(ratio, per_sec, window))
     }
 

@@ -1,70 +1,22 @@
 //! The serde-deserializable, validated configuration of the standard policy.
 
-use std::fmt;
 use std::time::Duration;
 
+use portcullis_core::config::millis;
 use serde::{Deserialize, Serialize};
 
 use super::backoff::Jitter;
 
-/// A configuration value was rejected. Returned by [`RetryConfig::build`],
-/// [`StandardPolicyBuilder::build`](super::StandardPolicyBuilder::build) and
-/// [`RetryBudget::new`](super::RetryBudget::new); bad values never panic and never fall back
-/// to a default silently.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A duration (milliseconds) is NaN, infinite, negative, too large, or zero where it must be
-    /// positive.
-    InvalidDuration {
-        /// The field, e.g. `base_delay_ms`.
-        field: &'static str,
-        /// The value given, in milliseconds.
-        value: f64,
-    },
-    /// A number is NaN, infinite, or outside its allowed range.
-    OutOfRange {
-        /// The field, e.g. `budget.retry_ratio`.
-        field: &'static str,
-        /// The value given.
-        value: f64,
-        /// The allowed range, for the message.
-        expected: &'static str,
-    },
-    /// `base_delay` is above `max_delay`.
-    BaseAboveMax {
-        /// The base delay.
-        base: Duration,
-        /// The cap.
-        max: Duration,
-    },
-}
+pub use portcullis_core::ConfigError;
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::InvalidDuration { field, value } => write!(
-                f,
-                "retry config: `{field}` must be a positive, finite number of milliseconds, got {value}"
-            ),
-            ConfigError::OutOfRange {
-                field,
-                value,
-                expected,
-            } => write!(f, "retry config: `{field}` must be {expected}, got {value}"),
-            ConfigError::BaseAboveMax { base, max } => write!(
-                f,
-                "retry config: `base_delay` ({base:?}) is above `max_delay` ({max:?})"
-            ),
-        }
-    }
-}
+/// The component name in this module's [`ConfigError`]s.
+pub(crate) const COMPONENT: &str = "retry";
 
-impl std::error::Error for ConfigError {}
-
-/// The standard retry policy's configuration, as read from a file. Durations are in
-/// milliseconds, as in every Portcullis configuration (fractions allowed). Every field has the
-/// default shown; unknown fields are rejected.
+/// The standard retry policy's configuration, as read from a file. Durations are
+/// [`Duration`]s in Rust and milliseconds in files (`*_ms`, fractions allowed), as in every
+/// Portcullis configuration ([`portcullis_core::config`]). Every field has the default shown;
+/// unknown fields are rejected. These defaults are the only place the retry defaults are
+/// written: [`StandardPolicy::builder`](super::StandardPolicy::builder) starts from them.
 ///
 /// | field | default | meaning |
 /// |---|---|---|
@@ -86,23 +38,28 @@ impl std::error::Error for ConfigError {}
 /// let policy = cfg.build().unwrap();
 /// assert_eq!(policy.max_retries(), 5);
 ///
-/// let bad: RetryConfig = serde_json::from_str(r#"{ "base_delay_ms": -1 }"#).unwrap();
-/// assert!(bad.build().is_err());
+/// // Negative durations never get past serde; zero ones are refused by `build`.
+/// assert!(serde_json::from_str::<RetryConfig>(r#"{ "base_delay_ms": -1 }"#).is_err());
+/// let zero: RetryConfig = serde_json::from_str(r#"{ "base_delay_ms": 0 }"#).unwrap();
+/// assert_eq!(zero.build().unwrap_err().to_string(), "retry: `base_delay_ms` must be > 0");
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
     /// Retries after the first attempt.
     pub max_retries: u32,
-    /// The first backoff delay, in milliseconds.
-    pub base_delay_ms: f64,
-    /// The cap of the exponential delay, in milliseconds.
-    pub max_delay_ms: f64,
+    /// The first backoff delay (`base_delay_ms` in files).
+    #[serde(rename = "base_delay_ms", with = "millis")]
+    pub base_delay: Duration,
+    /// The cap of the exponential delay (`max_delay_ms` in files).
+    #[serde(rename = "max_delay_ms", with = "millis")]
+    pub max_delay: Duration,
     /// How delays are randomised.
     pub jitter: Jitter,
-    /// The longest `Retry-After` honoured, in milliseconds; a longer one returns the error at
-    /// once.
-    pub retry_after_cap_ms: f64,
+    /// The longest `Retry-After` honoured (`retry_after_cap_ms` in files); a longer one returns
+    /// the error at once.
+    #[serde(rename = "retry_after_cap_ms", with = "millis")]
+    pub retry_after_cap: Duration,
     /// Up to this fraction of a `Retry-After` is added at random, so clients do not wake
     /// together.
     pub retry_after_jitter: f64,
@@ -116,10 +73,10 @@ impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
             max_retries: 3,
-            base_delay_ms: 1_000.0,
-            max_delay_ms: 30_000.0,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
             jitter: Jitter::Full,
-            retry_after_cap_ms: 60_000.0,
+            retry_after_cap: Duration::from_secs(60),
             retry_after_jitter: 0.1,
             budget: Some(BudgetConfig::default()),
             seed: None,
@@ -140,8 +97,10 @@ pub struct BudgetConfig {
     pub retry_ratio: f64,
     /// Retries allowed per second whatever the traffic, `≥ 0`.
     pub min_per_sec: f64,
-    /// The sliding window over which requests and retries are counted, in milliseconds, `> 0`.
-    pub window_ms: f64,
+    /// The sliding window over which requests and retries are counted, `> 0` (`window_ms` in
+    /// files).
+    #[serde(rename = "window_ms", with = "millis")]
+    pub window: Duration,
 }
 
 impl Default for BudgetConfig {
@@ -149,43 +108,17 @@ impl Default for BudgetConfig {
         BudgetConfig {
             retry_ratio: 0.2,
             min_per_sec: 1.0,
-            window_ms: 10_000.0,
+            window: Duration::from_secs(10),
         }
     }
 }
 
-/// Milliseconds as a positive, finite duration.
-pub(crate) fn positive_millis(field: &'static str, value: f64) -> Result<Duration, ConfigError> {
-    match Duration::try_from_secs_f64(value / 1000.0) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        _ => Err(ConfigError::InvalidDuration { field, value }),
-    }
-}
-
-/// A positive duration (for the builder, which takes `Duration`s).
+/// A positive duration of at most a year.
 pub(crate) fn positive(field: &'static str, d: Duration) -> Result<Duration, ConfigError> {
-    if d.is_zero() {
-        Err(ConfigError::InvalidDuration { field, value: 0.0 })
-    } else {
-        Ok(d)
-    }
+    portcullis_core::config::positive(COMPONENT, field, d)
 }
 
 /// A finite number in `[lo, hi]`.
-pub(crate) fn in_range(
-    field: &'static str,
-    value: f64,
-    lo: f64,
-    hi: f64,
-    expected: &'static str,
-) -> Result<f64, ConfigError> {
-    if value.is_finite() && (lo..=hi).contains(&value) {
-        Ok(value)
-    } else {
-        Err(ConfigError::OutOfRange {
-            field,
-            value,
-            expected,
-        })
-    }
+pub(crate) fn in_range(field: &'static str, v: f64, lo: f64, hi: f64) -> Result<f64, ConfigError> {
+    portcullis_core::config::in_range(COMPONENT, field, v, lo, hi)
 }

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::backoff::{Backoff, Jitter, nanos};
 use super::budget::RetryBudget;
-use super::config::{BudgetConfig, ConfigError, RetryConfig, in_range, positive, positive_millis};
+use super::config::{BudgetConfig, COMPONENT, ConfigError, RetryConfig, in_range, positive};
 
 /// Decides, after each attempt, whether the [`Retry`](super::Retry) service returns the
 /// outcome, retries after a delay, or gives up.
@@ -331,16 +331,18 @@ enum BudgetChoice {
 }
 
 impl Default for StandardPolicyBuilder {
+    /// The defaults of [`RetryConfig`], the one place they are written.
     fn default() -> Self {
+        let c = RetryConfig::default();
         StandardPolicyBuilder {
-            max_retries: 3,
-            base: Duration::from_secs(1),
-            max: Duration::from_secs(30),
-            jitter: Jitter::Full,
-            retry_after_cap: Duration::from_secs(60),
-            retry_after_jitter: 0.1,
-            budget: BudgetChoice::Own(BudgetConfig::default()),
-            seed: None,
+            max_retries: c.max_retries,
+            base: c.base_delay,
+            max: c.max_delay,
+            jitter: c.jitter,
+            retry_after_cap: c.retry_after_cap,
+            retry_after_jitter: c.retry_after_jitter,
+            budget: c.budget.map_or(BudgetChoice::Off, BudgetChoice::Own),
+            seed: c.seed,
         }
     }
 }
@@ -402,19 +404,17 @@ impl StandardPolicyBuilder {
     /// Validates and builds: durations must be positive, `base_delay ≤ max_delay`, fractions in
     /// `[0, 1]`.
     pub fn build(self) -> Result<StandardPolicy, ConfigError> {
-        let base = positive("base_delay", self.base)?;
-        let max = positive("max_delay", self.max)?;
+        let base = positive("base_delay_ms", self.base)?;
+        let max = positive("max_delay_ms", self.max)?;
         if base > max {
-            return Err(ConfigError::BaseAboveMax { base, max });
+            return Err(ConfigError::new(
+                COMPONENT,
+                "base_delay_ms",
+                format!("({base:?}) must not be above `max_delay_ms` ({max:?})"),
+            ));
         }
-        positive("retry_after_cap", self.retry_after_cap)?;
-        in_range(
-            "retry_after_jitter",
-            self.retry_after_jitter,
-            0.0,
-            1.0,
-            "in [0, 1]",
-        )?;
+        positive("retry_after_cap_ms", self.retry_after_cap)?;
+        in_range("retry_after_jitter", self.retry_after_jitter, 0.0, 1.0)?;
         let budget = match &self.budget {
             BudgetChoice::Off => None,
             BudgetChoice::Shared(b) => Some(b.clone()),
@@ -445,13 +445,10 @@ impl RetryConfig {
     pub fn build(&self) -> Result<StandardPolicy, ConfigError> {
         let mut builder = StandardPolicy::builder()
             .max_retries(self.max_retries)
-            .base_delay(positive_millis("base_delay_ms", self.base_delay_ms)?)
-            .max_delay(positive_millis("max_delay_ms", self.max_delay_ms)?)
+            .base_delay(self.base_delay)
+            .max_delay(self.max_delay)
             .jitter(self.jitter)
-            .retry_after_cap(positive_millis(
-                "retry_after_cap_ms",
-                self.retry_after_cap_ms,
-            )?)
+            .retry_after_cap(self.retry_after_cap)
             .retry_after_jitter(self.retry_after_jitter);
         builder = match &self.budget {
             Some(b) => builder.budget(b.clone()),
