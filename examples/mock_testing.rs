@@ -128,7 +128,7 @@ pub async fn breaker_opens_after_five_failures_then_half_opens() {
 fn retrying(
     max_retries: u32,
 ) -> (
-    Retry<mock::Mock<ChatRequest, CompletionResult>, StandardPolicy>,
+    Retry<StandardPolicy, mock::Mock<ChatRequest, CompletionResult>>,
     mock::Handle<ChatRequest, CompletionResult>,
 ) {
     let policy = StandardPolicy::builder()

@@ -87,7 +87,7 @@ pub type ProviderStream = Either<OpenAiStream, AnthropicStream>;
 
 /// The per-provider chain: retry → breaker → (bucket) → attempt timeout → `S`.
 pub type ProviderChain<S> =
-    Retry<CircuitBreaker<Either<TokenBucket<Timeout<S>>, Timeout<S>>>, StandardPolicy>;
+    Retry<StandardPolicy, CircuitBreaker<Either<TokenBucket<Timeout<S>>, Timeout<S>>>>;
 
 /// The completion service a [`Stack`] yields.
 pub type Completions<S = Provider> = Deadline<Fallback<ProviderChain<S>, ChatRequest>>;

@@ -304,6 +304,49 @@ pub trait RequestInfo {
     }
 }
 
+/// A request that a retry or fallback layer can send again: each attempt gets its own copy.
+///
+/// `ChatRequest` and plain values are cloned; `http::Request<B>` is copied (method, URI,
+/// version, headers, extensions and body) when its body is `Clone`. A request that cannot be
+/// copied returns `None` and is sent once: the retry layer returns its outcome as it is, and
+/// fallback tries no other entry. Your own `Clone` request type implements it in one line:
+///
+/// ```
+/// use portcullis_core::{Replay, RequestInfo};
+///
+/// #[derive(Clone)]
+/// struct Job(u32);
+///
+/// impl RequestInfo for Job {}
+/// impl Replay for Job {
+///     fn replay(&self) -> Option<Self> {
+///         Some(self.clone())
+///     }
+/// }
+/// ```
+pub trait Replay: Sized {
+    /// A copy to send, or `None` if this request can be sent only once.
+    fn replay(&self) -> Option<Self>;
+}
+
+impl Replay for crate::ChatRequest {
+    fn replay(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+impl<B: Clone> Replay for http::Request<B> {
+    fn replay(&self) -> Option<Self> {
+        let mut copy = http::Request::new(self.body().clone());
+        *copy.method_mut() = self.method().clone();
+        *copy.uri_mut() = self.uri().clone();
+        *copy.version_mut() = self.version();
+        *copy.headers_mut() = self.headers().clone();
+        *copy.extensions_mut() = self.extensions().clone();
+        Some(copy)
+    }
+}
+
 /// Plain values (what mocks and tests answer, or ask with) carry no usage, no rate-limit
 /// headers, no model and no deadline: a response is over at once.
 macro_rules! plain_values {
@@ -317,6 +360,11 @@ macro_rules! plain_values {
             }
         }
         impl RequestInfo for $t {}
+        impl Replay for $t {
+            fn replay(&self) -> Option<Self> {
+                Some(self.clone())
+            }
+        }
     )*};
 }
 plain_values!(

@@ -25,7 +25,9 @@ pub mod request;
 pub mod response;
 pub mod tokens;
 
-pub use classify::{Classification, Classify, Failover, Finish, Finished, OnFinish, RequestInfo};
+pub use classify::{
+    Classification, Classify, Failover, Finish, Finished, OnFinish, Replay, RequestInfo,
+};
 pub use config::ConfigError;
 pub use error::{BoxError, LlmError};
 pub use hints::{LimitHint, RateLimitHints};

@@ -115,7 +115,7 @@ async fn makes_exactly_max_retries_plus_one_calls_with_doubling_delays() {
 #[tokio::test(start_paused = true)]
 async fn success_after_failures_is_returned() {
     let (svc, mut handle) = mock::pair::<String, String>();
-    let svc = Retry::new(svc, plain(3));
+    let svc = Retry::new(plain(3), svc);
     let call = tokio::spawn(svc.oneshot("hi".to_string()));
     let (_, send) = handle.next_request().await.unwrap();
     send.send_error(err(ErrorKind::Overloaded));
@@ -127,7 +127,7 @@ async fn success_after_failures_is_returned() {
 #[tokio::test(start_paused = true)]
 async fn llm_error_keeps_kind_and_records_attempts() {
     let (svc, calls) = failing(|| err(ErrorKind::Overloaded));
-    let e = Retry::new(svc, plain(2)).oneshot(chat()).await.unwrap_err();
+    let e = Retry::new(plain(2), svc).oneshot(chat()).await.unwrap_err();
     assert_eq!(calls.load(SeqCst), 3);
     assert_eq!(e.kind(), ErrorKind::Overloaded);
     assert_eq!(e.attempts(), Some(3));
@@ -138,7 +138,7 @@ async fn llm_error_keeps_kind_and_records_attempts() {
 #[tokio::test(start_paused = true)]
 async fn zero_retries_returns_the_error_unchanged() {
     let (svc, calls) = failing(|| err(ErrorKind::Server));
-    let e = Retry::new(svc, plain(0)).oneshot(chat()).await.unwrap_err();
+    let e = Retry::new(plain(0), svc).oneshot(chat()).await.unwrap_err();
     assert_eq!(calls.load(SeqCst), 1);
     assert_eq!(e.attempts(), None);
 }
@@ -231,7 +231,7 @@ async fn retries_exactly_the_retryable_rows_of_the_table() {
     ];
     for &(name, make, retried) in rows {
         let (svc, calls) = failing(make);
-        let e = Retry::new(svc, plain(1)).oneshot(chat()).await.unwrap_err();
+        let e = Retry::new(plain(1), svc).oneshot(chat()).await.unwrap_err();
         assert_eq!(calls.load(SeqCst), if retried { 2 } else { 1 }, "{name}");
         // Not retried: returned exactly as the service produced it.
         assert_eq!(e.attempts(), retried.then_some(2), "{name}");
@@ -242,7 +242,7 @@ async fn retries_exactly_the_retryable_rows_of_the_table() {
 #[tokio::test(start_paused = true)]
 async fn box_error_classifies_by_downcast() {
     let (svc, mut handle) = mock::pair::<String, String>();
-    let call = tokio::spawn(Retry::new(svc, plain(3)).oneshot("hi".into()));
+    let call = tokio::spawn(Retry::new(plain(3), svc).oneshot("hi".into()));
     let (_, send) = handle.next_request().await.unwrap();
     send.send_error(wire(429, Some("insufficient_quota")));
     let e = call.await.unwrap().unwrap_err();
@@ -347,7 +347,7 @@ fn seeded_policies_are_deterministic() {
 #[tokio::test(start_paused = true)]
 async fn retry_after_replaces_the_backoff_with_a_little_jitter() {
     let (svc, mut handle) = mock::pair::<String, String>();
-    let call = tokio::spawn(Retry::new(svc, plain(1)).oneshot("hi".into()));
+    let call = tokio::spawn(Retry::new(plain(1), svc).oneshot("hi".into()));
     let start = Instant::now();
     let (_, send) = handle.next_request().await.unwrap();
     send.send_error(wire(429, Some("rate_limit_exceeded")).with_retry_after(5 * SEC));
@@ -365,7 +365,7 @@ async fn retry_after_replaces_the_backoff_with_a_little_jitter() {
 async fn retry_after_above_the_cap_returns_at_once() {
     let (svc, calls) = failing(|| wire(429, Some("rate_limit_error")).with_retry_after(61 * SEC));
     let start = Instant::now();
-    let e = Retry::new(svc, plain(3)).oneshot(chat()).await.unwrap_err();
+    let e = Retry::new(plain(3), svc).oneshot(chat()).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(calls.load(SeqCst), 1);
     assert_eq!(e.retry_stop(), Some(RetryStop::RetryAfterTooLong));
@@ -378,7 +378,7 @@ async fn retry_after_past_the_deadline_returns_at_once() {
     let (svc, calls) = failing(|| wire(429, Some("rate_limit_error")).with_retry_after(5 * SEC));
     let start = Instant::now();
     let req = chat().with_deadline(start + 3 * SEC);
-    let e = Retry::new(svc, plain(3)).oneshot(req).await.unwrap_err();
+    let e = Retry::new(plain(3), svc).oneshot(req).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(calls.load(SeqCst), 1);
     assert_eq!(e.retry_stop(), Some(RetryStop::Deadline));
@@ -390,7 +390,7 @@ async fn no_backoff_sleep_outlives_the_deadline() {
     let (svc, calls) = failing(|| err(ErrorKind::Server));
     let start = Instant::now();
     let req = chat().with_deadline(start + 2500 * Duration::from_millis(1));
-    let e = Retry::new(svc, plain(3)).oneshot(req).await.unwrap_err();
+    let e = Retry::new(plain(3), svc).oneshot(req).await.unwrap_err();
     assert_eq!(start.elapsed(), SEC);
     assert_eq!(calls.load(SeqCst), 2);
     assert_eq!(e.retry_stop(), Some(RetryStop::Deadline));
@@ -410,7 +410,7 @@ async fn the_service_enforces_the_deadline_whatever_the_policy() {
     let (svc, calls) = failing(|| err(ErrorKind::Server));
     let start = Instant::now();
     let req = chat().with_deadline(start + 25 * SEC);
-    let e = Retry::new(svc, Stubborn).oneshot(req).await.unwrap_err();
+    let e = Retry::new(Stubborn, svc).oneshot(req).await.unwrap_err();
     assert_eq!(calls.load(SeqCst), 3);
     assert_eq!(start.elapsed(), 20 * SEC);
     assert_eq!(e.retry_stop(), Some(RetryStop::Deadline));
@@ -472,7 +472,7 @@ async fn a_failure_storm_stays_within_the_budget() {
         .build()
         .unwrap();
     let (svc, calls) = failing(|| err(ErrorKind::Overloaded));
-    let mut svc = Retry::new(svc, policy);
+    let mut svc = Retry::new(policy, svc);
     let start = Instant::now();
     let (requests, mut refused) = (1000u32, 0);
     for i in 0..requests {
@@ -521,7 +521,7 @@ async fn clones_share_the_budget() {
             }
         }
     });
-    let mut a = Retry::new(inner, policy);
+    let mut a = Retry::new(policy, inner);
     let mut b = a.clone();
     for _ in 0..4 {
         a.ready().await.unwrap().call("ok".into()).await.unwrap();
@@ -612,7 +612,7 @@ impl Service<String> for ReadyCheck {
 async fn polls_ready_before_every_attempt() {
     let inner = ReadyCheck::default();
     let (polls, calls) = (inner.polls.clone(), inner.calls.clone());
-    let e = Retry::new(inner, plain(3))
+    let e = Retry::new(plain(3), inner)
         .oneshot("hi".into())
         .await
         .unwrap_err();
@@ -628,7 +628,7 @@ async fn polls_ready_before_every_attempt() {
 #[tokio::test(start_paused = true)]
 async fn dropping_the_future_mid_backoff_stops_everything() {
     let (svc, mut handle) = mock::pair::<String, String>();
-    let mut svc = Retry::new(svc, plain(3));
+    let mut svc = Retry::new(plain(3), svc);
     svc.ready().await.unwrap();
     let mut fut = task::spawn(svc.call("hi".into()));
     assert_pending!(fut.poll());
@@ -658,14 +658,35 @@ async fn clones_the_request_at_most_once_per_attempt() {
         }
     }
     impl portcullis_core::RequestInfo for Counted {}
+    impl portcullis_core::Replay for Counted {
+        fn replay(&self) -> Option<Self> {
+            Some(self.clone())
+        }
+    }
     let clones = Arc::new(AtomicUsize::new(0));
     let (svc, calls) = failing(|| err(ErrorKind::Server));
-    Retry::new(svc, plain(3))
+    Retry::new(plain(3), svc)
         .oneshot(Counted(clones.clone()))
         .await
         .unwrap_err();
     assert_eq!(calls.load(SeqCst), 4);
     assert_eq!(clones.load(SeqCst), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_cannot_be_replayed_is_sent_once() {
+    #[derive(Debug)]
+    struct Once;
+    impl portcullis_core::RequestInfo for Once {}
+    impl portcullis_core::Replay for Once {
+        fn replay(&self) -> Option<Self> {
+            None
+        }
+    }
+    let (svc, calls) = failing(|| err(ErrorKind::Server));
+    let e = Retry::new(plain(3), svc).oneshot(Once).await.unwrap_err();
+    assert_eq!(calls.load(SeqCst), 1);
+    assert_eq!(e.kind(), ErrorKind::Server);
 }
 
 // ---- streams ------------------------------------------------------------------------------
@@ -695,7 +716,7 @@ async fn nothing_is_retried_after_content_reached_the_caller() {
             }
         }
     });
-    let mut stream = Retry::new(inner, plain(3)).oneshot(chat()).await.unwrap();
+    let mut stream = Retry::new(plain(3), inner).oneshot(chat()).await.unwrap();
     assert_eq!(calls.load(SeqCst), 2);
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(first.delta, "Hel");
@@ -821,7 +842,7 @@ async fn a_non_retryable_error_after_a_retry_says_how_many_attempts() {
             })
         }
     });
-    let e = Retry::new(inner, plain(3))
+    let e = Retry::new(plain(3), inner)
         .oneshot(chat())
         .await
         .unwrap_err();
@@ -836,7 +857,7 @@ fn the_response_future_is_send() {
     fn assert_send<T: Send>() {}
     type Inner = mock::Mock<ChatRequest, ChatStream>;
     assert_send::<ResponseFuture<Inner, ChatRequest, StandardPolicy>>();
-    assert_send::<Retry<Inner, StandardPolicy>>();
+    assert_send::<Retry<StandardPolicy, Inner>>();
 }
 
 #[tokio::test(start_paused = true)]
@@ -865,7 +886,7 @@ async fn observed_gaps_between_attempts_respect_each_jitter_mode() {
             .seed(seed)
             .build()
             .unwrap();
-        Retry::new(inner, policy).oneshot(chat()).await.unwrap_err();
+        Retry::new(policy, inner).oneshot(chat()).await.unwrap_err();
         let at = at.lock().unwrap();
         assert_eq!(at.len(), 7);
         let mut prev = Duration::ZERO;
@@ -893,7 +914,7 @@ async fn stopping_for_the_deadline_or_cap_spends_no_budget() {
     let policy = StandardPolicy::builder().seed(2).build().unwrap();
     let budget = policy.budget().unwrap().clone();
     let (svc, calls) = failing(|| wire(429, Some("rate_limit_error")).with_retry_after(5 * SEC));
-    let mut svc = Retry::new(svc, policy);
+    let mut svc = Retry::new(policy, svc);
     let req = chat().with_deadline(Instant::now() + 3 * SEC);
     let e = ServiceExt::<ChatRequest>::ready(&mut svc)
         .await

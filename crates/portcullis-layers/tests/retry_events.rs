@@ -85,7 +85,7 @@ async fn logs_one_warn_event_per_retry() {
     let events = Events::default();
     let _guard = tracing::subscriber::set_default(Capture(events.clone()));
     let (svc, _) = failing(|| err(ErrorKind::Overloaded));
-    Retry::new(svc, plain(3)).oneshot(chat()).await.unwrap_err();
+    Retry::new(plain(3), svc).oneshot(chat()).await.unwrap_err();
     let events = events.lock().unwrap().clone();
     let warns: Vec<_> = events
         .iter()

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
-use portcullis_core::{Classify, Failover};
+use portcullis_core::{Classify, Failover, Replay};
 use tower_service::Service;
 
 use super::service::Entry;
@@ -62,7 +62,7 @@ impl<S, Req> Future for FallbackFuture<S, Req>
 where
     S: Service<Req> + Clone,
     S::Error: Classify + fmt::Display,
-    Req: Clone,
+    Req: Replay,
 {
     type Output = Result<S::Response, S::Error>;
 
@@ -91,7 +91,7 @@ where
                     let req = if next + 1 == this.chain.len() {
                         this.req.take()
                     } else {
-                        this.req.clone()
+                        this.req.as_ref().and_then(Replay::replay)
                     };
                     if req.is_none() {
                         return Poll::Ready(Err(err));

@@ -3,7 +3,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use portcullis_core::{ChatRequest, Classify};
+use portcullis_core::{ChatRequest, Classify, Replay};
 use tower_service::Service;
 
 use super::future::FallbackFuture;
@@ -71,6 +71,21 @@ impl<S, Req> Entry<S, Req> {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The entry's service.
+    pub fn get_ref(&self) -> &S {
+        &self.service
+    }
+
+    /// The entry's service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.service
+    }
+
+    /// Unwraps the entry's service.
+    pub fn into_inner(self) -> S {
+        self.service
+    }
 }
 
 impl<S> Entry<S, ChatRequest> {
@@ -132,9 +147,24 @@ impl<S: Clone, Req> Fallback<S, Req> {
         })
     }
 
-    /// The entries, primary first.
+    /// The entries, primary first (shared by every clone).
     pub fn entries(&self) -> &[Entry<S, Req>] {
         &self.chain
+    }
+
+    /// The primary's service: the clone this `Fallback` drives readiness on.
+    pub fn get_ref(&self) -> &S {
+        &self.primary
+    }
+
+    /// The primary's service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.primary
+    }
+
+    /// Unwraps the primary's service.
+    pub fn into_inner(self) -> S {
+        self.primary
     }
 }
 
@@ -142,7 +172,7 @@ impl<S, Req> Service<Req> for Fallback<S, Req>
 where
     S: Service<Req> + Clone,
     S::Error: Classify + fmt::Display,
-    Req: Clone,
+    Req: Replay,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -154,10 +184,13 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         // Keep the caller's request only while another entry may need it.
-        let (first, kept) = if self.chain.len() > 1 {
-            (req.clone(), Some(req))
-        } else {
-            (req, None)
+        // (A request that cannot be replayed is sent to the primary only.)
+        let (first, kept) = match self.chain.len() > 1 {
+            true => match req.replay() {
+                Some(copy) => (copy, Some(req)),
+                None => (req, None),
+            },
+            false => (req, None),
         };
         let first = match &self.chain[0].remap {
             Some(remap) => remap(first),

@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use portcullis_core::{Classify, Refusal, RequestInfo, RetryStop};
+use portcullis_core::{Classify, Refusal, Replay, RequestInfo, RetryStop};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -27,7 +27,10 @@ pin_project! {
         #[pin]
         state: State<S::Future>,
         service: S,
-        request: Req,
+        // `None` when the request cannot be replayed: it is sent once.
+        request: Option<Req>,
+        // The copy the next attempt sends, made when a retry is decided.
+        next: Option<Req>,
         policy: Arc<P>,
         attempts: u32,
         started: Instant,
@@ -53,7 +56,7 @@ where
     pub(super) fn new(
         first: S::Future,
         service: S,
-        request: Req,
+        request: Option<Req>,
         policy: Arc<P>,
         started: Instant,
     ) -> Self {
@@ -61,6 +64,7 @@ where
             state: State::Called { future: first },
             service,
             request,
+            next: None,
             policy,
             attempts: 1,
             started,
@@ -92,7 +96,7 @@ where
     S: Service<Req>,
     S::Error: From<Refusal> + Display + Classify,
     P: Policy<Req, S::Response, S::Error>,
-    Req: Clone + RequestInfo,
+    Req: Replay + RequestInfo,
 {
     type Output = Result<S::Response, S::Error>;
 
@@ -105,12 +109,15 @@ where
                     if outcome.is_ok() && this.policy.accepts_successes() {
                         return Poll::Ready(outcome);
                     }
+                    let Some(request) = this.request.as_ref() else {
+                        return Poll::Ready(outcome);
+                    };
                     let attempt = Attempt {
-                        request: &*this.request,
+                        request,
                         number: *this.attempts,
                         elapsed: this.started.elapsed(),
                         last_delay: *this.last_delay,
-                        deadline: this.request.deadline(),
+                        deadline: request.deadline(),
                     };
                     let delay = match this.policy.decide(&attempt, outcome.as_ref()) {
                         Decision::Accept => return Poll::Ready(outcome),
@@ -120,6 +127,10 @@ where
                         }
                         Decision::GiveUp(stop) => return give_up(outcome, *this.attempts, stop),
                     };
+                    let Some(next) = request.replay() else {
+                        return give_up(outcome, *this.attempts, RetryStop::NotRetryable);
+                    };
+                    *this.next = Some(next);
                     log_retry(&attempt, delay, outcome.as_ref().err());
                     *this.last_delay = delay;
                     if delay.is_zero() {
@@ -136,7 +147,11 @@ where
                 StateProj::Checking => {
                     ready!(this.service.poll_ready(cx))?;
                     *this.attempts = this.attempts.saturating_add(1);
-                    let future = this.service.call(this.request.clone());
+                    let request = this
+                        .next
+                        .take()
+                        .expect("a retry's copy is made when it is decided");
+                    let future = this.service.call(request);
                     this.state.set(State::Called { future });
                 }
             }

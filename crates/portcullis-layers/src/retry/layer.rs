@@ -75,9 +75,9 @@ impl<P> Clone for RetryLayer<P> {
 }
 
 impl<S, P> Layer<S> for RetryLayer<P> {
-    type Service = Retry<S, P>;
+    type Service = Retry<P, S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::from_arc(inner, self.policy.clone())
+        Retry::from_arc(self.policy.clone(), inner)
     }
 }

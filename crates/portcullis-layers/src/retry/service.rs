@@ -4,7 +4,7 @@ use std::fmt::Display;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use portcullis_core::{Classify, Refusal, RequestInfo};
+use portcullis_core::{Classify, Refusal, Replay, RequestInfo};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -34,20 +34,20 @@ use super::policy::Policy;
 /// Every retry logs one `tracing` warn event with the model, the attempt number, the delay and
 /// the error (its provider from [`Classify::provider`](portcullis_core::Classify::provider)).
 #[derive(Debug)]
-pub struct Retry<S, P> {
-    inner: S,
+pub struct Retry<P, S> {
     policy: Arc<P>,
+    inner: S,
 }
 
-impl<S, P> Retry<S, P> {
-    /// Wraps `inner`, deciding through `policy`.
-    pub fn new(inner: S, policy: P) -> Self {
-        Self::from_arc(inner, Arc::new(policy))
+impl<P, S> Retry<P, S> {
+    /// Wraps `inner`, deciding through `policy` (tower's argument order).
+    pub fn new(policy: P, inner: S) -> Self {
+        Self::from_arc(Arc::new(policy), inner)
     }
 
     /// Wraps `inner`, deciding through a shared `policy`.
-    pub fn from_arc(inner: S, policy: Arc<P>) -> Self {
-        Retry { inner, policy }
+    pub fn from_arc(policy: Arc<P>, inner: S) -> Self {
+        Retry { policy, inner }
     }
 
     /// The policy.
@@ -71,7 +71,7 @@ impl<S, P> Retry<S, P> {
     }
 }
 
-impl<S: Clone, P> Clone for Retry<S, P> {
+impl<P, S: Clone> Clone for Retry<P, S> {
     fn clone(&self) -> Self {
         Retry {
             inner: self.inner.clone(),
@@ -80,12 +80,12 @@ impl<S: Clone, P> Clone for Retry<S, P> {
     }
 }
 
-impl<S, P, Req> Service<Req> for Retry<S, P>
+impl<P, S, Req> Service<Req> for Retry<P, S>
 where
     S: Service<Req> + Clone,
     S::Error: From<Refusal> + Display + Classify,
     P: Policy<Req, S::Response, S::Error>,
-    Req: Clone + RequestInfo,
+    Req: Replay + RequestInfo,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -104,7 +104,12 @@ where
         // again. `self` keeps a fresh clone, as tower's own `Retry` does.
         let fresh = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, fresh);
-        let first = service.call(request.clone());
-        ResponseFuture::new(first, service, request, self.policy.clone(), now)
+        // A request that cannot be replayed is sent once, and its outcome returned as it is.
+        let (first, kept) = match request.replay() {
+            Some(copy) => (copy, Some(request)),
+            None => (request, None),
+        };
+        let first = service.call(first);
+        ResponseFuture::new(first, service, kept, self.policy.clone(), now)
     }
 }

@@ -42,6 +42,6 @@ mod future;
 mod layer;
 mod service;
 
-pub use future::{DeadlineFuture, TimeoutFuture};
+pub use future::{DeadlineFuture, IdleFuture, TimeoutFuture};
 pub use layer::{DeadlineLayer, StreamIdleLayer, TimeoutLayer};
 pub use service::{Deadline, StreamIdle, Timeout};

@@ -25,6 +25,16 @@ impl<S> Timeout<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S, Req> Service<Req> for Timeout<S>
@@ -61,6 +71,21 @@ impl<S> Deadline<S> {
     pub fn new(inner: S, budget: Duration) -> Self {
         Deadline { inner, budget }
     }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S, Req> Service<Req> for Deadline<S>
@@ -92,6 +117,23 @@ where
 pub struct StreamIdle<S> {
     pub(super) inner: S,
     pub(super) idle: Duration,
+}
+
+impl<S> StreamIdle<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S, Req> Service<Req> for StreamIdle<S>
