@@ -332,7 +332,7 @@ async fn cancelled_requests_hold_no_permit_and_no_reservation() {
         .unwrap();
     let handles = stack.provider("openai").unwrap().clone();
     let limiter = handles.limiter.clone().unwrap();
-    let level = || limiter.level(&Arc::<str>::from(MODEL)).unwrap().levels[0].unwrap();
+    let level = || limiter.level(MODEL).unwrap().levels.requests.unwrap();
 
     // Three callers hang in the provider, five wait for the bucket; then all are dropped.
     sim.set_faults(vec![FaultRule::new(FaultKind::Hang)])

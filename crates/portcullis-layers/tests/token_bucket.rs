@@ -8,7 +8,6 @@ use portcullis_core::{
     ChatMessage, ChatRequest, ChatStream, CompletionResult, CostOf, ErrorKind, FinishReason,
     LlmError, RateLimitHints, RequestInfo, StreamChunk, StreamMeta, TokenCost, Usage,
 };
-use portcullis_layers::SingleKey;
 use portcullis_layers::token_bucket::MemoryStore;
 use portcullis_layers::token_bucket::{
     ConfigError, KeyLimits, Rate, TokenBucketConfig, TokenBucketHandle, TokenBucketLayer,
@@ -76,16 +75,12 @@ fn provider(
     })
 }
 
-fn key(m: &str) -> Arc<str> {
-    Arc::from(m)
-}
-
 fn tokens(h: &TokenBucketHandle<MemoryStore>, m: &str) -> f64 {
-    h.level(&key(m)).unwrap().tokens().unwrap()
+    h.level(m).unwrap().tokens().unwrap()
 }
 
 fn requests(h: &TokenBucketHandle<MemoryStore>, m: &str) -> f64 {
-    h.level(&key(m)).unwrap().requests().unwrap()
+    h.level(m).unwrap().requests().unwrap()
 }
 
 fn since(t0: Instant, log: &Log) -> Vec<Duration> {
@@ -439,7 +434,7 @@ async fn pause_longer_than_max_wait_is_throttled() {
     let l = layer(limits((100, 100.0), (1000, 1000.0)), Duration::from_secs(1));
     let h = l.handle();
     let mut svc = l.layer(provider(Log::default(), Arc::default()));
-    h.pause(&key("m"), Duration::from_secs(30));
+    h.pause("m", Duration::from_secs(30));
     let err = svc
         .ready()
         .await
@@ -482,10 +477,10 @@ async fn limits_change_at_run_time_keeping_waiters() {
     svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
     let b = tokio::spawn(svc.clone().oneshot(req("m", 2))); // slot 1 s
     tokio::task::yield_now().await;
-    h.set_limits(&key("m"), limits((10, 10.0), (1000, 1000.0)))
+    h.set_limits("m", limits((10, 10.0), (1000, 1000.0)))
         .unwrap();
     assert_eq!(
-        h.level(&key("m")).unwrap().limits.requests,
+        h.level("m").unwrap().limits.requests,
         Some(Rate::new(10, 10.0).unwrap())
     );
     let c = tokio::spawn(svc.clone().oneshot(req("m", 3)));
@@ -578,14 +573,14 @@ async fn single_key_and_unlimited_keys() {
     let cfg = TokenBucketConfig::new().default_limits(limits((1, 1.0), (1000, 1000.0)));
     let l = TokenBucketLayer::new("t", cfg)
         .unwrap()
-        .with_key::<ChatRequest, _>(SingleKey)
+        .single_key()
         .with_cost(MaxTokens);
     let mut svc = l.layer(provider(Log::default(), Arc::default()));
     let t0 = Instant::now();
     svc.ready().await.unwrap().call(req("a", 1)).await.unwrap();
     svc.ready().await.unwrap().call(req("b", 1)).await.unwrap();
     assert_eq!(Instant::now() - t0, Duration::from_secs(1));
-    assert_eq!(l.handle().levels::<()>()[0].0, "t");
+    assert_eq!(l.handle().levels()[0].0, "t");
     // No default and no entry: not limited.
     let cfg = TokenBucketConfig::new().limit("t:m", limits((1, 1.0), (1000, 1000.0)));
     let l = TokenBucketLayer::new("t", cfg)
@@ -697,7 +692,7 @@ fn simulate(req: Rate, tok: Rate, arrivals: Vec<Arrival>) -> Vec<(Instant, u64)>
             .max_wait(Duration::from_secs(3600));
         let l = TokenBucketLayer::new("p", cfg)
             .unwrap()
-            .with_key::<Job, _>(SingleKey)
+            .single_key()
             .with_cost(JobCost);
         let log: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
         let lg = log.clone();
@@ -793,7 +788,7 @@ async fn pause_holds_sleeping_waiters() {
     svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
     let b = tokio::spawn(svc.clone().oneshot(req("m", 2))); // slot 1 s
     tokio::time::sleep(Duration::from_millis(500)).await;
-    h.pause(&key("m"), Duration::from_secs(3));
+    h.pause("m", Duration::from_secs(3));
     b.await.unwrap().unwrap();
     assert_eq!(since(t0, &log)[1], Duration::from_millis(3500));
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use portcullis_layers::token_bucket::Denied;
+use portcullis_layers::token_bucket::{Denied, PerBucket};
 use redis::Script;
 
 use crate::Error;
@@ -47,7 +47,7 @@ pub(crate) struct State {
     pub(crate) now: i64,
     pub(crate) floor: i64,
     pub(crate) paused: i64,
-    pub(crate) tat: [i64; 4],
+    pub(crate) tat: PerBucket<i64>,
 }
 
 impl State {
@@ -57,7 +57,7 @@ impl State {
                 now: *now,
                 floor: *floor,
                 paused: *paused,
-                tat: [*t0, *t1, *t2, *t3],
+                tat: PerBucket::from_array([*t0, *t1, *t2, *t3]),
             }),
             _ => Err(bad_reply(r)),
         }
@@ -68,13 +68,13 @@ impl State {
 pub(crate) struct Granted {
     pub(crate) seq: i64,
     pub(crate) prev_floor: i64,
-    pub(crate) tat_before: [i64; 4],
-    pub(crate) tat_after: [i64; 4],
-    pub(crate) epoch: [i64; 4],
+    pub(crate) tat_before: PerBucket<i64>,
+    pub(crate) tat_after: PerBucket<i64>,
+    pub(crate) epoch: PerBucket<i64>,
 }
 
-fn four(r: &[i64]) -> [i64; 4] {
-    [r[0], r[1], r[2], r[3]]
+fn four(r: &[i64]) -> PerBucket<i64> {
+    PerBucket::from_array([r[0], r[1], r[2], r[3]])
 }
 
 /// The reply of the reserve script: a refusal, or the wait, the ticket and the new state.

@@ -1,6 +1,7 @@
 //! [`RedisStore`]: the token bucket's state in Redis, shared by every instance that points at
 //! the same server and prefix.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt::{self, Debug};
 use std::future::Future;
@@ -10,9 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use portcullis_core::TokenCost;
 use portcullis_layers::token_bucket::{
-    Admission, BucketStore, Cost, Denied, KeyLabel, KeyLimits, Levels, MemoryStore, MemoryTicket,
-    Rate, Remaining, Settlement, TokenBucketConfig,
+    Admission, BucketStore, Denied, KeyLabel, KeyLimits, Levels, MemoryStore, MemoryTicket,
+    PerBucket, Rate, Remaining, Settlement, TokenBucketConfig,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
@@ -76,17 +78,14 @@ impl Entry {
 
 /// The levels of a key with `limits` in server state `s`, at server time `now` (µs).
 fn levels_of(limits: KeyLimits, s: &State, now: i64) -> Levels {
-    let mut levels = [None; 4];
     let mut queued = s.floor.max(s.paused);
-    for (i, rate) in limits.buckets().into_iter().enumerate() {
-        if let Some(r) = rate {
-            let upu = micros_per_unit(r);
-            let cap = r.capacity() as f64;
-            let debt = (s.tat[i] - now).max(0) as f64;
-            levels[i] = Some(cap - debt / upu);
-            queued = queued.max(s.tat[i] - (cap * upu).floor() as i64);
-        }
-    }
+    let levels = PerBucket::from(limits).zip(s.tat).map(|(rate, tat)| {
+        let r = rate?;
+        let upu = micros_per_unit(r);
+        let cap = r.capacity() as f64;
+        queued = queued.max(tat - (cap * upu).floor() as i64);
+        Some(cap - (tat - now).max(0) as f64 / upu)
+    });
     let paused = s.paused - now;
     Levels::new(
         limits,
@@ -224,7 +223,12 @@ impl Remote {
 /// and µs to refill one unit.
 fn base_args(inv: &mut redis::ScriptInvocation<'_>, config: &RedisConfig, limits: KeyLimits) {
     inv.arg(config.idle_ttl.as_millis() as u64);
-    let buckets = limits.buckets();
+    limit_args(inv, limits);
+}
+
+/// Each bucket's capacity (0: none), then µs to refill one unit.
+fn limit_args(inv: &mut redis::ScriptInvocation<'_>, limits: KeyLimits) {
+    let buckets = PerBucket::from(limits);
     for r in buckets {
         inv.arg(r.map_or(0, |r| r.capacity()));
     }
@@ -244,7 +248,7 @@ enum Op {
     Settle {
         ticket: RemoteTicket,
         cancelled: bool,
-        actual: [u64; 4],
+        actual: PerBucket<u64>,
     },
     Pause(Duration),
     Clamp(Remaining),
@@ -283,8 +287,8 @@ async fn worker(remote: Arc<Remote>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 actual,
             } => {
                 let mut args = vec![i64::from(cancelled), t.seq, t.prev_floor];
-                args.extend(t.cost.iter().map(|c| sat(*c)));
-                args.extend(actual.iter().map(|c| sat(*c)));
+                args.extend(t.cost.map(sat));
+                args.extend(actual.map(sat));
                 args.extend(t.tat_before);
                 args.extend(t.tat_after);
                 args.extend(t.epoch);
@@ -298,13 +302,7 @@ async fn worker(remote: Arc<Remote>, mut rx: mpsc::UnboundedReceiver<Job>) {
                     .await;
             }
             Op::Clamp(rem) => {
-                let args = [
-                    rem.requests,
-                    rem.tokens,
-                    rem.input_tokens,
-                    rem.output_tokens,
-                ]
-                .map(|r| r.map_or(-1, sat));
+                let args = rem.map(|r| r.map_or(-1, sat)).into_array();
                 remote
                     .update(&entry, &s.clamp, limits, |i| ints(i, &args))
                     .await;
@@ -312,14 +310,7 @@ async fn worker(remote: Arc<Remote>, mut rx: mpsc::UnboundedReceiver<Job>) {
             Op::SetLimits { old, new } => {
                 // The old limits go as the common arguments, the new ones after them.
                 remote
-                    .update(&entry, &s.set_limits, old, |i| {
-                        for r in new.buckets() {
-                            i.arg(r.map_or(0, |r| r.capacity()));
-                        }
-                        for r in new.buckets() {
-                            i.arg(r.map_or(0.0, micros_per_unit));
-                        }
-                    })
+                    .update(&entry, &s.set_limits, old, |i| limit_args(i, new))
                     .await;
             }
         }
@@ -345,7 +336,7 @@ struct Shared<K> {
 ///
 /// - **One atomic round trip per admission**: a Lua script reads the server's `TIME`, computes
 ///   the admission instant for every bucket of the key (the [GCRA of the in-memory
-///   store](portcullis_layers::token_bucket::store)), and reserves all of them or none. Client
+///   store](portcullis_layers::token_bucket::gcra)), and reserves all of them or none. Client
 ///   clocks do not matter; the reply is the wait.
 /// - **Background updates**: refunds, reconciliation, pauses after a 429, clamps from
 ///   `remaining` headers and limit changes are sent in order by a background task (the trait's
@@ -420,10 +411,10 @@ pub(crate) struct RemoteTicket {
     entry: Arc<Entry>,
     seq: i64,
     prev_floor: i64,
-    cost: [u64; 4],
-    tat_before: [i64; 4],
-    tat_after: [i64; 4],
-    epoch: [i64; 4],
+    cost: PerBucket<u64>,
+    tat_before: PerBucket<i64>,
+    tat_after: PerBucket<i64>,
+    epoch: PerBucket<i64>,
 }
 
 impl Debug for RemoteTicket {
@@ -634,20 +625,12 @@ fn scale(limits: KeyLimits, share: f64) -> Result<KeyLimits, Error> {
         })
         .transpose()
     };
-    let [requests, tokens, input, output] = limits.buckets();
+    let r = PerBucket::from(limits);
     let mut out = KeyLimits::unlimited();
-    if let Some(r) = rate(requests)? {
-        out = out.with_requests(r);
-    }
-    if let Some(r) = rate(tokens)? {
-        out = out.with_tokens(r);
-    }
-    if let Some(r) = rate(input)? {
-        out = out.with_input_tokens(r);
-    }
-    if let Some(r) = rate(output)? {
-        out = out.with_output_tokens(r);
-    }
+    out.requests = rate(r.requests)?;
+    out.tokens = rate(r.tokens)?;
+    out.input_tokens = rate(r.input)?;
+    out.output_tokens = rate(r.output)?;
     Ok(out)
 }
 
@@ -663,14 +646,15 @@ fn scaled(config: &TokenBucketConfig, share: f64) -> Result<TokenBucketConfig, E
     Ok(out)
 }
 
-impl<K> BucketStore<K> for RedisStore<K>
+impl<K> BucketStore for RedisStore<K>
 where
     K: Clone + Eq + Hash + KeyLabel + Send + Sync + 'static,
 {
+    type Key = K;
     type Ticket = RedisTicket;
     type Reserve = ReserveFuture;
 
-    fn reserve(&self, key: &K, cost: Cost, max_wait: Duration) -> ReserveFuture {
+    fn reserve(&self, key: &K, cost: TokenCost, max_wait: Duration) -> ReserveFuture {
         let entry = self.entry(key);
         let store = self.clone();
         let key = key.clone();
@@ -678,8 +662,8 @@ where
             let remote = &store.shared.remote;
             if remote.gate() {
                 let limits = entry.limits();
-                let c = cost.per_bucket();
-                let mut args = c.map(sat).to_vec();
+                let c = PerBucket::from(cost);
+                let mut args = c.map(sat).into_array().to_vec();
                 args.push(micros(max_wait));
                 let reply = remote
                     .run(&entry, &remote.scripts.reserve, limits, |i| ints(i, &args))
@@ -727,8 +711,8 @@ where
             TicketInner::Local(t) => self.shared.local.settle(t, settlement),
             TicketInner::Remote(t) => {
                 let (cancelled, actual) = match settlement {
-                    Settlement::Cancelled => (true, [0; 4]),
-                    Settlement::Used(c) => (false, c.per_bucket()),
+                    Settlement::Cancelled => (true, PerBucket::default()),
+                    Settlement::Used(c) => (false, PerBucket::from(c)),
                 };
                 let entry = t.entry.clone();
                 self.send(
@@ -773,7 +757,11 @@ where
         self.send(entry, Op::SetLimits { old, new: limits });
     }
 
-    fn levels(&self, key: &K) -> Option<Levels> {
+    fn levels<Q>(&self, key: &Q) -> Option<Levels>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         if self.fallback() {
             if let Some(l) = self.shared.local.levels(key) {
                 return Some(l);

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use portcullis_core::ErrorKind;
-use portcullis_layers::token_bucket::{BucketStore, Cost, Denied, TokenBucketLayer};
+use portcullis_core::TokenCost;
+use portcullis_layers::token_bucket::{BucketStore, Denied, TokenBucketLayer};
 use portcullis_redis::{FailurePolicy, LocalRedis, RedisStore};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
@@ -61,11 +62,10 @@ fn store(server: &TestRedis, policy: FailurePolicy) -> RedisStore {
     .unwrap()
 }
 
-fn one() -> Cost {
-    Cost {
-        requests: 1,
-        input_tokens: 0,
-        output_tokens: 10,
+fn one() -> TokenCost {
+    TokenCost {
+        input: 0,
+        output: 10,
     }
 }
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use portcullis_layers::token_bucket::{BucketStore, Cost, Rate, TokenBucketLayer};
+use portcullis_core::TokenCost;
+use portcullis_layers::token_bucket::{BucketStore, Rate, TokenBucketLayer};
 use portcullis_redis::RedisStore;
 use redis::AsyncCommands;
 use tower::{Layer, ServiceExt};
@@ -80,10 +81,9 @@ async fn keys_are_prefixed_and_expire_when_idle(server) {
     let k: Arc<str> = Arc::from("gpt-4o-mini");
     let name = server.prefix("app1:openai:gpt-4o-mini");
     assert_eq!(store.redis_key(&k), name);
-    let cost = Cost {
-        requests: 1,
-        input_tokens: 0,
-        output_tokens: 50,
+    let cost = TokenCost {
+        input: 0,
+        output: 50,
     };
     store.reserve(&k, cost, Duration::ZERO).await.unwrap();
     let mut conn = redis::Client::open(server.url())
@@ -111,10 +111,7 @@ async fn prefixes_isolate(server) {
         RedisStore::new("t", cfg.clone(), redis_config(&server).prefix(server.prefix("a:"))).unwrap();
     let b: RedisStore = RedisStore::new("t", cfg, redis_config(&server).prefix(server.prefix("b:"))).unwrap();
     let k: Arc<str> = Arc::from("m");
-    let one = Cost {
-        requests: 1,
-        ..Cost::default()
-    };
+    let one = TokenCost::default();
     a.reserve(&k, one, Duration::ZERO).await.unwrap();
     b.reserve(&k, one, Duration::ZERO).await.unwrap();
     assert!(a.reserve(&k, one, Duration::ZERO).await.is_err());

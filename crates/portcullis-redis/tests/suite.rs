@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use portcullis_layers::token_bucket::{
-    Cost, Denied, Rate, Remaining, Settlement, TokenBucketLayer,
-};
+use portcullis_core::TokenCost;
+use portcullis_layers::token_bucket::{Denied, Rate, Remaining, Settlement, TokenBucketLayer};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
@@ -55,11 +54,11 @@ fn key(k: &str) -> Arc<str> {
     Arc::from(k)
 }
 
-fn cost(requests: u64, tokens: u64) -> Cost {
-    Cost {
-        requests,
-        input_tokens: 0,
-        output_tokens: tokens,
+/// One request of `tokens` output tokens.
+fn cost(tokens: u64) -> TokenCost {
+    TokenCost {
+        input: 0,
+        output: tokens,
     }
 }
 
@@ -124,18 +123,15 @@ fn req_of(tokens: u32) -> portcullis_core::ChatRequest {
 async fn refusals_consume_nothing<St: Probe>(make: impl Fn(TokenBucketConfigArg) -> St) {
     let store = make(config(limits((10, SLOW), (100, SLOW))));
     let k = key("m");
-    let a = store
-        .reserve(&k, cost(1, 100), Duration::ZERO)
-        .await
-        .unwrap();
+    let a = store.reserve(&k, cost(100), Duration::ZERO).await.unwrap();
     assert_eq!(a.wait, Duration::ZERO);
     let before = store.now_levels("m").await;
     assert!(close(before.tokens(), 0.0), "{before:?}");
-    match store.reserve(&k, cost(1, 101), Duration::ZERO).await {
+    match store.reserve(&k, cost(101), Duration::ZERO).await {
         Err(Denied::OverCapacity { cost, capacity }) => assert_eq!((cost, capacity), (101, 100)),
         other => panic!("expected OverCapacity, got {other:?}"),
     }
-    match store.reserve(&k, cost(1, 50), Duration::from_secs(1)).await {
+    match store.reserve(&k, cost(50), Duration::from_secs(1)).await {
         // 50 tokens at 0.001/s: 50 000 s away.
         Err(Denied::Throttled { retry_after }) => {
             let s = retry_after.as_secs_f64();
@@ -156,25 +152,16 @@ async fn refusals_consume_nothing<St: Probe>(make: impl Fn(TokenBucketConfigArg)
 async fn refunds_and_reconciliation<St: Probe>(make: impl Fn(TokenBucketConfigArg) -> St) {
     let store = make(config(limits((100, SLOW), (1000, SLOW))));
     let k = key("m");
-    let a = store
-        .reserve(&k, cost(1, 500), Duration::ZERO)
-        .await
-        .unwrap();
-    store.settle(a.ticket, Settlement::Used(cost(1, 100)));
+    let a = store.reserve(&k, cost(500), Duration::ZERO).await.unwrap();
+    store.settle(a.ticket, Settlement::Used(cost(100)));
     let l = store.now_levels("m").await;
     assert!(close(l.tokens(), 900.0), "{l:?}");
-    let b = store
-        .reserve(&k, cost(1, 100), Duration::ZERO)
-        .await
-        .unwrap();
-    store.settle(b.ticket, Settlement::Used(cost(1, 300)));
+    let b = store.reserve(&k, cost(100), Duration::ZERO).await.unwrap();
+    store.settle(b.ticket, Settlement::Used(cost(300)));
     let l = store.now_levels("m").await;
     assert!(close(l.tokens(), 600.0), "{l:?}");
     assert!(close(l.requests(), 98.0), "{l:?}");
-    let c = store
-        .reserve(&k, cost(1, 50), Duration::ZERO)
-        .await
-        .unwrap();
+    let c = store.reserve(&k, cost(50), Duration::ZERO).await.unwrap();
     store.settle(c.ticket, Settlement::Cancelled);
     let l = store.now_levels("m").await;
     assert!(close(l.tokens(), 600.0), "{l:?}");
@@ -188,13 +175,13 @@ async fn pause_delays_admission_of_its_key_only<St: Probe>(
     let store = make(config(limits((100, 100.0), (1000, 1000.0))));
     let (k, other) = (key("m"), key("other"));
     // The key must be known for a pause to be shared: reserve once.
-    let a = store.reserve(&k, cost(1, 1), Duration::ZERO).await.unwrap();
-    store.settle(a.ticket, Settlement::Used(cost(1, 1)));
+    let a = store.reserve(&k, cost(1), Duration::ZERO).await.unwrap();
+    store.settle(a.ticket, Settlement::Used(cost(1)));
     store.pause(&k, Duration::from_millis(300));
     store.sync().await;
     let start = Instant::now();
     let a = store
-        .reserve(&k, cost(1, 1), Duration::from_secs(1))
+        .reserve(&k, cost(1), Duration::from_secs(1))
         .await
         .unwrap();
     let waited = a.wait + start.elapsed();
@@ -204,14 +191,14 @@ async fn pause_delays_admission_of_its_key_only<St: Probe>(
     );
     assert!(store.paused_for(&a.ticket).is_some());
     let b = store
-        .reserve(&other, cost(1, 1), Duration::ZERO)
+        .reserve(&other, cost(1), Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(b.wait, Duration::ZERO);
     // A pause longer than the allowed wait is a refusal.
     store.pause(&k, Duration::from_secs(30));
     store.sync().await;
-    match store.reserve(&k, cost(1, 1), Duration::from_secs(1)).await {
+    match store.reserve(&k, cost(1), Duration::from_secs(1)).await {
         Err(Denied::Throttled { retry_after }) => {
             assert!(retry_after > Duration::from_secs(29), "{retry_after:?}")
         }
@@ -223,10 +210,7 @@ async fn pause_delays_admission_of_its_key_only<St: Probe>(
 async fn clamp_lowers_never_raises<St: Probe>(make: impl Fn(TokenBucketConfigArg) -> St) {
     let store = make(config(limits((100, SLOW), (1000, SLOW))));
     let k = key("m");
-    let a = store
-        .reserve(&k, cost(1, 100), Duration::ZERO)
-        .await
-        .unwrap();
+    let a = store.reserve(&k, cost(100), Duration::ZERO).await.unwrap();
     drop(a);
     store.clamp(
         &k,
@@ -255,10 +239,7 @@ async fn clamp_lowers_never_raises<St: Probe>(make: impl Fn(TokenBucketConfigArg
 async fn set_limits_keeps_levels<St: Probe>(make: impl Fn(TokenBucketConfigArg) -> St) {
     let store = make(config(limits((100, SLOW), (1000, SLOW))));
     let k = key("m");
-    store
-        .reserve(&k, cost(1, 400), Duration::ZERO)
-        .await
-        .unwrap();
+    store.reserve(&k, cost(400), Duration::ZERO).await.unwrap();
     store.set_limits(&k, limits((100, SLOW), (2000, SLOW)));
     let l = store.now_levels("m").await;
     assert!(close(l.tokens(), 600.0), "{l:?}");
@@ -266,13 +247,10 @@ async fn set_limits_keeps_levels<St: Probe>(make: impl Fn(TokenBucketConfigArg) 
     store.set_limits(&k, limits((100, SLOW), (500, SLOW)));
     let l = store.now_levels("m").await;
     assert!(close(l.tokens(), 500.0), "{l:?}");
-    let a = store
-        .reserve(&k, cost(1, 500), Duration::ZERO)
-        .await
-        .unwrap();
+    let a = store.reserve(&k, cost(500), Duration::ZERO).await.unwrap();
     assert_eq!(a.wait, Duration::ZERO);
     assert!(matches!(
-        store.reserve(&k, cost(1, 501), Duration::ZERO).await,
+        store.reserve(&k, cost(501), Duration::ZERO).await,
         Err(Denied::OverCapacity { capacity: 500, .. })
     ));
 }

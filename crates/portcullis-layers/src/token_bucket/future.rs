@@ -6,28 +6,29 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use portcullis_core::{
-    Classify, OnFinish, OverCapacity, RateLimitHints, Refusal, Throttled, Usage,
+    Classify, OnFinish, OverCapacity, RateLimitHints, Refusal, Throttled, TokenCost, Usage,
 };
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
 
 use super::KeyDisplay;
-use super::store::{BucketStore, Cost, Denied, KeyLabel, Remaining, Settlement};
+use super::per_bucket::Remaining;
+use super::store::{BucketStore, Denied, KeyLabel, Settlement};
 
 pin_project! {
     /// The response future of [`TokenBucket`](super::TokenBucket): reserves, sleeps until the
     /// slot, drives the inner service ready, calls it, then feeds the outcome back to the
     /// buckets. Dropping it before the inner call refunds the reservation.
-    pub struct ResponseFuture<S, Req, K, St>
+    pub struct ResponseFuture<S, Req, St>
     where
         S: Service<Req>,
-        St: BucketStore<K>,
+        St: BucketStore,
     {
         #[pin]
         state: State<St::Reserve, S::Future>,
         inner: S,
         req: Option<Req>,
-        ctx: Ctx<K, St>,
+        ctx: Ctx<St>,
     }
 }
 
@@ -44,11 +45,11 @@ pin_project! {
 }
 
 /// Everything but the pinned state; its `Drop` refunds a reservation not yet used.
-struct Ctx<K, St: BucketStore<K>> {
+struct Ctx<St: BucketStore> {
     store: St,
-    key: K,
+    key: St::Key,
     name: Arc<str>,
-    cost: Cost,
+    cost: TokenCost,
     /// The layer's longest wait, and the request's deadline: the latest admission allowed is
     /// the earlier of the two, worked out only when a wait is granted ([`Ctx::limit`]).
     max_wait: Duration,
@@ -59,7 +60,7 @@ struct Ctx<K, St: BucketStore<K>> {
     charged: bool,
 }
 
-impl<K: KeyLabel, St: BucketStore<K>> Ctx<K, St> {
+impl<St: BucketStore> Ctx<St> {
     /// The latest admission allowed: `max_wait` after `now` (when the wait was granted, which
     /// for the in-memory store is when the layer was called), or the deadline if earlier.
     fn limit(&self, now: Instant) -> Instant {
@@ -79,7 +80,7 @@ impl<K: KeyLabel, St: BucketStore<K>> Ctx<K, St> {
         if let Some(t) = self.ticket.take() {
             tracing::debug!(
                 key = %KeyDisplay(&self.name, &self.key.label()),
-                cost = self.cost.input_tokens + self.cost.output_tokens,
+                cost = self.cost.total(),
                 why,
                 "token bucket: reservation refunded"
             );
@@ -123,21 +124,13 @@ impl<K: KeyLabel, St: BucketStore<K>> Ctx<K, St> {
                     key,
                     "token bucket: provider rate-limited the key without a reset hint; emptying its buckets"
                 );
-                self.store.clamp(
-                    &self.key,
-                    Remaining {
-                        requests: Some(0),
-                        tokens: Some(0),
-                        input_tokens: Some(0),
-                        output_tokens: Some(0),
-                    },
-                );
+                self.store.clamp(&self.key, Remaining::splat(Some(0)));
             }
         }
     }
 }
 
-impl<K, St: BucketStore<K>> Drop for Ctx<K, St> {
+impl<St: BucketStore> Drop for Ctx<St> {
     fn drop(&mut self) {
         if self.charged {
             return;
@@ -148,10 +141,10 @@ impl<K, St: BucketStore<K>> Drop for Ctx<K, St> {
     }
 }
 
-impl<S, Req, K, St> ResponseFuture<S, Req, K, St>
+impl<S, Req, St> ResponseFuture<S, Req, St>
 where
     S: Service<Req>,
-    St: BucketStore<K>,
+    St: BucketStore,
 {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -159,9 +152,9 @@ where
         inner: S,
         req: Req,
         store: St,
-        key: K,
+        key: St::Key,
         name: Arc<str>,
-        cost: Cost,
+        cost: TokenCost,
         max_wait: Duration,
         deadline: Option<Instant>,
     ) -> Self {
@@ -188,13 +181,12 @@ fn reported(usage: Option<Usage>) -> Option<Usage> {
     usage.filter(|u| u.input_tokens != 0 || u.output_tokens != 0 || u.total_tokens != 0)
 }
 
-impl<S, Req, K, St> Future for ResponseFuture<S, Req, K, St>
+impl<S, Req, St> Future for ResponseFuture<S, Req, St>
 where
     S: Service<Req>,
     S::Response: OnFinish,
     S::Error: Classify + From<Refusal>,
-    K: KeyLabel,
-    St: BucketStore<K>,
+    St: BucketStore,
 {
     type Output = Result<S::Response, S::Error>;
 
@@ -212,7 +204,7 @@ where
                             } else {
                                 tracing::debug!(
                                     key = %KeyDisplay(&ctx.name, &ctx.key.label()),
-                                    tokens = ctx.cost.input_tokens + ctx.cost.output_tokens,
+                                    tokens = ctx.cost.total(),
                                     wait_ms = adm.wait.as_millis() as u64,
                                     "token bucket: waiting for a slot"
                                 );
@@ -239,7 +231,7 @@ where
                                 Denied::Throttled { retry_after } => {
                                     tracing::info!(
                                         key,
-                                        tokens = ctx.cost.input_tokens + ctx.cost.output_tokens,
+                                        tokens = ctx.cost.total(),
                                         wait_ms = retry_after.as_millis() as u64,
                                         "token bucket: refused, wait too long"
                                     );
@@ -298,17 +290,13 @@ where
                             ctx.feedback(res.rate_limits());
                             if let Some(ticket) = ticket {
                                 let store = ctx.store.clone();
-                                let requests = ctx.cost.requests;
                                 res.on_finish(move |finish| {
                                     if let Some(u) = reported(finish.usage()) {
-                                        store.settle(
-                                            ticket,
-                                            Settlement::Used(Cost {
-                                                requests,
-                                                input_tokens: u.input_tokens,
-                                                output_tokens: u.output_tokens,
-                                            }),
-                                        );
+                                        let used = TokenCost {
+                                            input: u.input_tokens,
+                                            output: u.output_tokens,
+                                        };
+                                        store.settle(ticket, Settlement::Used(used));
                                     }
                                 });
                             }

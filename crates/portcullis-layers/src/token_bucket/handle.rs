@@ -1,11 +1,18 @@
+use std::borrow::Borrow;
+use std::hash::Hash;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::KeyDisplay;
-use super::config::KeyLimits;
+use super::config::{ConfigError, KeyLimits};
 use super::store::{BucketStore, KeyLabel, Levels};
 
 /// A handle on a token bucket's shared state, from [`TokenBucketLayer::handle`]: levels per
 /// key, pauses, and limits changed at run time (queued waiters keep their slots).
+///
+/// Like the circuit breaker's handle, it looks keys up by any form they borrow as (`"gpt-4o-mini"`
+/// for the default `Arc<str>` keys) and takes anything that converts into a key where it may
+/// create one.
 ///
 /// [`TokenBucketLayer::handle`]: super::TokenBucketLayer::handle
 #[derive(Debug, Clone)]
@@ -24,20 +31,24 @@ impl<St> TokenBucketHandle<St> {
         &self.store
     }
 
-    /// The levels of one key, if it was seen.
-    pub fn level<K>(&self, key: &K) -> Option<Levels>
+    /// The layer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl<St: BucketStore> TokenBucketHandle<St> {
+    /// The levels of `key`, or `None` for a key never seen.
+    pub fn level<Q>(&self, key: &Q) -> Option<Levels>
     where
-        St: BucketStore<K>,
+        St::Key: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
     {
         self.store.levels(key)
     }
 
     /// The levels of every key seen, labelled `name:label`, sorted by label.
-    pub fn levels<K>(&self) -> Vec<(String, Levels)>
-    where
-        St: BucketStore<K>,
-        K: KeyLabel,
-    {
+    pub fn levels(&self) -> Vec<(String, Levels)> {
         let mut all: Vec<(String, Levels)> = self
             .store
             .snapshot()
@@ -48,22 +59,20 @@ impl<St> TokenBucketHandle<St> {
         all
     }
 
-    /// Changes the limits of a key at run time. Its levels carry over (a bucket that shrinks
+    /// Changes the limits of `key` at run time. Its levels carry over (a bucket that shrinks
     /// below its level is capped); reservations already made keep their slots.
-    pub fn set_limits<K>(&self, key: &K, limits: KeyLimits) -> Result<(), super::ConfigError>
-    where
-        St: BucketStore<K>,
-    {
+    pub fn set_limits(
+        &self,
+        key: impl Into<St::Key>,
+        limits: KeyLimits,
+    ) -> Result<(), ConfigError> {
         limits.validate()?;
-        self.store.set_limits(key, limits);
+        self.store.set_limits(&key.into(), limits);
         Ok(())
     }
 
-    /// Pauses new admissions of a key, as a provider's 429 would.
-    pub fn pause<K>(&self, key: &K, duration: std::time::Duration)
-    where
-        St: BucketStore<K>,
-    {
-        self.store.pause(key, duration);
+    /// Pauses new admissions of `key`, as a provider's 429 would.
+    pub fn pause(&self, key: impl Into<St::Key>, duration: Duration) {
+        self.store.pause(&key.into(), duration);
     }
 }

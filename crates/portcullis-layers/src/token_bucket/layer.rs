@@ -1,3 +1,4 @@
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -6,9 +7,10 @@ use tower_layer::Layer;
 
 use super::config::{ConfigError, TokenBucketConfig};
 use super::handle::TokenBucketHandle;
+use super::memory::MemoryStore;
 use super::service::TokenBucket;
-use super::store::{KeyLabel, MemoryStore};
-use crate::key::{ByModel, KeyFn};
+use super::store::KeyLabel;
+use crate::key::{ByModel, KeyClosure, SingleKey};
 
 /// What every clone of the layer and of its services shares.
 #[derive(Debug)]
@@ -45,7 +47,7 @@ pub(crate) struct Settings<KF, C> {
 /// assert_eq!(res.content, "hi");
 ///
 /// // 109 tokens were reserved (9 prompt + 100 max_tokens); 10 were used: 99 came back.
-/// let levels = handle.level(&std::sync::Arc::<str>::from("gpt-4o-mini")).unwrap();
+/// let levels = handle.level("gpt-4o-mini").unwrap();
 /// assert!((levels.tokens().unwrap() - 199_990.0).abs() < 1.0);
 ///
 /// // A request that could never fit is refused at once.
@@ -81,7 +83,9 @@ impl<KF, C, St: std::fmt::Debug> std::fmt::Debug for TokenBucketLayer<KF, C, St>
 
 impl TokenBucketLayer {
     /// A layer for `ChatRequest`s keyed by model, with an in-memory store, for the provider
-    /// `name` (keys read `name:model`). The configuration is validated.
+    /// `name` (keys read `name:model`). The configuration is validated. Key by something else
+    /// with [`key_by`](Self::key_by), [`key_fn`](Self::key_fn) or
+    /// [`single_key`](Self::single_key) (any request type).
     pub fn new(name: impl Into<Arc<str>>, config: TokenBucketConfig) -> Result<Self, ConfigError> {
         let name = name.into();
         let max_wait = config.max_wait;
@@ -158,20 +162,31 @@ impl<KF, C, St> TokenBucketLayer<KF, C, St> {
     }
 }
 
-impl<KF, C, K> TokenBucketLayer<KF, C, MemoryStore<K>>
-where
-    K: Clone + Eq + std::hash::Hash + KeyLabel + Send + Sync + 'static,
-{
-    /// Uses another key function, with a fresh in-memory store of its key type (same limits).
-    /// Name the request type: `.with_key::<ChatRequest, _>(SingleKey)`.
-    pub fn with_key<Req, KF2>(self, key_fn: KF2) -> TokenBucketLayer<KF2, C, MemoryStore<KF2::Key>>
+impl<KF, C: Clone, K> TokenBucketLayer<KF, C, MemoryStore<K>> {
+    /// Keys buckets with `key_fn` instead; `K2` is its key type for the requests served. The
+    /// buckets are in a fresh in-memory store of that key type, with the same limits; buckets
+    /// (and handles) of the previous key type are left behind.
+    pub fn key_fn<KF2, K2>(self, key_fn: KF2) -> TokenBucketLayer<KF2, C, MemoryStore<K2>>
     where
-        KF2: KeyFn<Req>,
-        C: Clone,
+        K2: Clone + Eq + Hash + KeyLabel + Send + Sync + 'static,
     {
         let store = self.store.rekeyed();
         let cost = self.settings.cost.clone();
         self.map_settings(key_fn, cost, store)
+    }
+
+    /// One set of buckets for every request ([`SingleKey`]).
+    pub fn single_key(self) -> TokenBucketLayer<SingleKey, C, MemoryStore<()>> {
+        self.key_fn(SingleKey)
+    }
+
+    /// Keys buckets with a closure of the request.
+    pub fn key_by<Req, K2, F>(self, f: F) -> TokenBucketLayer<KeyClosure<F>, C, MemoryStore<K2>>
+    where
+        F: Fn(&Req) -> K2 + Send + Sync + 'static,
+        K2: Clone + Eq + Hash + KeyLabel + Send + Sync + 'static,
+    {
+        self.key_fn(KeyClosure(f))
     }
 }
 

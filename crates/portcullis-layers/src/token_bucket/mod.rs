@@ -10,7 +10,7 @@
 //!   [`ChatCost`](portcullis_core::ChatCost): estimated prompt + `max_tokens`.
 //! - **Reservation at decision time**: each caller gets its own slot when it calls, and sleeps
 //!   until then. Slots are handed out in FIFO order, so a large request is never starved, and
-//!   concurrent waiters can never all pass at once (the seed's bug). See [`store`] for the
+//!   concurrent waiters can never all pass at once (the seed's bug). See [`gcra`] for the
 //!   algorithm (GCRA) and its proof obligation: the cost admitted in any window `T` is at most
 //!   `capacity + rate·T`.
 //! - **Fail fast, consuming nothing**: a cost above a capacity is
@@ -18,7 +18,7 @@
 //!   request's deadline is [`Throttled`](portcullis_core::Throttled), with the wait as
 //!   `retry_after`.
 //! - **Cancellation**: dropping the response future before the inner call refunds the
-//!   reservation (see [`store`] for exactly how much).
+//!   reservation (see [`gcra`] for exactly how much).
 //! - **Reconciliation**: when the response is over (at once for a
 //!   [`CompletionResult`](portcullis_core::CompletionResult), at the end of a
 //!   [`ChatStream`](portcullis_core::ChatStream)), the estimate is replaced by the reported
@@ -39,11 +39,21 @@
 //! response future. After the wait, the future drives `poll_ready` on its own clone of the inner
 //! service, then calls it (the pattern of tower's `Retry`), so the inner service is never called
 //! unready and no inner permit is held while sleeping. Hence `S: Clone`.
+//!
+//! # Layout
+//!
+//! - [`store`]: the [`BucketStore`] trait and its vocabulary ([`PerBucket`], [`Levels`], …);
+//! - [`gcra`]: the admission arithmetic of one key, pure (no locks, no clock);
+//! - `memory`: [`MemoryStore`], the arithmetic behind a lock per key in a map of keys;
+//! - `layer`, `service`, `future`, `handle`: the tower side.
 
 mod config;
 mod future;
+pub mod gcra;
 mod handle;
 mod layer;
+mod memory;
+mod per_bucket;
 mod service;
 pub mod store;
 
@@ -51,11 +61,10 @@ pub use config::{ConfigError, DEFAULT_MAX_WAIT, KeyLimits, Rate, TokenBucketConf
 pub use future::ResponseFuture;
 pub use handle::TokenBucketHandle;
 pub use layer::TokenBucketLayer;
+pub use memory::{MemoryStore, MemoryTicket};
+pub use per_bucket::{PerBucket, Remaining};
 pub use service::TokenBucket;
-pub use store::{
-    Admission, BucketStore, Cost, Denied, KeyLabel, Levels, MemoryStore, MemoryTicket, Remaining,
-    Settlement,
-};
+pub use store::{Admission, BucketStore, Denied, KeyLabel, Levels, Settlement};
 
 /// A key as logs show it: `name:label`.
 pub(crate) struct KeyDisplay<'a>(pub(crate) &'a str, pub(crate) &'a str);

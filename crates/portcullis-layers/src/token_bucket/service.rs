@@ -7,7 +7,8 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::layer::Settings;
-use super::store::{BucketStore, Cost, KeyLabel, MemoryStore};
+use super::memory::MemoryStore;
+use super::store::BucketStore;
 use crate::key::{ByModel, KeyFn};
 
 /// The token bucket service, from [`TokenBucketLayer`](super::TokenBucketLayer). Clones share
@@ -60,13 +61,12 @@ where
     S::Error: Classify + From<Refusal>,
     Req: RequestInfo,
     KF: KeyFn<Req>,
-    KF::Key: KeyLabel,
     C: CostOf<Req>,
-    St: BucketStore<KF::Key>,
+    St: BucketStore<Key = KF::Key>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ResponseFuture<S, Req, KF::Key, St>;
+    type Future = ResponseFuture<S, Req, St>;
 
     /// Always ready: the request waits for its slot in the response future, which then drives
     /// the inner service's own readiness (on a clone) before calling it.
@@ -76,12 +76,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = self.settings.key_fn.key(&req);
-        let tokens = self.settings.cost.cost(&req);
-        let cost = Cost {
-            requests: 1,
-            input_tokens: tokens.input,
-            output_tokens: tokens.output,
-        };
+        let cost = self.settings.cost.cost(&req);
         // The clock is only read for a deadline: without one, the wait allowed is the layer's.
         let deadline = req.deadline();
         let max_wait = match deadline {
@@ -93,7 +88,7 @@ where
         };
         tracing::trace!(
             model = crate::key::model_of(&req),
-            tokens = tokens.total(),
+            tokens = cost.total(),
             "token bucket: reserving"
         );
         let reserve = self.store.reserve(&key, cost, max_wait);

@@ -157,7 +157,7 @@ pub fn memory_store(cfg: TokenBucketConfig) -> MemoryStore {
 }
 
 /// Reading a store's levels once every update sent so far has landed.
-pub trait Probe: BucketStore<Arc<str>, Ticket: std::fmt::Debug> {
+pub trait Probe: BucketStore<Key = Arc<str>, Ticket: std::fmt::Debug> {
     /// Waits for background updates (none for the in-memory store).
     fn sync(&self) -> impl std::future::Future<Output = ()> + Send;
     /// The levels of `key` now.
@@ -167,7 +167,7 @@ pub trait Probe: BucketStore<Arc<str>, Ticket: std::fmt::Debug> {
 impl Probe for MemoryStore {
     async fn sync(&self) {}
     async fn now_levels(&self, key: &str) -> Levels {
-        self.levels(&Arc::from(key)).expect("key seen")
+        self.levels(key).expect("key seen")
     }
 }
 

@@ -1,0 +1,234 @@
+//! [`MemoryStore`]: the default store, every key's buckets in this process's memory.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::future::{Ready, ready};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use portcullis_core::TokenCost;
+use tokio::time::Instant;
+
+use super::config::{ConfigError, KeyLimits, TokenBucketConfig};
+use super::gcra::{KeyState, Nanos, Reservation, nanos};
+use super::per_bucket::{PerBucket, Remaining};
+use super::store::{Admission, BucketStore, Denied, KeyLabel, Levels, Settlement};
+use crate::key::FxBuildHasher;
+
+type Slot = Arc<Mutex<KeyState>>;
+
+fn lock(slot: &Slot) -> MutexGuard<'_, KeyState> {
+    // A panic while holding the lock cannot leave the plain numbers half-written in a way that
+    // matters more than losing the limiter: keep going.
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct MemShared<K> {
+    name: Arc<str>,
+    config: TokenBucketConfig,
+    keys: RwLock<HashMap<K, Slot, FxBuildHasher>>,
+    origin: Instant,
+}
+
+/// The default store: every key's buckets in this process's memory.
+///
+/// One `std::sync::Mutex` per key, held for a few arithmetic operations (the
+/// [`gcra`](super::gcra) module); a read lock on the key map to find it. A reservation for a key
+/// already seen allocates nothing. Keys are kept for the life of the store (one per model: a
+/// handful).
+///
+/// Cloning shares the state.
+pub struct MemoryStore<K = Arc<str>> {
+    shared: Arc<MemShared<K>>,
+}
+
+impl<K> Clone for MemoryStore<K> {
+    fn clone(&self) -> Self {
+        MemoryStore {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K> Debug for MemoryStore<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("name", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K> MemoryStore<K> {
+    fn with_origin(name: Arc<str>, config: TokenBucketConfig, origin: Instant) -> Self {
+        MemoryStore {
+            shared: Arc::new(MemShared {
+                name,
+                config,
+                keys: RwLock::new(HashMap::default()),
+                origin,
+            }),
+        }
+    }
+
+    /// An empty store with the same name and configuration, for another key type.
+    pub fn rekeyed<K2>(&self) -> MemoryStore<K2> {
+        let s = &self.shared;
+        MemoryStore::with_origin(s.name.clone(), s.config.clone(), s.origin)
+    }
+}
+
+/// A reservation in a [`MemoryStore`].
+#[derive(Debug)]
+pub struct MemoryTicket {
+    slot: Slot,
+    reservation: Reservation,
+}
+
+impl<K> MemoryStore<K>
+where
+    K: Clone + Eq + Hash + KeyLabel + Send + Sync + 'static,
+{
+    /// A store whose keys take their limits from `config` (validated here), displayed under
+    /// `name` (the provider: `openai`).
+    pub fn new(name: impl Into<Arc<str>>, config: TokenBucketConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(MemoryStore::with_origin(
+            name.into(),
+            config,
+            Instant::now(),
+        ))
+    }
+
+    /// The configuration the store was built with.
+    pub fn config(&self) -> &TokenBucketConfig {
+        &self.shared.config
+    }
+
+    fn now(&self) -> Nanos {
+        nanos(Instant::now().saturating_duration_since(self.shared.origin))
+    }
+
+    fn existing<Q>(&self, key: &Q) -> Option<Slot>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.shared
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .cloned()
+    }
+
+    fn slot(&self, key: &K) -> Slot {
+        if let Some(s) = self.existing(key) {
+            return s;
+        }
+        let label = key.label();
+        let limits = self
+            .shared
+            .config
+            .resolve(&self.shared.name, &label)
+            .unwrap_or_else(|| {
+                tracing::warn!(
+                    key = %super::KeyDisplay(&self.shared.name, &label),
+                    "token bucket: no limits configured for this key and no default; not limited"
+                );
+                KeyLimits::unlimited()
+            });
+        let now = self.now();
+        self.shared
+            .keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(KeyState::new(limits, now))))
+            .clone()
+    }
+
+    /// Runs `f` on `key`'s state (created if new) at the store's time.
+    fn with_key(&self, key: &K, f: impl FnOnce(&mut KeyState, Nanos)) {
+        let slot = self.slot(key);
+        let now = self.now();
+        f(&mut lock(&slot), now);
+    }
+
+    fn reserve_now(
+        &self,
+        key: &K,
+        cost: TokenCost,
+        max_wait: Duration,
+    ) -> Result<Admission<MemoryTicket>, Denied> {
+        let slot = self.slot(key);
+        let now = self.now();
+        let (wait, reservation) = lock(&slot).reserve(PerBucket::from(cost), max_wait, now)?;
+        // The slot's `Arc` moves into the ticket: no second reference count update.
+        let ticket = MemoryTicket { slot, reservation };
+        Ok(Admission { wait, ticket })
+    }
+}
+
+impl<K> BucketStore for MemoryStore<K>
+where
+    K: Clone + Eq + Hash + KeyLabel + Send + Sync + 'static,
+{
+    type Key = K;
+    type Ticket = MemoryTicket;
+    type Reserve = Ready<Result<Admission<MemoryTicket>, Denied>>;
+
+    fn reserve(&self, key: &K, cost: TokenCost, max_wait: Duration) -> Self::Reserve {
+        ready(self.reserve_now(key, cost, max_wait))
+    }
+
+    fn settle(&self, t: MemoryTicket, settlement: Settlement) {
+        let actual = match settlement {
+            Settlement::Cancelled => None,
+            Settlement::Used(cost) => Some(PerBucket::from(cost)),
+        };
+        let now = self.now();
+        lock(&t.slot).settle(&t.reservation, actual, now);
+    }
+
+    fn paused_for(&self, t: &MemoryTicket) -> Option<Duration> {
+        let now = self.now();
+        lock(&t.slot).paused_for(now)
+    }
+
+    fn pause(&self, key: &K, duration: Duration) {
+        self.with_key(key, |s, now| s.pause(now.saturating_add(nanos(duration))));
+    }
+
+    fn clamp(&self, key: &K, remaining: Remaining) {
+        self.with_key(key, |s, now| s.clamp(remaining, now));
+    }
+
+    fn set_limits(&self, key: &K, limits: KeyLimits) {
+        self.with_key(key, |s, now| s.set_limits(limits, now));
+    }
+
+    fn levels<Q>(&self, key: &Q) -> Option<Levels>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let slot = self.existing(key)?;
+        let now = self.now();
+        let levels = lock(&slot).snapshot(now);
+        Some(levels)
+    }
+
+    fn snapshot(&self) -> Vec<(K, Levels)> {
+        let now = self.now();
+        let keys = self
+            .shared
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        keys.iter()
+            .map(|(k, slot)| (k.clone(), lock(slot).snapshot(now)))
+            .collect()
+    }
+}
