@@ -13,7 +13,7 @@ use http::{Request, Response};
 use portcullis::layers::circuit_breaker::{CircuitBreakerConfig, TripPolicy};
 use portcullis::layers::retry::{RetryLayer, StandardPolicy};
 use portcullis::layers::token_bucket::{KeyLimits, Rate, TokenBucketConfig};
-use portcullis::layers::{CircuitBreakerLayer, SingleKey, TokenBucketLayer};
+use portcullis::layers::{CircuitBreakerLayer, TokenBucketLayer};
 use portcullis::{Classification, Classify, Refusal, TokenCost};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
@@ -67,7 +67,7 @@ where
     };
     let limits = KeyLimits::unlimited().with_requests(Rate::new(5, 1.0)?);
     let bucket = TokenBucketLayer::new("api", TokenBucketConfig::new().default_limits(limits))?
-        .with_key::<Request<String>, _>(SingleKey)
+        .single_key()
         .with_cost(|_: &Request<String>| TokenCost::default());
     Ok(ServiceBuilder::new()
         .layer(RetryLayer::new(retry))
