@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::config::CircuitBreakerConfig;
-use super::handle::{CircuitMetrics, CircuitState, Transition, TransitionReason};
+use super::events::{CircuitMetrics, CircuitState, Transition, TransitionReason};
 use super::window::Recorder;
 
 /// What every key of one layer shares: name, configuration, event channel.
