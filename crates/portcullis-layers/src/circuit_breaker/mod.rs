@@ -30,6 +30,7 @@ mod events;
 mod future;
 mod handle;
 mod layer;
+mod machine;
 mod service;
 mod state;
 mod window;
