@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::events::{CircuitMetrics, CircuitState, Transition};
-use super::state::Shared;
+use super::state::{KeyState, Shared};
 
 /// Reads and steers the breakers of a layer and every service built from it.
 ///
@@ -51,9 +51,8 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.shared
-            .get(key)
-            .map_or(CircuitState::Closed, |k| k.state(Instant::now()))
+        self.on(key, KeyState::state)
+            .unwrap_or(CircuitState::Closed)
     }
 
     /// A snapshot of `key`'s breaker, or `None` for a key never seen.
@@ -62,7 +61,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.shared.get(key).map(|k| k.metrics(Instant::now()))
+        self.on(key, KeyState::metrics)
     }
 
     /// Every key seen so far.
@@ -84,9 +83,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if let Some(k) = self.shared.get(key) {
-            k.force_closed(Instant::now());
-        }
+        self.on(key, KeyState::force_closed);
     }
 
     /// Closes `key`'s breaker and zeroes its counters and windows. Calls in flight no longer
@@ -96,9 +93,16 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if let Some(k) = self.shared.get(key) {
-            k.reset(Instant::now());
-        }
+        self.on(key, KeyState::reset);
+    }
+
+    /// Runs `f` on `key`'s breaker, now, if the key was seen.
+    fn on<Q, R>(&self, key: &Q, f: impl FnOnce(&KeyState<K>, Instant) -> R) -> Option<R>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.shared.get(key).map(|k| f(&k, Instant::now()))
     }
 
     /// Receives every transition from now on, of every key. A receiver that falls more than
