@@ -176,6 +176,7 @@ impl Machine {
     }
 
     /// Runs one input at `now`.
+    #[inline]
     pub(crate) fn step(
         &mut self,
         config: &CircuitBreakerConfig,
