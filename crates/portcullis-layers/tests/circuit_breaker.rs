@@ -581,6 +581,28 @@ async fn poll_ready_only_delegates() {
     assert_ready_ok!(h.svc.poll_ready());
 }
 
+/// The inner service is reachable, and the future has a name outside the crate.
+#[tokio::test(start_paused = true)]
+async fn the_inner_service_and_the_future_can_be_named() {
+    use portcullis_layers::circuit_breaker::ResponseFuture;
+    use tower::Layer;
+
+    let mut svc = CircuitBreakerLayer::new("test", CircuitBreakerConfig::default())
+        .unwrap()
+        .single_key()
+        .layer(7u32);
+    *svc.get_mut() += 1;
+    assert_eq!(*svc.get_ref(), 8);
+    assert_eq!(svc.into_inner(), 8);
+
+    let mut h = Harness::new(CircuitBreakerConfig::default());
+    assert_ready_ok!(h.svc.poll_ready());
+    let fut: ResponseFuture<mock::future::ResponseFuture<String>, BoxError> = h.svc.call("req");
+    let (_, send) = h.mock.next_request().await.unwrap();
+    send.send_response("ok".into());
+    assert_eq!(fut.await.unwrap(), "ok");
+}
+
 #[tokio::test(start_paused = true)]
 async fn force_open_force_closed_and_reset() {
     let mut h = Harness::new(CircuitBreakerConfig::default());

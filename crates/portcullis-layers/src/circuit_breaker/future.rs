@@ -9,7 +9,8 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 use portcullis_core::{Classify, Finish, OnFinish};
 
-use super::state::{Complete, Outcome, Permit};
+use super::machine::{Outcome, Permit};
+use super::state::Complete;
 
 /// An admitted call's permit. The outcome is recorded once: explicitly, or as ignored when it
 /// is dropped first (a cancelled call), which also releases a half-open probe slot.

@@ -26,9 +26,11 @@
 //! See [`CircuitBreakerLayer`] for an example.
 
 mod config;
+mod events;
 mod future;
 mod handle;
 mod layer;
+mod machine;
 mod service;
 mod state;
 mod window;
@@ -37,10 +39,9 @@ pub use config::{
     CircuitBreakerConfig, ConfigError, MAX_DURATION, MAX_HALF_OPEN_PROBES, MAX_WINDOW_CALLS,
     OpenBackoff, SlowCallPolicy, TripPolicy, Window,
 };
+pub use events::{CircuitMetrics, CircuitState, Transition, TransitionReason};
 pub use future::ResponseFuture;
-pub use handle::{
-    CircuitBreakerHandle, CircuitMetrics, CircuitState, Transition, TransitionReason,
-};
+pub use handle::CircuitBreakerHandle;
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
 
