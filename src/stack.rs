@@ -124,11 +124,9 @@ pub enum StackError {
         /// The attempt timeout.
         attempt_timeout: Duration,
     },
-    /// A setting is invalid: the stack's own (provider `None`), or a provider's retry, breaker
-    /// or timeout setting.
+    /// A setting is invalid: the stack's own (provider `None`), or a provider's retry, breaker,
+    /// limit or timeout setting.
     Config(Option<String>, ConfigError),
-    /// A limit is invalid.
-    Limits(String, token_bucket::ConfigError),
     /// A provider could not be built (a missing key, a bad URL).
     Provider(String, LlmError),
 }
@@ -156,7 +154,6 @@ impl fmt::Display for StackError {
             ),
             StackError::Config(None, e) => write!(f, "{e}"),
             StackError::Config(Some(p), e) => write!(f, "provider {p:?}: {e}"),
-            StackError::Limits(p, e) => write!(f, "provider {p:?}: limits: {e}"),
             StackError::Provider(p, e) => write!(f, "provider {p:?}: {e}"),
         }
     }
@@ -466,7 +463,7 @@ where
             let bucket = match &p.limits {
                 Some(l) => Some(
                     TokenBucketLayer::new(name.clone(), l.clone())
-                        .map_err(|e| StackError::Limits(name.clone(), e))?,
+                        .map_err(|e| StackError::Config(Some(name.clone()), e))?,
                 ),
                 None => None,
             };

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use portcullis_core::ConfigError;
 use portcullis_core::config::millis;
 use serde::{Deserialize, Serialize};
 
@@ -153,20 +154,28 @@ impl RedisConfig {
     /// fail-open share is in (0, 1].
     pub fn validate(&self) -> Result<(), Error> {
         if !(self.fail_open_share > 0.0 && self.fail_open_share <= 1.0) {
-            return Err(Error::InvalidShare(self.fail_open_share));
+            return Err(Error::Config(ConfigError::new(
+                "redis",
+                "fail_open_share",
+                format!("must be within (0, 1], got {}", self.fail_open_share),
+            )));
         }
         redis::Client::open(self.url.as_str()).map_err(|e| Error::InvalidUrl(e.to_string()))?;
-        for (what, d, min) in [
-            ("timeout", self.timeout, Duration::from_millis(1)),
+        for (field, d, min) in [
+            ("timeout_ms", self.timeout, Duration::from_millis(1)),
             (
-                "retry_interval",
+                "retry_interval_ms",
                 self.retry_interval,
                 Duration::from_millis(1),
             ),
-            ("idle_ttl", self.idle_ttl, Duration::ZERO),
+            ("idle_ttl_ms", self.idle_ttl, Duration::ZERO),
         ] {
             if d < min || d > MAX_DURATION {
-                return Err(Error::InvalidDuration { what, value: d });
+                return Err(Error::Config(ConfigError::new(
+                    "redis",
+                    field,
+                    format!("must be within [{min:?}, one hour], got {d:?}"),
+                )));
             }
         }
         Ok(())

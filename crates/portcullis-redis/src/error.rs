@@ -1,26 +1,18 @@
 use std::fmt;
 use std::time::Duration;
 
-use portcullis_layers::token_bucket::ConfigError;
+use portcullis_core::ConfigError;
 
 /// What can go wrong building a [`RedisStore`](crate::RedisStore), talking to Redis outside
 /// admissions, or starting a [`LocalRedis`](crate::LocalRedis).
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
-    /// The token bucket configuration is invalid.
+    /// A setting is invalid: the token bucket's limits, or the store's own (a duration out of
+    /// range, `fail_open_share` outside (0, 1]).
     Config(ConfigError),
     /// The Redis URL does not parse.
     InvalidUrl(String),
-    /// A duration out of range (zero, or above one hour).
-    InvalidDuration {
-        /// Which setting.
-        what: &'static str,
-        /// Its value.
-        value: Duration,
-    },
-    /// `fail_open_share` outside (0, 1].
-    InvalidShare(f64),
     /// The store must be built inside a Tokio runtime (it spawns its background task there).
     NoRuntime,
     /// Redis answered with an error, or the connection failed.
@@ -36,15 +28,8 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(e) => write!(f, "token bucket configuration: {e}"),
+            Error::Config(e) => write!(f, "{e}"),
             Error::InvalidUrl(e) => write!(f, "invalid Redis URL: {e}"),
-            Error::InvalidDuration { what, value } => {
-                write!(
-                    f,
-                    "{what} must be positive and at most one hour, got {value:?}"
-                )
-            }
-            Error::InvalidShare(s) => write!(f, "fail_open_share must be in (0, 1], got {s}"),
             Error::NoRuntime => f.write_str("a RedisStore must be built inside a Tokio runtime"),
             Error::Redis(e) => write!(f, "redis: {e}"),
             Error::Timeout(d) => write!(f, "redis did not answer within {d:?}"),

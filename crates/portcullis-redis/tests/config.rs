@@ -32,21 +32,18 @@ fn bad_values_are_typed_errors() {
     ));
     assert!(matches!(
         base.clone().timeout(Duration::ZERO).validate(),
-        Err(Error::InvalidDuration {
-            what: "timeout",
-            ..
-        })
+        Err(Error::Config(e)) if e.field == "timeout_ms"
     ));
     assert!(matches!(
         base.clone()
             .retry_interval(Duration::from_secs(7200))
             .validate(),
-        Err(Error::InvalidDuration { .. })
+        Err(Error::Config(e)) if e.field == "retry_interval_ms"
     ));
     for share in [0.0, -1.0, 1.5, f64::NAN] {
         assert!(matches!(
             base.clone().fail_open_share(share).validate(),
-            Err(Error::InvalidShare(_))
+            Err(Error::Config(e)) if e.field == "fail_open_share"
         ));
     }
 }

@@ -2,10 +2,14 @@
 //! typed [`ConfigError`].
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
+pub use portcullis_core::ConfigError;
+use portcullis_core::config::{MAX_DURATION, millis};
 use serde::{Deserialize, Serialize};
+
+/// The component name in this module's [`ConfigError`]s.
+const COMPONENT: &str = "token bucket";
 
 /// The default longest wait for admission: 30 s.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
@@ -33,12 +37,34 @@ pub struct Rate {
 
 impl Rate {
     /// A bucket of `capacity` refilling at `refill_per_sec` units per second.
+    ///
+    /// Refused: a capacity of 0, a refill rate that is not a positive finite number, and a rate
+    /// so slow that refilling the whole capacity would take more than a year
+    /// ([`MAX_DURATION`]): its arithmetic would overflow, and it could never be what a provider
+    /// states.
     pub fn new(capacity: u64, refill_per_sec: f64) -> Result<Rate, ConfigError> {
         if capacity == 0 {
-            return Err(ConfigError::ZeroCapacity);
+            return Err(ConfigError::new(
+                COMPONENT,
+                "capacity",
+                "must be at least 1",
+            ));
         }
         if !refill_per_sec.is_finite() || refill_per_sec <= 0.0 {
-            return Err(ConfigError::InvalidRefill(refill_per_sec));
+            return Err(ConfigError::new(
+                COMPONENT,
+                "refill_per_sec",
+                format!("must be a positive, finite number, got {refill_per_sec}"),
+            ));
+        }
+        if capacity as f64 / refill_per_sec > MAX_DURATION.as_secs_f64() {
+            return Err(ConfigError::new(
+                COMPONENT,
+                "refill_per_sec",
+                format!(
+                    "{refill_per_sec} per second would take more than a year to refill a capacity of {capacity}"
+                ),
+            ));
         }
         Ok(Rate {
             capacity,
@@ -88,7 +114,11 @@ impl TryFrom<RawRate> for Rate {
             RawRate::Object(o) => match (o.capacity, o.refill_per_sec, o.per_minute) {
                 (None, None, Some(n)) => Rate::per_minute(n),
                 (Some(c), Some(r), None) => Rate::new(c, r),
-                _ => Err(ConfigError::RateShape),
+                _ => Err(ConfigError::new(
+                    COMPONENT,
+                    "rate",
+                    "needs either `capacity` and `refill_per_sec`, or `per_minute` alone",
+                )),
             },
         }
     }
@@ -281,18 +311,25 @@ impl TokenBucketConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (label, limits) in &self.limits {
             if label.is_empty() {
-                return Err(ConfigError::EmptyLabel);
+                return Err(ConfigError::new(
+                    COMPONENT,
+                    "limits",
+                    "a key label must not be empty",
+                ));
             }
-            limits.validate().map_err(|e| ConfigError::InKey {
-                label: label.clone(),
-                error: Box::new(e),
-            })?;
+            limits
+                .validate()
+                .map_err(|e| e.within(&format!("limits.{label}")))?;
         }
         if let Some(d) = &self.default {
             d.validate()?;
         }
         if self.max_wait > MAX_MAX_WAIT {
-            return Err(ConfigError::MaxWaitTooLong(self.max_wait));
+            return Err(ConfigError::new(
+                COMPONENT,
+                "max_wait_ms",
+                format!("must be at most a day, got {:?}", self.max_wait),
+            ));
         }
         Ok(())
     }
@@ -315,58 +352,3 @@ impl TokenBucketConfig {
 
 /// The longest `max_wait` accepted: one day.
 const MAX_MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
-
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(v.as_millis() as u64)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
-    }
-}
-
-/// A configuration value that cannot work.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A bucket with capacity 0 could never admit anything.
-    ZeroCapacity,
-    /// A refill rate that is zero, negative, or not finite.
-    InvalidRefill(f64),
-    /// A rate object must have either `capacity` and `refill_per_sec`, or `per_minute` alone.
-    RateShape,
-    /// An empty key label.
-    EmptyLabel,
-    /// `max_wait` above one day.
-    MaxWaitTooLong(Duration),
-    /// An error in the limits of one key.
-    InKey {
-        /// The key label.
-        label: String,
-        /// What is wrong.
-        error: Box<ConfigError>,
-    },
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::ZeroCapacity => f.write_str("a bucket capacity must be at least 1"),
-            ConfigError::InvalidRefill(r) => {
-                write!(f, "a refill rate must be positive and finite, got {r}")
-            }
-            ConfigError::RateShape => f.write_str(
-                "a rate needs either `capacity` and `refill_per_sec`, or `per_minute` alone",
-            ),
-            ConfigError::EmptyLabel => f.write_str("a key label must not be empty"),
-            ConfigError::MaxWaitTooLong(d) => write!(f, "max_wait {d:?} exceeds one day"),
-            ConfigError::InKey { label, error } => write!(f, "limits of `{label}`: {error}"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}

@@ -461,7 +461,11 @@ mod tests {
         assert_eq!(k.snapshot(2 * S).tokens(), Some(10.0));
         let limits = KeyLimits::unlimited().with_tokens(Rate::new(2000, 2000.0).unwrap());
         k.set_limits(limits, 2 * S);
-        assert_eq!(k.snapshot(2 * S).tokens(), Some(10.0), "the level carries over");
+        assert_eq!(
+            k.snapshot(2 * S).tokens(),
+            Some(10.0),
+            "the level carries over"
+        );
         assert_eq!(k.snapshot(2 * S).requests(), None);
     }
 }
