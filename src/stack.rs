@@ -53,7 +53,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis_core::config::{self, millis};
-use portcullis_core::{ChatRequest, ChatStream, CompletionResult, ConfigError, LlmError};
+use portcullis_core::{
+    BoxError, ChatCost, ChatRequest, ChatStream, CompletionResult, ConfigError, LlmError,
+};
 use portcullis_layers::circuit_breaker::{
     self, CircuitBreakerConfig, CircuitBreakerHandle, Window,
 };
@@ -61,9 +63,11 @@ use portcullis_layers::retry::{RetryConfig, StandardPolicy};
 use portcullis_layers::timeout::{
     Deadline, DeadlineLayer, StreamIdle, StreamIdleLayer, Timeout, TimeoutLayer,
 };
-use portcullis_layers::token_bucket::{self, TokenBucketConfig, TokenBucketHandle};
+use portcullis_layers::token_bucket::{
+    BucketStore, MemoryStore, TokenBucketConfig, TokenBucketHandle,
+};
 use portcullis_layers::{
-    CircuitBreaker, CircuitBreakerLayer, Entry, Fallback, Retry, RetryLayer, TokenBucket,
+    ByModel, CircuitBreaker, CircuitBreakerLayer, Entry, Fallback, Retry, RetryLayer, TokenBucket,
     TokenBucketLayer,
 };
 use portcullis_providers::{
@@ -85,16 +89,24 @@ pub type Provider = Either<OpenAiProvider, AnthropicProvider>;
 /// One of the built-in providers, as a streaming service.
 pub type ProviderStream = Either<OpenAiStream, AnthropicStream>;
 
-/// The per-provider chain: retry → breaker → (bucket) → attempt timeout → `S`.
-pub type ProviderChain<S> =
-    Retry<StandardPolicy, CircuitBreaker<Either<TokenBucket<Timeout<S>>, Timeout<S>>>>;
+/// The per-provider chain: retry → breaker → (bucket, its state in `St`) → attempt timeout → `S`.
+pub type ProviderChain<S, St = MemoryStore> = Retry<
+    StandardPolicy,
+    CircuitBreaker<Either<TokenBucket<Timeout<S>, ByModel, ChatCost, St>, Timeout<S>>>,
+>;
 
 /// The completion service a [`Stack`] yields.
-pub type Completions<S = Provider> = Deadline<Fallback<ProviderChain<S>, ChatRequest>>;
+pub type Completions<S = Provider, St = MemoryStore> =
+    Deadline<Fallback<ProviderChain<S, St>, ChatRequest>>;
 
 /// The streaming service a [`Stack`] yields.
-pub type Streams<S = ProviderStream> =
-    Deadline<Fallback<ProviderChain<StreamIdle<S>>, ChatRequest>>;
+pub type Streams<S = ProviderStream, St = MemoryStore> =
+    Deadline<Fallback<ProviderChain<StreamIdle<S>, St>, ChatRequest>>;
+
+/// Builds a provider's bucket store from the provider's name and its limits (the default:
+/// [`MemoryStore::new`]; see [`ProviderStack::store`]).
+pub type StoreFactory<St> =
+    Arc<dyn Fn(&str, TokenBucketConfig) -> Result<St, BoxError> + Send + Sync>;
 
 /// Why a [`Stack`] could not be built.
 #[derive(Debug)]
@@ -129,6 +141,8 @@ pub enum StackError {
     Config(Option<String>, ConfigError),
     /// A provider could not be built (a missing key, a bad URL).
     Provider(String, LlmError),
+    /// A provider's bucket store could not be built (e.g. an invalid Redis configuration).
+    Store(String, BoxError),
 }
 
 impl fmt::Display for StackError {
@@ -155,15 +169,18 @@ impl fmt::Display for StackError {
             StackError::Config(None, e) => write!(f, "{e}"),
             StackError::Config(Some(p), e) => write!(f, "provider {p:?}: {e}"),
             StackError::Provider(p, e) => write!(f, "provider {p:?}: {e}"),
+            StackError::Store(p, e) => write!(f, "provider {p:?}: bucket store: {e}"),
         }
     }
 }
 
 impl std::error::Error for StackError {}
 
-/// One provider of a stack, with its resilience settings.
-#[derive(Debug, Clone)]
-pub struct ProviderStack<S = Provider, Q = ProviderStream> {
+/// One provider of a stack, with its resilience settings. `St` is where its token buckets
+/// keep their state: in memory by default, or a shared store such as Redis
+/// ([`ProviderStack::store`]).
+#[derive(Clone)]
+pub struct ProviderStack<S = Provider, Q = ProviderStream, St = MemoryStore> {
     name: Cow<'static, str>,
     complete: S,
     stream: Q,
@@ -172,8 +189,23 @@ pub struct ProviderStack<S = Provider, Q = ProviderStream> {
     retry: RetryConfig,
     breaker: CircuitBreakerConfig,
     limits: Option<TokenBucketConfig>,
+    store: StoreFactory<St>,
     attempt_timeout: Duration,
     stream_idle: Duration,
+}
+
+impl<S: fmt::Debug, Q: fmt::Debug, St> fmt::Debug for ProviderStack<S, Q, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProviderStack")
+            .field("name", &self.name)
+            .field("complete", &self.complete)
+            .field("stream", &self.stream)
+            .field("model", &self.model)
+            .field("limits", &self.limits)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("stream_idle", &self.stream_idle)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ProviderStack<Provider, ProviderStream> {
@@ -210,8 +242,40 @@ impl<S, Q> ProviderStack<S, Q> {
             retry: RetryConfig::default(),
             breaker: CircuitBreakerConfig::default(),
             limits: None,
+            store: Arc::new(|name, config| Ok(MemoryStore::new(name.to_owned(), config)?)),
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             stream_idle: DEFAULT_ATTEMPT_TIMEOUT,
+        }
+    }
+}
+
+impl<S, Q, St> ProviderStack<S, Q, St> {
+    /// Keeps this provider's token buckets in another store: `make` builds it, when the stack
+    /// is built, from the provider's name and its [`limits`](Self::limits). With a shared
+    /// store, every instance of a service draws from the same buckets:
+    ///
+    /// ```ignore
+    /// let redis = RedisConfig::new("redis://10.0.0.5:6379/");
+    /// let openai = ProviderStack::openai(provider)
+    ///     .limits(limits)
+    ///     .store(move |name, limits| Ok(RedisStore::new(name, limits, redis.clone())?));
+    /// ```
+    pub fn store<St2, F>(self, make: F) -> ProviderStack<S, Q, St2>
+    where
+        F: Fn(&str, TokenBucketConfig) -> Result<St2, BoxError> + Send + Sync + 'static,
+    {
+        ProviderStack {
+            name: self.name,
+            complete: self.complete,
+            stream: self.stream,
+            model: self.model,
+            larger_context: self.larger_context,
+            retry: self.retry,
+            breaker: self.breaker,
+            limits: self.limits,
+            store: Arc::new(make),
+            attempt_timeout: self.attempt_timeout,
+            stream_idle: self.stream_idle,
         }
     }
 
@@ -306,14 +370,14 @@ impl<S, Q> ProviderStack<S, Q> {
 
 /// Builds a [`Stack`].
 #[derive(Debug, Clone)]
-pub struct StackBuilder<S, Q> {
+pub struct StackBuilder<S, Q, St = MemoryStore> {
     deadline: Duration,
-    providers: Vec<ProviderStack<S, Q>>,
+    providers: Vec<ProviderStack<S, Q, St>>,
 }
 
 /// The handles of one provider's layers.
 #[derive(Debug, Clone)]
-pub struct ProviderHandles {
+pub struct ProviderHandles<St = MemoryStore> {
     /// The provider's name.
     pub name: String,
     /// The model this provider is asked for when it remaps requests (`None`: the caller's
@@ -323,7 +387,7 @@ pub struct ProviderHandles {
     /// Its circuit breakers (one per model).
     pub breaker: CircuitBreakerHandle<Arc<str>>,
     /// Its token buckets, when it has limits.
-    pub limiter: Option<TokenBucketHandle<token_bucket::MemoryStore>>,
+    pub limiter: Option<TokenBucketHandle<St>>,
 }
 
 /// The recommended stack over one or more providers. See the [module docs](self).
@@ -353,15 +417,15 @@ pub struct ProviderHandles {
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
-pub struct Stack<S = Provider, Q = ProviderStream> {
-    completions: Completions<S>,
-    streams: Streams<Q>,
-    handles: Vec<ProviderHandles>,
+pub struct Stack<S = Provider, Q = ProviderStream, St = MemoryStore> {
+    completions: Completions<S, St>,
+    streams: Streams<Q, St>,
+    handles: Vec<ProviderHandles<St>>,
 }
 
 impl Stack {
     /// A builder with the default deadline and no provider.
-    pub fn builder<S, Q>() -> StackBuilder<S, Q> {
+    pub fn builder<S, Q, St>() -> StackBuilder<S, Q, St> {
         StackBuilder {
             deadline: DEFAULT_DEADLINE,
             providers: Vec::new(),
@@ -418,8 +482,9 @@ impl Stack {
     }
 }
 
-impl<S, Q> StackBuilder<S, Q>
+impl<S, Q, St> StackBuilder<S, Q, St>
 where
+    St: BucketStore<Key = Arc<str>> + Clone + Send + Sync + 'static,
     S: Service<ChatRequest, Response = CompletionResult, Error = LlmError> + Clone + Send + 'static,
     S::Future: Send,
     Q: Service<ChatRequest, Response = ChatStream, Error = LlmError> + Clone + Send + 'static,
@@ -432,13 +497,13 @@ where
     }
 
     /// Adds a provider; the first one added is the primary.
-    pub fn provider(mut self, provider: ProviderStack<S, Q>) -> Self {
+    pub fn provider(mut self, provider: ProviderStack<S, Q, St>) -> Self {
         self.providers.push(provider);
         self
     }
 
     /// Validates the settings and composes the stack.
-    pub fn build(self) -> Result<Stack<S, Q>, StackError> {
+    pub fn build(self) -> Result<Stack<S, Q, St>, StackError> {
         if self.providers.is_empty() {
             return Err(StackError::NoProviders);
         }
@@ -450,7 +515,7 @@ where
         for p in self.providers {
             p.validate(self.deadline)?;
             let name = p.name.to_string();
-            if handles.iter().any(|h: &ProviderHandles| h.name == name) {
+            if handles.iter().any(|h: &ProviderHandles<St>| h.name == name) {
                 return Err(StackError::DuplicateName(name));
             }
             let policy = p
@@ -461,10 +526,17 @@ where
             let breaker = CircuitBreakerLayer::new(name.clone(), p.breaker.clone())
                 .map_err(|e| StackError::Config(Some(name.clone()), e))?;
             let bucket = match &p.limits {
-                Some(l) => Some(
-                    TokenBucketLayer::new(name.clone(), l.clone())
-                        .map_err(|e| StackError::Config(Some(name.clone()), e))?,
-                ),
+                Some(l) => {
+                    l.validate()
+                        .map_err(|e| StackError::Config(Some(name.clone()), e))?;
+                    let store = (p.store)(&name, l.clone())
+                        .map_err(|e| StackError::Store(name.clone(), e))?;
+                    Some(TokenBucketLayer::from_store(
+                        name.clone(),
+                        store,
+                        l.max_wait,
+                    ))
+                }
                 None => None,
             };
             handles.push(ProviderHandles {
@@ -502,12 +574,12 @@ where
 }
 
 /// Puts retry → breaker → (bucket) over an attempt-timed service: one provider's chain.
-pub fn compose<T>(
+pub fn compose<T, St: Clone>(
     retry: &RetryLayer<StandardPolicy>,
     breaker: &CircuitBreakerLayer,
-    bucket: Option<&TokenBucketLayer>,
+    bucket: Option<&TokenBucketLayer<ByModel, ChatCost, St>>,
     timed: Timeout<T>,
-) -> ProviderChain<T> {
+) -> ProviderChain<T, St> {
     let inner = match bucket {
         Some(b) => Either::Left(b.layer(timed)),
         None => Either::Right(timed),
@@ -515,25 +587,25 @@ pub fn compose<T>(
     retry.layer(breaker.layer(inner))
 }
 
-impl<S: Clone, Q: Clone> Stack<S, Q> {
+impl<S: Clone, Q: Clone, St: Clone> Stack<S, Q, St> {
     /// The completion service: `Clone + Send`, a clone per task is cheap and shares all state.
-    pub fn completions(&self) -> Completions<S> {
+    pub fn completions(&self) -> Completions<S, St> {
         self.completions.clone()
     }
 
     /// The streaming service: its future resolves at the first content chunk; failures before
     /// it are retried and failed over, failures after it end the stream.
-    pub fn streams(&self) -> Streams<Q> {
+    pub fn streams(&self) -> Streams<Q, St> {
         self.streams.clone()
     }
 
     /// The handles of each provider's breaker and limiter, primary first.
-    pub fn handles(&self) -> &[ProviderHandles] {
+    pub fn handles(&self) -> &[ProviderHandles<St>] {
         &self.handles
     }
 
     /// The handles of the provider named `name`.
-    pub fn provider(&self, name: &str) -> Option<&ProviderHandles> {
+    pub fn provider(&self, name: &str) -> Option<&ProviderHandles<St>> {
         self.handles.iter().find(|h| h.name == name)
     }
 }

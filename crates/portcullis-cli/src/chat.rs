@@ -1,4 +1,5 @@
-//! `portcullis chat`: one prompt through the recommended stack.
+//! `portcullis chat`: one prompt to one provider (the simulator when no key is set), through
+//! the bare provider service.
 
 use std::io::Write;
 use std::process::ExitCode;

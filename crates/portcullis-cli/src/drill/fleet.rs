@@ -11,22 +11,19 @@ use std::fmt;
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
-use portcullis::ChatRequest;
-use portcullis::layers::token_bucket::TokenBucketLayer;
-use portcullis::layers::{CircuitBreakerLayer, RetryLayer, TimeoutLayer};
 use portcullis::sim::Simulator;
+use portcullis::{ChatRequest, ProviderStack};
 use portcullis_redis::{LocalRedis, RedisConfig, RedisStore};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
 use super::rate_limit::{
     DURATION, LimitsScenario, MAX_TOKENS, MODEL, RATE, client_limits, goodput, sim_limits,
 };
-use super::stacks::{self, ATTEMPT_TIMEOUT};
+use super::stacks;
 use super::workload::{self, Outcome, Served, StackService};
-use super::{Latency, Report, Which, latency, progress, scaled};
+use super::{Latency, Report, Which, latency, progress};
 
 /// Where the fleet's Redis comes from.
 pub enum RedisSource {
@@ -62,28 +59,23 @@ pub fn redis(url: Option<String>) -> Result<RedisSource, String> {
     }
 }
 
-/// One instance's stack: retry → breaker → bucket (local or shared) → timeout → provider.
+/// One instance's stack: the recommended [`Stack`](portcullis::Stack) with the drills' scaled
+/// settings, its buckets in memory (`local`) or in Redis (`shared`).
 fn instance(
     sim_url: &str,
     shared: Option<(&str, &str)>,
     seed: u64,
 ) -> Result<StackService, Box<dyn std::error::Error>> {
-    let provider = stacks::openai(sim_url)?;
-    let config = client_limits()?;
-    let retry = RetryLayer::new(stacks::retry_config(seed).build()?);
-    let breaker = CircuitBreakerLayer::new("openai", stacks::breaker_config())?;
-    let timeout = TimeoutLayer::new(scaled(ATTEMPT_TIMEOUT));
-    let chain = ServiceBuilder::new().layer(retry).layer(breaker);
+    let provider = ProviderStack::openai(stacks::openai(sim_url)?);
+    let provider = stacks::provider_stack(provider, Some(client_limits()?), seed);
     Ok(match shared {
-        None => {
-            let bucket = TokenBucketLayer::new("openai", config)?;
-            BoxCloneSyncService::new(chain.layer(bucket).layer(timeout).service(provider))
-        }
+        None => BoxCloneSyncService::new(stacks::portcullis(vec![provider])?.completions()),
         Some((url, prefix)) => {
             let redis = RedisConfig::new(url).prefix(prefix);
-            let store: RedisStore = RedisStore::new("openai", config.clone(), redis)?;
-            let bucket = TokenBucketLayer::from_store("openai", store, config.max_wait);
-            BoxCloneSyncService::new(chain.layer(bucket).layer(timeout).service(provider))
+            let provider = provider.store(move |name, limits| {
+                Ok(RedisStore::new(name.to_owned(), limits, redis.clone())?)
+            });
+            BoxCloneSyncService::new(stacks::portcullis(vec![provider])?.completions())
         }
     })
 }

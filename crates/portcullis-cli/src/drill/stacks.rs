@@ -7,8 +7,9 @@ use std::time::Duration;
 use portcullis::layers::RetryLayer;
 use portcullis::layers::circuit_breaker::CircuitBreakerConfig;
 use portcullis::layers::retry::{Attempt, BudgetConfig, Decision, Policy, RetryConfig};
-use portcullis::layers::token_bucket::TokenBucketConfig;
+use portcullis::layers::token_bucket::{BucketStore, TokenBucketConfig};
 use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
+use portcullis::stack::{Provider, ProviderStream};
 use portcullis::{
     ChatRequest, CompletionResult, LlmError, ProviderStack, RetryStop, Stack, StackError,
 };
@@ -203,8 +204,14 @@ pub fn provider_stack(
     p
 }
 
-/// The Portcullis stack over the given providers.
-pub fn portcullis(providers: Vec<ProviderStack>) -> Result<Stack, StackError> {
+/// The Portcullis stack over the given providers (their buckets in memory, or in a shared
+/// store such as Redis).
+pub fn portcullis<St>(
+    providers: Vec<ProviderStack<Provider, ProviderStream, St>>,
+) -> Result<Stack<Provider, ProviderStream, St>, StackError>
+where
+    St: BucketStore<Key = Arc<str>> + Clone + Send + Sync + 'static,
+{
     let mut b = Stack::builder().deadline(scaled(DEADLINE));
     for p in providers {
         b = b.provider(p);

@@ -32,6 +32,16 @@ impl<S, KF, C, St> TokenBucket<S, KF, C, St> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: Clone, KF, C, St: Clone> Clone for TokenBucket<S, KF, C, St> {
