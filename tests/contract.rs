@@ -15,6 +15,7 @@ use portcullis::layers::retry::{RetryLayer, StandardPolicy};
 use portcullis::layers::token_bucket::{KeyLimits, Rate, TokenBucketConfig};
 use portcullis::layers::{CircuitBreakerLayer, TokenBucketLayer};
 use portcullis::{Classification, Classify, Refusal, TokenCost};
+use tower::util::BoxCloneService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
 // --- user code ------------------------------------------------------------------------------
@@ -46,52 +47,38 @@ impl From<Refusal> for ApiError {
     }
 }
 
-fn stack<S>(
-    upstream: S,
-) -> Result<
-    impl Service<Request<String>, Response = Response<Bytes>, Error = ApiError> + Clone,
-    BoxError,
->
-where
-    S: Service<Request<String>, Response = Response<Bytes>, Error = ApiError>,
-    S: Clone + Send + 'static,
-    S::Future: Send,
-{
+type Svc = BoxCloneService<Request<String>, Response<Bytes>, ApiError>;
+
+fn stack(upstream: Svc) -> Result<Svc, BoxError> {
+    let limits = KeyLimits::unlimited().with_requests(Rate::new(5, 1.0)?);
+    let bucket = TokenBucketLayer::new("api", TokenBucketConfig::new().default_limits(limits))?;
+    let trip = TripPolicy::consecutive(3);
+    let breaker = CircuitBreakerConfig {
+        trip,
+        ..Default::default()
+    };
     let retry = StandardPolicy::builder()
         .max_retries(2)
-        .base_delay(Duration::from_millis(10))
+        .base_delay(MS_10)
         .build()?;
-    let breaker = CircuitBreakerConfig {
-        trip: TripPolicy::consecutive(3),
-        ..CircuitBreakerConfig::default()
-    };
-    let limits = KeyLimits::unlimited().with_requests(Rate::new(5, 1.0)?);
-    let bucket = TokenBucketLayer::new("api", TokenBucketConfig::new().default_limits(limits))?
-        .single_key()
-        .with_cost(|_: &Request<String>| TokenCost::default());
-    Ok(ServiceBuilder::new()
-        .layer(RetryLayer::new(retry))
-        .layer(CircuitBreakerLayer::new("api", breaker)?.single_key())
-        .layer(bucket)
-        .service(upstream))
+    Ok(Svc::new(
+        ServiceBuilder::new()
+            .layer(RetryLayer::new(retry))
+            .layer(CircuitBreakerLayer::new("api", breaker)?.single_key())
+            .layer(
+                bucket
+                    .single_key()
+                    .with_cost(|_: &Request<String>| TokenCost::default()),
+            )
+            .service(upstream),
+    ))
 }
 // --- end of user code ------------------------------------------------------------------------
 
+const MS_10: Duration = Duration::from_millis(10);
+
 /// An upstream that answers `status` errors for the first `failures` calls, then 200.
-fn upstream(
-    failures: usize,
-    status: u16,
-) -> (
-    impl Service<
-        Request<String>,
-        Response = Response<Bytes>,
-        Error = ApiError,
-        Future = impl Send + 'static,
-    > + Clone
-    + Send
-    + 'static,
-    Arc<AtomicUsize>,
-) {
+fn upstream(failures: usize, status: u16) -> (Svc, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
     let svc = tower::service_fn(move |req: Request<String>| {
@@ -103,7 +90,7 @@ fn upstream(
             }
         }
     });
-    (svc, calls)
+    (Svc::new(svc), calls)
 }
 
 fn req(body: &str) -> Request<String> {
