@@ -8,7 +8,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use portcullis_core::TokenCost;
@@ -246,7 +246,7 @@ fn ints(inv: &mut redis::ScriptInvocation<'_>, values: &[i64]) {
 /// A background update: what the synchronous methods send to Redis.
 enum Op {
     Settle {
-        ticket: RemoteTicket,
+        ticket: Box<RemoteTicket>,
         cancelled: bool,
         actual: PerBucket<u64>,
     },
@@ -409,6 +409,8 @@ enum TicketInner {
 
 pub(crate) struct RemoteTicket {
     entry: Arc<Entry>,
+    /// The slot, on the local clock.
+    slot: Instant,
     seq: i64,
     prev_floor: i64,
     cost: PerBucket<u64>,
@@ -678,6 +680,7 @@ where
                                 wait,
                                 ticket: RedisTicket(TicketInner::Remote(RemoteTicket {
                                     entry: entry.clone(),
+                                    slot: Instant::now() + wait,
                                     seq: t.seq,
                                     prev_floor: t.prev_floor,
                                     cost: c,
@@ -718,7 +721,7 @@ where
                 self.send(
                     entry,
                     Op::Settle {
-                        ticket: t,
+                        ticket: Box::new(t),
                         cancelled,
                         actual,
                     },
@@ -727,10 +730,13 @@ where
         }
     }
 
-    fn paused_for(&self, ticket: &RedisTicket) -> Option<Duration> {
+    fn wait(&self, ticket: &RedisTicket, waker: &Waker) -> Duration {
         match &ticket.0 {
-            TicketInner::Local(t) => self.shared.local.paused_for(t),
-            TicketInner::Remote(t) => t.entry.paused_for(),
+            TicketInner::Local(t) => self.shared.local.wait(t, waker),
+            TicketInner::Remote(t) => {
+                let slot = t.slot.saturating_duration_since(Instant::now());
+                slot.max(t.entry.paused_for().unwrap_or_default())
+            }
         }
     }
 

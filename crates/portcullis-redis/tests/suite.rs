@@ -189,7 +189,11 @@ async fn pause_delays_admission_of_its_key_only<St: Probe>(
         (Duration::from_millis(200)..=Duration::from_millis(320)).contains(&waited),
         "{waited:?}"
     );
-    assert!(store.paused_for(&a.ticket).is_some());
+    let held = store.wait(&a.ticket, std::task::Waker::noop());
+    assert!(
+        held > Duration::from_millis(150),
+        "held until the pause ends: {held:?}"
+    );
     let b = store
         .reserve(&other, cost(1), Duration::ZERO)
         .await
