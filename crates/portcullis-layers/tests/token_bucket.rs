@@ -83,6 +83,15 @@ fn requests(h: &TokenBucketHandle<MemoryStore>, m: &str) -> f64 {
     h.level(m).unwrap().requests().unwrap()
 }
 
+/// Each call's instant (since `t0`) and `max_tokens`.
+fn calls_since(t0: Instant, log: &Log) -> Vec<(Duration, u32)> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .map(|(t, n)| (*t - t0, *n))
+        .collect()
+}
+
 fn since(t0: Instant, log: &Log) -> Vec<Duration> {
     log.lock().unwrap().iter().map(|(t, _)| *t - t0).collect()
 }
@@ -201,12 +210,7 @@ async fn dropped_middle_waiter_is_never_called() {
     c.await.unwrap().unwrap();
     let d = tokio::spawn(svc.clone().oneshot(req("m", 4)));
     d.await.unwrap().unwrap();
-    let calls: Vec<(Duration, u32)> = log
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(t, n)| (*t - t0, *n))
-        .collect();
+    let calls = calls_since(t0, &log);
     assert_eq!(
         calls,
         vec![
@@ -231,12 +235,7 @@ async fn a_future_dropped_before_its_first_poll_gives_its_slot_back() {
     drop(svc.ready().await.unwrap().call(req("m", 2)));
     assert_eq!((requests(&h, "m"), tokens(&h, "m")), before);
     svc.ready().await.unwrap().call(req("m", 3)).await.unwrap();
-    let calls: Vec<(Duration, u32)> = log
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(t, n)| (*t - t0, *n))
-        .collect();
+    let calls = calls_since(t0, &log);
     assert_eq!(
         calls,
         vec![(Duration::ZERO, 1), (Duration::from_secs(1), 3)]
@@ -278,12 +277,7 @@ async fn a_thousand_waiters_dropped_in_random_order_give_everything_back() {
     drop(queued);
     assert_eq!(h.level("m").unwrap(), before);
     svc.ready().await.unwrap().call(req("m", 7)).await.unwrap();
-    let calls: Vec<(Duration, u32)> = log
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(t, n)| (*t - t0, *n))
-        .collect();
+    let calls = calls_since(t0, &log);
     assert_eq!(
         calls,
         vec![(Duration::ZERO, 1), (Duration::from_secs(1), 7)]
@@ -558,12 +552,7 @@ async fn limits_change_at_run_time_keeping_waiters() {
     let c = tokio::spawn(svc.clone().oneshot(req("m", 3)));
     b.await.unwrap().unwrap();
     c.await.unwrap().unwrap();
-    let calls: Vec<(Duration, u32)> = log
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(t, n)| (*t - t0, *n))
-        .collect();
+    let calls = calls_since(t0, &log);
     // The waiter kept its slot; the next one no longer waits a second more.
     assert_eq!(
         calls,
