@@ -7,9 +7,10 @@
 //!
 //! - one atomic round trip (a Lua script, on the server's clock) per admission, reserving every
 //!   bucket of the key or none;
-//! - the in-memory store's semantics: reservation at decision time, FIFO slots, refunds,
-//!   reconciliation with real usage, pauses after a 429, clamps from `remaining` headers,
-//!   limits changed at run time;
+//! - the in-memory store's semantics: reservation at decision time, FIFO slots, exact refunds
+//!   in any order of cancellation (waiters behind a refund move up within the refunding
+//!   instance: see [`RedisStore`]), reconciliation with real usage, pauses after a 429, clamps
+//!   from `remaining` headers, limits changed at run time;
 //! - idle keys expire; keys are prefixed (`portcullis:` by default);
 //! - a bounded timeout per round trip and a [`FailurePolicy`] for when Redis is away
 //!   (fail open to local buckets, or fail closed with `Throttled`), never a hang;

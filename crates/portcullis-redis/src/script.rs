@@ -64,21 +64,9 @@ impl State {
     }
 }
 
-/// What a granted reservation needs to be settled.
-pub(crate) struct Granted {
-    pub(crate) seq: i64,
-    pub(crate) prev_floor: i64,
-    pub(crate) tat_before: PerBucket<i64>,
-    pub(crate) tat_after: PerBucket<i64>,
-    pub(crate) epoch: PerBucket<i64>,
-}
-
-fn four(r: &[i64]) -> PerBucket<i64> {
-    PerBucket::from_array([r[0], r[1], r[2], r[3]])
-}
-
-/// The reply of the reserve script: a refusal, or the wait, the ticket and the new state.
-pub(crate) type Reserved = Result<(Duration, Granted, State), Denied>;
+/// The reply of the reserve script: a refusal, or the wait, the reservation's number and the
+/// new state.
+pub(crate) type Reserved = Result<(Duration, i64, State), Denied>;
 
 pub(crate) fn parse_reserve(r: &[i64]) -> Result<Reserved, Error> {
     let pos = |v: i64| v.max(0) as u64;
@@ -90,16 +78,10 @@ pub(crate) fn parse_reserve(r: &[i64]) -> Result<Reserved, Error> {
         [2, wait] => Ok(Err(Denied::Throttled {
             retry_after: Duration::from_micros(pos(*wait)),
         })),
-        [0, wait, seq, prev_floor, rest @ ..] if rest.len() == 19 => Ok(Ok((
+        [0, wait, seq, state @ ..] => Ok(Ok((
             Duration::from_micros(pos(*wait)),
-            Granted {
-                seq: *seq,
-                prev_floor: *prev_floor,
-                tat_before: four(&rest[0..4]),
-                tat_after: four(&rest[4..8]),
-                epoch: four(&rest[8..12]),
-            },
-            State::parse(&rest[12..])?,
+            *seq,
+            State::parse(state)?,
         ))),
         _ => Err(bad_reply(r)),
     }

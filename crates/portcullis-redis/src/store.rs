@@ -7,8 +7,9 @@ use std::fmt::{self, Debug};
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use portcullis_core::TokenCost;
@@ -27,10 +28,38 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// One key of the store: its Redis key, its limits, and what the last round trip said.
+/// One key of the store: its Redis key, its limits, what the last round trip said, and this
+/// instance's waiters (whose slots a refund may move earlier).
 pub(crate) struct Entry {
     pub(crate) redis_key: String,
     state: Mutex<EntryState>,
+    waiters: Mutex<HashMap<i64, Arc<Waiting>>>,
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+/// A waiter's slot on the local clock, and its task, woken when a refund moves the slot.
+#[derive(Debug)]
+struct Waiting(Mutex<(Instant, Option<Waker>)>);
+
+impl Waiting {
+    fn wait(&self, waker: &Waker) -> Duration {
+        let mut w = lock(&self.0);
+        let left = w.0.saturating_duration_since(Instant::now());
+        if !left.is_zero() && !w.1.as_ref().is_some_and(|old| old.will_wake(waker)) {
+            w.1 = Some(waker.clone());
+        }
+        left
+    }
+
+    fn move_to(&self, slot: Instant) {
+        let mut w = lock(&self.0);
+        if slot < w.0 {
+            w.0 = slot;
+            if let Some(waker) = w.1.take() {
+                waker.wake();
+            }
+        }
+    }
 }
 
 struct EntryState {
@@ -46,6 +75,26 @@ impl Entry {
 
     fn observe(&self, state: State) {
         lock(&self.state).seen = Some((state, Instant::now()));
+    }
+
+    /// Moves this instance's waiters as a refund's reply says: `(seq, slot)` pairs, slots on
+    /// the server's clock, whose time was `server_now` when the reply left.
+    fn moved(&self, pairs: &[i64], server_now: i64) {
+        let arrived = Instant::now();
+        let waiters = lock(&self.waiters);
+        for pair in pairs.chunks_exact(2) {
+            if let Some(w) = waiters.get(&pair[0]) {
+                let ahead = (pair[1] - server_now).max(0) as u64;
+                w.move_to(arrived + Duration::from_micros(ahead));
+            }
+        }
+    }
+
+    /// Sends an update to the background task.
+    fn send(self: &Arc<Self>, op: Op) {
+        // The receiver lives as long as the runtime; after it shut down there is no one to
+        // send to, and nothing to do.
+        let _ = self.tx.send(Job::Op(self.clone(), op));
     }
 
     /// The server's clock now, estimated from the last round trip (µs).
@@ -115,6 +164,10 @@ pub(crate) struct Remote {
     pub(crate) scripts: Scripts,
     config: RedisConfig,
     health: Mutex<Health>,
+    /// This instance's id in the reservations it makes (48 bits: exact in Lua's numbers).
+    owner: i64,
+    /// Numbers the reservations in flight, to forget one whose caller gave up.
+    tokens: AtomicI64,
 }
 
 impl Remote {
@@ -197,7 +250,8 @@ impl Remote {
         Ok(reply)
     }
 
-    /// Runs a script whose reply is the key's state; records the outcome.
+    /// Runs a script whose reply is the key's state (then, for a refund, the waiters of this
+    /// instance it moved); records the outcome.
     async fn update(
         &self,
         entry: &Entry,
@@ -205,13 +259,11 @@ impl Remote {
         limits: KeyLimits,
         args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
     ) {
-        let result = self
-            .run(entry, script, limits, args)
-            .await
-            .and_then(|r| State::parse(&r));
-        match result {
-            Ok(state) => {
+        let result = self.run(entry, script, limits, args).await;
+        match result.and_then(|r| Ok((State::parse(r.get(..7).unwrap_or(&r))?, r))) {
+            Ok((state, reply)) => {
                 entry.observe(state);
+                entry.moved(&reply[7..], state.now);
                 self.succeeded();
             }
             Err(e) => self.failed(&e),
@@ -243,11 +295,23 @@ fn ints(inv: &mut redis::ScriptInvocation<'_>, values: &[i64]) {
     }
 }
 
+/// How a reservation in Redis ends (the settle script's first argument).
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Cancelled = 0,
+    Used = 1,
+    /// Dropped unsettled: its charge stays.
+    Kept = 2,
+    /// Its caller gave up before the reply: `id` is its token, not its seq.
+    Forgotten = 3,
+}
+
 /// A background update: what the synchronous methods send to Redis.
 enum Op {
     Settle {
-        ticket: RemoteTicket,
-        cancelled: bool,
+        ending: Ending,
+        id: i64,
+        estimate: PerBucket<u64>,
         actual: PerBucket<u64>,
     },
     Pause(Duration),
@@ -282,16 +346,14 @@ async fn worker(remote: Arc<Remote>, mut rx: mpsc::UnboundedReceiver<Job>) {
         let s = &remote.scripts;
         match op {
             Op::Settle {
-                ticket: t,
-                cancelled,
+                ending,
+                id,
+                estimate,
                 actual,
             } => {
-                let mut args = vec![i64::from(cancelled), t.seq, t.prev_floor];
-                args.extend(t.cost.map(sat));
+                let mut args = vec![ending as i64, id, remote.owner];
+                args.extend(estimate.map(sat));
                 args.extend(actual.map(sat));
-                args.extend(t.tat_before);
-                args.extend(t.tat_after);
-                args.extend(t.epoch);
                 remote
                     .update(&entry, &s.settle, limits, |i| ints(i, &args))
                     .await;
@@ -317,6 +379,15 @@ async fn worker(remote: Arc<Remote>, mut rx: mpsc::UnboundedReceiver<Job>) {
     }
 }
 
+/// A random id for this instance's reservations, 48 bits (exact in Lua's numbers). From the
+/// standard library's per-process random hash keys: no dependency for one number.
+fn owner_id() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    (h.finish() >> 16) as i64
+}
+
 fn sat(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
@@ -340,7 +411,10 @@ struct Shared<K> {
 ///   clocks do not matter; the reply is the wait.
 /// - **Background updates**: refunds, reconciliation, pauses after a 429, clamps from
 ///   `remaining` headers and limit changes are sent in order by a background task (the trait's
-///   methods for them are synchronous). [`flush`](Self::flush) waits for them.
+///   methods for them are synchronous), one script call each. [`flush`](Self::flush) waits
+///   for them.
+/// - **Refunds** (see [Refunds in Redis](#refunds-in-redis)): exact, as in memory, for the
+///   waiters of one instance; other instances' waiters keep their slots.
 /// - **Limits** come from this instance's [`TokenBucketConfig`] and travel with each call: Redis
 ///   stores only the buckets' state. Give every instance the same limits;
 ///   [`set_limits`](BucketStore::set_limits) rescales the shared state but changes only this
@@ -356,6 +430,36 @@ struct Shared<K> {
 ///   re-established when it returns.
 ///
 /// Cloning shares the state.
+///
+/// # Refunds in Redis
+///
+/// Redis keeps each key as the in-memory store's chain (see
+/// [`gcra`](portcullis_layers::token_bucket::gcra)): a base, then one hash field per live
+/// reservation (its slot, its cost, the instance that made it), each followed by the composed
+/// step of what was settled, clamped or overrun after it. A reservation is O(1); a settlement
+/// is one script call that reads the key's live reservations (O(their number)). What holds:
+///
+/// - **The chain is exact.** A cancellation removes its reservation and a refund lightens it,
+///   in one script call, whatever the order: the levels in Redis are the GCRA over the
+///   reservations not cancelled, and a queue cancelled in any order leaves the key as before
+///   it.
+/// - **Waiters move only within the instance that refunds.** The script reschedules the
+///   waiters not yet due *of the instance that sends the refund*, to the earliest slot the
+///   chain before them gives, and its reply moves and wakes them (one round trip after the
+///   refund; in memory, at once). A script cannot reach another process's waiters, so theirs
+///   keep their slots, exactly as due reservations do: nobody is ever admitted earlier than
+///   the chain says. With every waiter of a key in one instance, queue and levels are those of
+///   the in-memory store; across instances, a refund still reaches the refunding instance's
+///   later waiters and every later arrival, but not the other instances' queued waiters.
+/// - **A reservation whose caller gave up during its round trip** (dropped, or timed out) is
+///   forgotten by a second script call, matched by a token of its instance.
+/// - **What is lost**: updates dropped while Redis is unavailable (the charge stays: the safe
+///   side), and refunds of reservations settled more than [`RedisConfig::idle_ttl`] after
+///   their slot: a reservation nobody settles (its process crashed) keeps its charge and
+///   leaves the chain then. Memory in Redis: one field per live reservation, plus those
+///   abandoned within the idle TTL.
+/// - **A limit change** starts a new chain, as in memory: reservations made before it keep
+///   their slots and charges.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -407,14 +511,38 @@ enum TicketInner {
     Local(MemoryTicket),
 }
 
+/// A reservation in Redis. Dropped unsettled, it tells Redis to keep its charge.
 pub(crate) struct RemoteTicket {
     entry: Arc<Entry>,
     seq: i64,
-    prev_floor: i64,
-    cost: PerBucket<u64>,
-    tat_before: PerBucket<i64>,
-    tat_after: PerBucket<i64>,
-    epoch: PerBucket<i64>,
+    estimate: PerBucket<u64>,
+    /// Its slot, while it is ahead (`None`: due at once).
+    waiting: Option<Arc<Waiting>>,
+    open: bool,
+}
+
+impl RemoteTicket {
+    fn end(&mut self, ending: Ending, actual: PerBucket<u64>) {
+        if !std::mem::take(&mut self.open) {
+            return;
+        }
+        if self.waiting.take().is_some() {
+            lock(&self.entry.waiters).remove(&self.seq);
+        }
+        let (id, estimate) = (self.seq, self.estimate);
+        self.entry.send(Op::Settle {
+            ending,
+            id,
+            estimate,
+            actual,
+        });
+    }
+}
+
+impl Drop for RemoteTicket {
+    fn drop(&mut self) {
+        self.end(Ending::Kept, self.estimate);
+    }
 }
 
 impl Debug for RemoteTicket {
@@ -422,8 +550,30 @@ impl Debug for RemoteTicket {
         f.debug_struct("RemoteTicket")
             .field("key", &self.entry.redis_key)
             .field("seq", &self.seq)
-            .field("cost", &self.cost)
+            .field("estimate", &self.estimate)
             .finish_non_exhaustive()
+    }
+}
+
+/// Forgets a reservation in Redis whose reply never reached its caller (the caller gave up
+/// during the round trip, or it timed out), unless disarmed.
+struct Forget {
+    entry: Arc<Entry>,
+    token: i64,
+    estimate: PerBucket<u64>,
+    armed: bool,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        if self.armed {
+            self.entry.send(Op::Settle {
+                ending: Ending::Forgotten,
+                id: self.token,
+                estimate: self.estimate,
+                actual: PerBucket::default(),
+            });
+        }
     }
 }
 
@@ -435,7 +585,8 @@ impl RedisTicket {
 }
 
 /// The future of [`RedisStore::reserve`]: one round trip (boxed: the round trip, not the
-/// allocation, is the cost).
+/// allocation, is the cost). Dropped during the round trip, it has the reservation forgotten,
+/// if the script made one.
 pub struct ReserveFuture(
     Pin<Box<dyn Future<Output = Result<Admission<RedisTicket>, Denied>> + Send + 'static>>,
 );
@@ -490,6 +641,8 @@ where
                 down: false,
                 retry_at: Instant::now(),
             }),
+            owner: owner_id(),
+            tokens: AtomicI64::new(0),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         runtime.spawn(worker(remote.clone(), rx));
@@ -587,15 +740,11 @@ where
                 Arc::new(Entry {
                     redis_key,
                     state: Mutex::new(EntryState { limits, seen: None }),
+                    waiters: Mutex::new(HashMap::new()),
+                    tx: self.shared.tx.clone(),
                 })
             })
             .clone()
-    }
-
-    fn send(&self, entry: Arc<Entry>, op: Op) {
-        // The receiver lives as long as the runtime; after it shut down there is no one to
-        // send to, and nothing to do.
-        let _ = self.shared.tx.send(Job::Op(entry, op));
     }
 
     fn fallback(&self) -> bool {
@@ -662,32 +811,46 @@ where
             let remote = &store.shared.remote;
             if remote.gate() {
                 let limits = entry.limits();
-                let c = PerBucket::from(cost);
-                let mut args = c.map(sat).into_array().to_vec();
-                args.push(micros(max_wait));
+                let estimate = PerBucket::from(cost);
+                let token = remote.tokens.fetch_add(1, Ordering::Relaxed);
+                let mut forget = Forget {
+                    entry: entry.clone(),
+                    token,
+                    estimate,
+                    armed: true,
+                };
+                let mut args = estimate.map(sat).into_array().to_vec();
+                args.extend([micros(max_wait), remote.owner, token]);
                 let reply = remote
                     .run(&entry, &remote.scripts.reserve, limits, |i| ints(i, &args))
                     .await
                     .and_then(|r| crate::script::parse_reserve(&r));
                 match reply {
                     Ok(r) => {
+                        forget.armed = false;
                         remote.succeeded();
-                        return r.map(|(wait, t, state)| {
+                        return r.map(|(wait, seq, state)| {
                             entry.observe(state);
+                            let waiting = (!wait.is_zero()).then(|| {
+                                let w =
+                                    Arc::new(Waiting(Mutex::new((Instant::now() + wait, None))));
+                                lock(&entry.waiters).insert(seq, w.clone());
+                                w
+                            });
+                            let ticket = RemoteTicket {
+                                entry: entry.clone(),
+                                seq,
+                                estimate,
+                                waiting,
+                                open: true,
+                            };
                             Admission {
                                 wait,
-                                ticket: RedisTicket(TicketInner::Remote(RemoteTicket {
-                                    entry: entry.clone(),
-                                    seq: t.seq,
-                                    prev_floor: t.prev_floor,
-                                    cost: c,
-                                    tat_before: t.tat_before,
-                                    tat_after: t.tat_after,
-                                    epoch: t.epoch,
-                                })),
+                                ticket: RedisTicket(TicketInner::Remote(ticket)),
                             }
                         });
                     }
+                    // It may have run: `forget` has it forgotten.
                     Err(e) => remote.failed(&e),
                 }
             }
@@ -709,28 +872,20 @@ where
     fn settle(&self, ticket: RedisTicket, settlement: Settlement) {
         match ticket.0 {
             TicketInner::Local(t) => self.shared.local.settle(t, settlement),
-            TicketInner::Remote(t) => {
-                let (cancelled, actual) = match settlement {
-                    Settlement::Cancelled => (true, PerBucket::default()),
-                    Settlement::Used(c) => (false, PerBucket::from(c)),
-                };
-                let entry = t.entry.clone();
-                self.send(
-                    entry,
-                    Op::Settle {
-                        ticket: t,
-                        cancelled,
-                        actual,
-                    },
-                );
-            }
+            TicketInner::Remote(mut t) => match settlement {
+                Settlement::Cancelled => t.end(Ending::Cancelled, PerBucket::default()),
+                Settlement::Used(c) => t.end(Ending::Used, PerBucket::from(c)),
+            },
         }
     }
 
-    fn paused_for(&self, ticket: &RedisTicket) -> Option<Duration> {
+    fn wait(&self, ticket: &RedisTicket, waker: &Waker) -> Duration {
         match &ticket.0 {
-            TicketInner::Local(t) => self.shared.local.paused_for(t),
-            TicketInner::Remote(t) => t.entry.paused_for(),
+            TicketInner::Local(t) => self.shared.local.wait(t, waker),
+            TicketInner::Remote(t) => {
+                let slot = t.waiting.as_ref().map_or(Duration::ZERO, |w| w.wait(waker));
+                slot.max(t.entry.paused_for().unwrap_or_default())
+            }
         }
     }
 
@@ -738,12 +893,12 @@ where
         self.shared.local.pause(key, duration);
         let entry = self.entry(key);
         entry.pause_locally(duration);
-        self.send(entry, Op::Pause(duration));
+        entry.send(Op::Pause(duration));
     }
 
     fn clamp(&self, key: &K, remaining: Remaining) {
         self.shared.local.clamp(key, remaining);
-        self.send(self.entry(key), Op::Clamp(remaining));
+        self.entry(key).send(Op::Clamp(remaining));
     }
 
     fn set_limits(&self, key: &K, limits: KeyLimits) {
@@ -754,7 +909,7 @@ where
         }
         let entry = self.entry(key);
         let old = std::mem::replace(&mut lock(&entry.state).limits, limits);
-        self.send(entry, Op::SetLimits { old, new: limits });
+        entry.send(Op::SetLimits { old, new: limits });
     }
 
     fn levels<Q>(&self, key: &Q) -> Option<Levels>

@@ -1,4 +1,5 @@
-//! Several stacks (separate stores, separate connections) sharing one Redis; keys in Redis.
+//! Several stacks (separate stores, separate connections) sharing one Redis; keys in Redis;
+//! what refunds do across instances.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use portcullis_core::TokenCost;
-use portcullis_layers::token_bucket::{BucketStore, Rate, TokenBucketLayer};
+use portcullis_layers::token_bucket::{BucketStore, Rate, Settlement, TokenBucketLayer};
 use portcullis_redis::RedisStore;
 use redis::AsyncCommands;
 use tower::{Layer, ServiceExt};
@@ -115,5 +116,73 @@ async fn prefixes_isolate(server) {
     a.reserve(&k, one, Duration::ZERO).await.unwrap();
     b.reserve(&k, one, Duration::ZERO).await.unwrap();
     assert!(a.reserve(&k, one, Duration::ZERO).await.is_err());
+}
+
+/// A refund moves only the waiters of the instance that sends it (the others cannot be told,
+/// so they keep their slots: never admitted earlier than the chain says); the key's chain and
+/// that instance's waiters are exact.
+#[tokio::test]
+async fn a_refund_moves_only_its_own_instances_waiters(server) {
+    // One request every 500 ms.
+    let cfg = config(limits((1, 2.0), (1000, 1000.0)));
+    let a = redis_store(&server, cfg.clone());
+    let b = redis_store(&server, cfg);
+    let k: Arc<str> = Arc::from("m");
+    let (long, one) = (Duration::from_secs(10), TokenCost::default());
+    let a0 = a.reserve(&k, one, long).await.unwrap();
+    let b1 = b.reserve(&k, one, long).await.unwrap();
+    let a2 = a.reserve(&k, one, long).await.unwrap();
+    let a3 = a.reserve(&k, one, long).await.unwrap();
+    assert_eq!(a0.wait, Duration::ZERO);
+    let start = tokio::time::Instant::now();
+    let ms = |d: Duration| d.as_millis();
+    let noop = std::task::Waker::noop();
+    b.settle(b1.ticket, Settlement::Cancelled);
+    b.flush().await;
+    let elapsed = ms(start.elapsed());
+    let (w2, w3) = (a.wait(&a2.ticket, noop), a.wait(&a3.ticket, noop));
+    assert!((900u128.saturating_sub(elapsed)..=1000).contains(&ms(w2)), "a2 kept its slot: {w2:?}");
+    assert!((1400u128.saturating_sub(elapsed)..=1500).contains(&ms(w3)), "a3 kept its slot: {w3:?}");
+    a.settle(a2.ticket, Settlement::Cancelled);
+    a.flush().await;
+    let elapsed = ms(start.elapsed());
+    let w3 = a.wait(&a3.ticket, noop);
+    assert!((400u128.saturating_sub(elapsed)..=500).contains(&ms(w3)), "a3 took b1's slot: {w3:?}");
+    let l = a.fetch_levels(&k).await.unwrap();
+    assert!(l.requests().is_some_and(|r| (-1.1..=-0.9).contains(&r)), "{l:?}");
+}
+
+/// A caller that gives up during the round trip of its reservation has it forgotten: the key
+/// is as before, though the script ran after the caller was gone.
+#[tokio::test]
+async fn a_reservation_given_up_during_its_round_trip_is_forgotten(server) {
+    let store = redis_store(&server, config(limits((10, 0.001), (1000, 0.001))));
+    let k: Arc<str> = Arc::from("m");
+    let cost = TokenCost { input: 0, output: 100 };
+    store.reserve(&k, cost, Duration::ZERO).await.unwrap();
+    let before = store.fetch_levels(&k).await.unwrap();
+    // Another client keeps the server busy for 300 ms: the reservation below is sent, and
+    // waits there, while its caller gives up.
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let busy = tokio::spawn(async move {
+        let spin = "local t = redis.call('TIME') local e = t[1] * 1e6 + t[2] + 3e5 \
+                    repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] > e return 1";
+        redis::cmd("EVAL").arg(spin).arg(0).query_async::<i64>(&mut conn).await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (s, key) = (store.clone(), k.clone());
+    let caller = tokio::spawn(async move { s.reserve(&key, cost, Duration::ZERO).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    busy.await.unwrap().unwrap();
+    store.flush().await;
+    let after = store.fetch_levels(&k).await.unwrap();
+    assert!((after.tokens().unwrap() - before.tokens().unwrap()).abs() < 0.01, "{after:?}");
+    assert!((after.requests().unwrap() - before.requests().unwrap()).abs() < 0.01, "{after:?}");
 }
 }

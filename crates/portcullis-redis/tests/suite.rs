@@ -46,6 +46,8 @@ both_stores!(
     pause_delays_admission_of_its_key_only,
     clamp_lowers_never_raises,
     set_limits_keeps_levels,
+    a_cancellation_moves_the_waiters_behind_it,
+    a_queue_cancelled_in_any_order_leaves_nothing,
 );
 
 const SLOW: f64 = 1e-3;
@@ -189,7 +191,11 @@ async fn pause_delays_admission_of_its_key_only<St: Probe>(
         (Duration::from_millis(200)..=Duration::from_millis(320)).contains(&waited),
         "{waited:?}"
     );
-    assert!(store.paused_for(&a.ticket).is_some());
+    let held = store.wait(&a.ticket, std::task::Waker::noop());
+    assert!(
+        held > Duration::from_millis(150),
+        "held until the pause ends: {held:?}"
+    );
     let b = store
         .reserve(&other, cost(1), Duration::ZERO)
         .await
@@ -253,4 +259,93 @@ async fn set_limits_keeps_levels<St: Probe>(make: impl Fn(TokenBucketConfigArg) 
         store.reserve(&k, cost(501), Duration::ZERO).await,
         Err(Denied::OverCapacity { capacity: 500, .. })
     ));
+}
+
+/// Counts its wake-ups.
+#[derive(Default)]
+struct Wakes(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A waiter cancelled in the middle of the queue: the waiters behind it move up into its slot,
+/// and are woken to sleep until the new one.
+async fn a_cancellation_moves_the_waiters_behind_it<St: Probe>(
+    make: impl Fn(TokenBucketConfigArg) -> St,
+) {
+    // One request every 500 ms.
+    let store = make(config(limits((1, 2.0), (1000, 1000.0))));
+    let k = key("m");
+    let long = Duration::from_secs(10);
+    let mut q = Vec::new();
+    for _ in 0..4 {
+        q.push(store.reserve(&k, cost(1), long).await.unwrap());
+    }
+    let start = Instant::now();
+    let wakes = Arc::new(Wakes::default());
+    let waker = std::task::Waker::from(wakes.clone());
+    let ms = |d: Duration| d.as_millis();
+    assert!(ms(store.wait(&q[3].ticket, &waker)) > 1400);
+    let b = q.remove(1);
+    store.settle(b.ticket, Settlement::Cancelled);
+    store.sync().await;
+    let elapsed = ms(start.elapsed());
+    let (c, d) = (
+        store.wait(&q[1].ticket, &waker),
+        store.wait(&q[2].ticket, &waker),
+    );
+    assert!(
+        (400u128.saturating_sub(elapsed)..=500).contains(&ms(c)),
+        "{c:?}"
+    );
+    assert!(
+        (900u128.saturating_sub(elapsed)..=1000).contains(&ms(d)),
+        "{d:?}"
+    );
+    assert_eq!(
+        wakes.0.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "d was woken"
+    );
+    let l = store.now_levels("m").await;
+    assert!(
+        l.requests().is_some_and(|r| (-2.1..=-1.9).contains(&r)),
+        "{l:?}"
+    );
+}
+
+/// Two hundred waiters cancelled in a random order: the key is as it was before them, and the
+/// next reservation waits one slot, not two hundred.
+async fn a_queue_cancelled_in_any_order_leaves_nothing<St: Probe>(
+    make: impl Fn(TokenBucketConfigArg) -> St,
+) {
+    use rand::seq::SliceRandom;
+    // One request every 100 s: the levels do not move while the test runs.
+    let store = make(config(limits((1, 0.01), (100_000, SLOW))));
+    let k = key("m");
+    let forever = Duration::from_secs(1 << 30);
+    let first = store.reserve(&k, cost(7), forever).await.unwrap();
+    let before = store.now_levels("m").await;
+    let mut queued = Vec::new();
+    for i in 0..200 {
+        queued.push(store.reserve(&k, cost(1 + i % 50), forever).await.unwrap());
+    }
+    let l = store.now_levels("m").await;
+    assert!(close(l.requests(), -200.0), "{l:?}");
+    queued.shuffle(&mut SmallRng::seed_from_u64(19));
+    for a in queued {
+        store.settle(a.ticket, Settlement::Cancelled);
+    }
+    let after = store.now_levels("m").await;
+    assert!(
+        close(after.requests(), before.requests().unwrap()),
+        "{after:?}"
+    );
+    assert!(close(after.tokens(), before.tokens().unwrap()), "{after:?}");
+    let next = store.reserve(&k, cost(1), forever).await.unwrap();
+    assert!((99..=100).contains(&next.wait.as_secs()), "{:?}", next.wait);
+    drop(first);
 }

@@ -39,9 +39,9 @@ impl Rate {
     /// A bucket of `capacity` refilling at `refill_per_sec` units per second.
     ///
     /// Refused: a capacity of 0, a refill rate that is not a positive finite number, and a rate
-    /// so slow that refilling the whole capacity would take more than a year
-    /// ([`MAX_DURATION`]): its arithmetic would overflow, and it could never be what a provider
-    /// states.
+    /// so slow that one unit takes more than a year ([`MAX_DURATION`]) or the whole capacity
+    /// more than a century to refill: its arithmetic would overflow, and it could never be what
+    /// a provider states.
     pub fn new(capacity: u64, refill_per_sec: f64) -> Result<Rate, ConfigError> {
         if capacity == 0 {
             return Err(ConfigError::new(
@@ -57,12 +57,17 @@ impl Rate {
                 format!("must be a positive, finite number, got {refill_per_sec}"),
             ));
         }
-        if capacity as f64 / refill_per_sec > MAX_DURATION.as_secs_f64() {
+        // One unit's refill interval, and the time to refill the whole capacity, must fit the
+        // nanosecond arithmetic with room to spare.
+        if 1.0 / refill_per_sec > MAX_DURATION.as_secs_f64()
+            || capacity as f64 / refill_per_sec > MAX_REFILL.as_secs_f64()
+        {
             return Err(ConfigError::new(
                 COMPONENT,
                 "refill_per_sec",
                 format!(
-                    "{refill_per_sec} per second would take more than a year to refill a capacity of {capacity}"
+                    "{refill_per_sec} per second is too slow: one unit must refill within a year, \
+                     and the capacity ({capacity}) within a century"
                 ),
             ));
         }
@@ -349,6 +354,9 @@ impl TokenBucketConfig {
         self.limits.get(label).copied().or(self.default)
     }
 }
+
+/// The longest time a bucket may take to refill its whole capacity: a century.
+const MAX_REFILL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The longest `max_wait` accepted: one day.
 const MAX_MAX_WAIT: Duration = Duration::from_secs(24 * 3600);

@@ -241,31 +241,29 @@ where
                         }
                     }
                 }
-                StateProj::Sleep { sleep, limit } => {
-                    ready!(sleep.poll(cx));
-                    let limit = *limit;
+                StateProj::Sleep { mut sleep, limit } => {
+                    // Asked on every wake: the slot may have moved earlier (a refund ahead of
+                    // it; the store then wakes this task), or a pause may hold it longer. The
+                    // clock is read first, so that `until` is never later than the slot.
+                    let now = Instant::now();
                     let ctx = &mut *this.ctx;
-                    let paused = ctx
+                    let wait = ctx
                         .waiting()
-                        .and_then(|t| ctx.store.paused_for(t))
-                        .filter(|d| !d.is_zero());
-                    match paused {
-                        Some(p) => {
-                            let until = Instant::now() + p;
-                            if until > limit {
-                                ctx.refund("paused beyond the allowed wait");
-                                this.state.set(State::Done);
-                                return Poll::Ready(Err(crate::refuse(Throttled {
-                                    retry_after: p,
-                                })));
-                            }
-                            this.state.set(State::Sleep {
-                                sleep: sleep_until(until),
-                                limit,
-                            });
-                        }
-                        None => this.state.set(State::Ready),
+                        .map_or(Duration::ZERO, |t| ctx.store.wait(t, cx.waker()));
+                    if wait.is_zero() {
+                        this.state.set(State::Ready);
+                        continue;
                     }
+                    let until = now + wait;
+                    if until > *limit {
+                        ctx.refund("paused beyond the allowed wait");
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(crate::refuse(Throttled { retry_after: wait })));
+                    }
+                    if sleep.deadline() != until {
+                        sleep.as_mut().reset(until);
+                    }
+                    ready!(sleep.poll(cx));
                 }
                 StateProj::Ready => {
                     if let Err(e) = ready!(this.inner.poll_ready(cx)) {

@@ -3,16 +3,18 @@
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::future::{Ready, ready};
+use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use portcullis_core::TokenCost;
 use tokio::time::Instant;
 
 use super::config::{ConfigError, KeyLimits, TokenBucketConfig};
-use super::gcra::{KeyState, Nanos, Reservation, nanos};
+use super::gcra::{End, KeyState, Nanos, nanos};
 use super::per_bucket::{PerBucket, Remaining};
 use super::store::{Admission, BucketStore, Denied, KeyLabel, Levels, Settlement};
 use crate::key::FxBuildHasher;
@@ -79,11 +81,59 @@ impl<K> MemoryStore<K> {
     }
 }
 
-/// A reservation in a [`MemoryStore`].
+/// A reservation in a [`MemoryStore`]. Dropped without being settled, it keeps its charge.
 #[derive(Debug)]
 pub struct MemoryTicket {
     slot: Slot,
-    reservation: Reservation,
+    seq: u64,
+    estimate: PerBucket<u64>,
+    origin: Instant,
+    open: bool,
+}
+
+impl MemoryTicket {
+    fn end(&mut self, end: End) {
+        if std::mem::take(&mut self.open) {
+            let now = since(self.origin);
+            lock(&self.slot).end(self.seq, self.estimate, end, now);
+        }
+    }
+}
+
+impl Drop for MemoryTicket {
+    fn drop(&mut self) {
+        self.end(End::Kept);
+    }
+}
+
+/// The reservation future of a [`MemoryStore`]: the reservation is made when the store is
+/// called, and the future is ready at once. Dropped before it handed the reservation over (a
+/// response future dropped before its first poll), it cancels it.
+#[derive(Debug)]
+pub struct MemoryReserve(Option<Result<Admission<MemoryTicket>, Denied>>);
+
+impl Future for MemoryReserve {
+    type Output = Result<Admission<MemoryTicket>, Denied>;
+    fn poll(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(
+            self.0
+                .take()
+                .expect("MemoryReserve polled after completion"),
+        )
+    }
+}
+
+impl Drop for MemoryReserve {
+    fn drop(&mut self) {
+        if let Some(Ok(mut a)) = self.0.take() {
+            a.ticket.end(End::Cancelled);
+        }
+    }
+}
+
+/// The store's time: nanoseconds since `origin`.
+fn since(origin: Instant) -> Nanos {
+    nanos(Instant::now().saturating_duration_since(origin))
 }
 
 impl<K> MemoryStore<K>
@@ -107,7 +157,7 @@ where
     }
 
     fn now(&self) -> Nanos {
-        nanos(Instant::now().saturating_duration_since(self.shared.origin))
+        since(self.shared.origin)
     }
 
     fn existing<Q>(&self, key: &Q) -> Option<Slot>
@@ -164,9 +214,16 @@ where
     ) -> Result<Admission<MemoryTicket>, Denied> {
         let slot = self.slot(key);
         let now = self.now();
-        let (wait, reservation) = lock(&slot).reserve(PerBucket::from(cost), max_wait, now)?;
+        let estimate = PerBucket::from(cost);
+        let (wait, seq) = lock(&slot).reserve(estimate, max_wait, now)?;
         // The slot's `Arc` moves into the ticket: no second reference count update.
-        let ticket = MemoryTicket { slot, reservation };
+        let ticket = MemoryTicket {
+            slot,
+            seq,
+            estimate,
+            origin: self.shared.origin,
+            open: true,
+        };
         Ok(Admission { wait, ticket })
     }
 }
@@ -177,24 +234,22 @@ where
 {
     type Key = K;
     type Ticket = MemoryTicket;
-    type Reserve = Ready<Result<Admission<MemoryTicket>, Denied>>;
+    type Reserve = MemoryReserve;
 
-    fn reserve(&self, key: &K, cost: TokenCost, max_wait: Duration) -> Self::Reserve {
-        ready(self.reserve_now(key, cost, max_wait))
+    fn reserve(&self, key: &K, cost: TokenCost, max_wait: Duration) -> MemoryReserve {
+        MemoryReserve(Some(self.reserve_now(key, cost, max_wait)))
     }
 
-    fn settle(&self, t: MemoryTicket, settlement: Settlement) {
-        let actual = match settlement {
-            Settlement::Cancelled => None,
-            Settlement::Used(cost) => Some(PerBucket::from(cost)),
-        };
-        let now = self.now();
-        lock(&t.slot).settle(&t.reservation, actual, now);
+    fn settle(&self, mut t: MemoryTicket, settlement: Settlement) {
+        t.end(match settlement {
+            Settlement::Cancelled => End::Cancelled,
+            Settlement::Used(cost) => End::Used(PerBucket::from(cost)),
+        });
     }
 
-    fn paused_for(&self, t: &MemoryTicket) -> Option<Duration> {
+    fn wait(&self, t: &MemoryTicket, waker: &Waker) -> Duration {
         let now = self.now();
-        lock(&t.slot).paused_for(now)
+        lock(&t.slot).wait(t.seq, waker, now)
     }
 
     fn pause(&self, key: &K, duration: Duration) {

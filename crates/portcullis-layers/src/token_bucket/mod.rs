@@ -17,8 +17,9 @@
 //!   [`OverCapacity`](portcullis_core::OverCapacity); a slot further than `max_wait` or than the
 //!   request's deadline is [`Throttled`](portcullis_core::Throttled), with the wait as
 //!   `retry_after`.
-//! - **Cancellation**: dropping the response future before the inner call refunds the
-//!   reservation (see [`gcra`] for exactly how much).
+//! - **Cancellation**: dropping the response future before the inner call (even before its
+//!   first poll) refunds the reservation exactly, in any order: the key is as if the request
+//!   had never come, and the waiters behind it move up (see [`gcra`] for the invariant).
 //! - **Reconciliation**: when the response is over (at once for a
 //!   [`CompletionResult`](portcullis_core::CompletionResult), at the end of a
 //!   [`ChatStream`](portcullis_core::ChatStream)), the estimate is replaced by the reported
@@ -61,7 +62,7 @@ pub use config::{ConfigError, DEFAULT_MAX_WAIT, KeyLimits, Rate, TokenBucketConf
 pub use future::ResponseFuture;
 pub use handle::TokenBucketHandle;
 pub use layer::TokenBucketLayer;
-pub use memory::{MemoryStore, MemoryTicket};
+pub use memory::{MemoryReserve, MemoryStore, MemoryTicket};
 pub use per_bucket::{PerBucket, Remaining};
 pub use service::TokenBucket;
 pub use store::{Admission, BucketStore, Denied, KeyLabel, Levels, Settlement};

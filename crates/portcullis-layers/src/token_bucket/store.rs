@@ -16,6 +16,7 @@ use std::borrow::{Borrow, Cow};
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::Duration;
 
 use portcullis_core::TokenCost;
@@ -149,7 +150,8 @@ pub trait BucketStore: Clone + Send + Sync + 'static {
     /// What a reservation keeps until it is settled.
     type Ticket: Send + 'static;
     /// The future of a reservation: immediate for the in-memory store, one round trip for a
-    /// shared one.
+    /// shared one. Dropped after it reserved but before it handed the ticket over, it cancels
+    /// the reservation: a caller that gives up at any point gets its reservation back.
     type Reserve: Future<Output = Result<Admission<Self::Ticket>, Denied>> + Send + 'static;
 
     /// Reserves `cost` (and one request) in every bucket of `key`, atomically (all or none),
@@ -161,8 +163,11 @@ pub trait BucketStore: Clone + Send + Sync + 'static {
     /// without settling it keeps the charge as reserved.
     fn settle(&self, ticket: Self::Ticket, settlement: Settlement);
 
-    /// How long the reservation's key is still paused (checked when a waiter wakes).
-    fn paused_for(&self, ticket: &Self::Ticket) -> Option<Duration>;
+    /// How long the reservation still has to wait now: until its slot, or until its key's
+    /// pause ends (after a provider's 429), whichever is later; zero once it may go. A slot only
+    /// moves earlier (when a reservation ahead of it is refunded); a store that moves it wakes
+    /// `waker`, so the waiter sleeps until the new slot.
+    fn wait(&self, ticket: &Self::Ticket, waker: &Waker) -> Duration;
 
     /// Pauses new admissions of `key` for `duration` (after a provider's 429).
     fn pause(&self, key: &Self::Key, duration: Duration);

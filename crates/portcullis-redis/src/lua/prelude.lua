@@ -1,11 +1,14 @@
--- Shared by every portcullis-redis script. One hash per key:
---   t1..t4  each bucket's theoretical arrival time (µs, server clock): the instant it is full again
---   e1..e4  each bucket's epoch (a refund returns nothing across an epoch change)
---   floor   the latest admission instant (FIFO floor)
---   paused  admissions paused until this instant (after a 429)
---   seq     the latest reservation's number
--- A missing field takes its fresh value; epochs and seq start at `now`, so a ticket from before
--- the key expired never matches a fresh key.
+-- Shared by every portcullis-redis script: the chain of the in-memory store (see the `gcra`
+-- module of portcullis-layers), in one hash per key:
+--   t1..t4, floor   the tail: each bucket's theoretical arrival time (µs, server clock) and the
+--                   FIFO floor, after every live reservation
+--   b1..b4, bfloor  the base: the same, before the first live reservation
+--   paused          admissions paused until this instant (after a 429)
+--   seq             the latest reservation's number; last: the last live one's (0: none)
+--   L<seq>          a live reservation (a link): release, at, owner, token, frozen, its cost per
+--                   bucket, then the step after it (4 froms, 4 adds, floor)
+-- A missing field takes its fresh value; seq starts at `now`, so a ticket from before the key
+-- expired never matches a fresh key.
 -- KEYS[1] the hash; ARGV[1] idle margin (ms); ARGV[2..5] capacities (0: no bucket);
 -- ARGV[6..9] µs to refill one unit. Script arguments start at ARGV[10].
 local key = KEYS[1]
@@ -17,15 +20,18 @@ for i = 1, 4 do
   cap[i] = tonumber(ARGV[1 + i])
   upu[i] = tonumber(ARGV[5 + i])
 end
-local s = redis.call('HMGET', key, 't1', 't2', 't3', 't4', 'e1', 'e2', 'e3', 'e4', 'floor', 'paused', 'seq')
-local tat, ep = {}, {}
+local s = redis.call('HMGET', key, 't1', 't2', 't3', 't4', 'floor', 'b1', 'b2', 'b3', 'b4', 'bfloor',
+  'paused', 'seq', 'last')
+local tail, base = {t = {}}, {t = {}}
 for i = 1, 4 do
-  tat[i] = tonumber(s[i]) or now
-  ep[i] = tonumber(s[4 + i]) or now
+  tail.t[i] = tonumber(s[i]) or now
+  base.t[i] = tonumber(s[5 + i]) or now
 end
-local floor = tonumber(s[9]) or now
-local paused = tonumber(s[10]) or 0
-local seq = tonumber(s[11]) or now
+tail.floor = tonumber(s[5]) or now
+base.floor = tonumber(s[10]) or now
+local paused = tonumber(s[11]) or 0
+local seq = tonumber(s[12]) or now
+local last = tonumber(s[13]) or 0
 
 -- Time to refill `units`, rounded up (charging more is the safe side).
 local function refill(i, units)
@@ -36,18 +42,118 @@ local function int(x)
   return string.format('%.0f', x)
 end
 
+-- A step `tat -> max(tat, f) + a` per bucket, and the floor raised to `floor`.
+local function identity()
+  return {f = {0, 0, 0, 0}, a = {0, 0, 0, 0}, floor = 0}
+end
+
+-- `cost` charged at `at`.
+local function admission(cost, at)
+  local st = identity()
+  st.floor = at
+  for i = 1, 4 do
+    if cap[i] > 0 then
+      st.f[i] = at
+      st.a[i] = refill(i, cost[i])
+    end
+  end
+  return st
+end
+
+local function apply(st, p)
+  local q = {t = {}, floor = math.max(p.floor, st.floor)}
+  for i = 1, 4 do
+    q.t[i] = math.max(p.t[i], st.f[i]) + st.a[i]
+  end
+  return q
+end
+
+-- `x`, then `y`, as one step.
+local function compose(x, y)
+  local z = identity()
+  z.floor = math.max(x.floor, y.floor)
+  for i = 1, 4 do
+    z.f[i] = math.max(x.f[i], y.f[i] - x.a[i])
+    z.a[i] = x.a[i] + y.a[i]
+  end
+  return z
+end
+
+-- The earliest slot for `cost` after the chain at `p`, not before `release`.
+local function slot(p, cost, release)
+  local at = math.max(release, p.floor)
+  for i = 1, 4 do
+    if cap[i] > 0 then
+      at = math.max(at, p.t[i] - math.floor((cap[i] - cost[i]) * upu[i]))
+    end
+  end
+  return at
+end
+
+local function decode(sq, v)
+  local n = {}
+  for x in string.gmatch(v, '[^,]+') do
+    n[#n + 1] = tonumber(x)
+  end
+  return {seq = sq, release = n[1], at = n[2], owner = n[3], token = n[4], frozen = n[5],
+    cost = {n[6], n[7], n[8], n[9]},
+    after = {f = {n[10], n[11], n[12], n[13]}, a = {n[14], n[15], n[16], n[17]}, floor = n[18]}}
+end
+
+local function store_link(l)
+  local v = {l.release, l.at, l.owner, l.token, l.frozen}
+  for i = 1, 4 do v[5 + i] = l.cost[i] end
+  for i = 1, 4 do v[9 + i] = l.after.f[i] end
+  for i = 1, 4 do v[13 + i] = l.after.a[i] end
+  v[18] = l.after.floor
+  for j = 1, #v do v[j] = int(v[j]) end
+  redis.call('HSET', key, 'L' .. int(l.seq), table.concat(v, ','))
+end
+
+-- Every live reservation, in order.
+local function load_links()
+  local all = redis.call('HGETALL', key)
+  local links = {}
+  for j = 1, #all, 2 do
+    if string.byte(all[j], 1) == 76 then -- 'L'
+      links[#links + 1] = decode(tonumber(string.sub(all[j], 2)), all[j + 1])
+    end
+  end
+  table.sort(links, function(x, y) return x.seq < y.seq end)
+  return links
+end
+
+-- Appends `st` to the chain: after the last live reservation, or to the base.
+local function push(st)
+  if last ~= 0 then
+    local v = redis.call('HGET', key, 'L' .. int(last))
+    if v then
+      local l = decode(last, v)
+      l.after = compose(l.after, st)
+      store_link(l)
+    else
+      base = apply(st, base)
+    end
+  else
+    base = apply(st, base)
+  end
+  tail = apply(st, tail)
+end
+
 local function save()
   redis.call('HSET', key,
-    't1', int(tat[1]), 't2', int(tat[2]), 't3', int(tat[3]), 't4', int(tat[4]),
-    'e1', int(ep[1]), 'e2', int(ep[2]), 'e3', int(ep[3]), 'e4', int(ep[4]),
-    'floor', int(floor), 'paused', int(paused), 'seq', int(seq))
+    't1', int(tail.t[1]), 't2', int(tail.t[2]), 't3', int(tail.t[3]), 't4', int(tail.t[4]),
+    'floor', int(tail.floor),
+    'b1', int(base.t[1]), 'b2', int(base.t[2]), 'b3', int(base.t[3]), 'b4', int(base.t[4]),
+    'bfloor', int(base.floor), 'paused', int(paused), 'seq', int(seq), 'last', int(last))
   -- Idle keys expire once every bucket is full again and no pause or queue is left, plus a margin.
-  local last = math.max(floor, paused, tat[1], tat[2], tat[3], tat[4])
+  local t = tail.t
+  local idle = math.max(tail.floor, paused, t[1], t[2], t[3], t[4])
   -- (At most 1e10 ms: absurdly slow rates must not overflow the expiry.)
-  redis.call('PEXPIRE', key, math.min(math.ceil((last - now) / 1000) + margin, 1e10))
+  redis.call('PEXPIRE', key, math.min(math.ceil((idle - now) / 1000) + margin, 1e10))
 end
 
 -- now, floor, paused, t1..t4: what the client caches to show levels.
 local function state()
-  return {now, floor, paused, tat[1], tat[2], tat[3], tat[4]}
+  return {now, tail.floor, paused, tail.t[1], tail.t[2], tail.t[3], tail.t[4]}
 end
