@@ -59,7 +59,19 @@ pub async fn run(args: ChatArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let status = e.status().map(|s| format!(" HTTP {s}")).unwrap_or_default();
-            eprintln!("error: {}{status}: {}", e.kind(), e.message());
+            // One line: the kind, the status, the message, then every cause in the source
+            // chain that the line does not already say.
+            let mut line = format!("error: {}{status}: {}", e.kind(), e.message());
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !line.contains(&text) {
+                    line.push_str(": ");
+                    line.push_str(&text);
+                }
+                cause = c.source();
+            }
+            eprintln!("{line}");
             ExitCode::FAILURE
         }
     }

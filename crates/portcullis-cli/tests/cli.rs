@@ -91,6 +91,8 @@ fn chat_failure_is_one_line_with_kind_status_and_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("error: connect"), "{stderr}");
+    // The whole cause chain, on that one line.
+    assert!(stderr.contains("onnection refused"), "{stderr}");
 
     // No key sent to the simulator: its own 401, with the status and the provider's message.
     let sim = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))

@@ -188,10 +188,16 @@ pub(crate) async fn complete<W: Wire>(
         .read(body)
         .await
         .map_err(|e| ep.finish_error(e, request_id.as_deref()))?;
-    let mut r = ep
-        .wire
-        .parse_response(&bytes)
-        .map_err(|e| ep.finish_error(e, request_id.as_deref()))?;
+    let mut r = ep.wire.parse_response(&bytes).map_err(|e| {
+        // A 2xx whose body is the provider's error envelope is that error, typed by its `type`
+        // and `code` as an error event in a stream is, not a parse failure. Only tried once
+        // the body failed to parse as an answer, so an answer is parsed once.
+        let e = match ep.wire.parse_error(parts.status.as_u16(), &bytes) {
+            Some(body) => body.into_error(None, ep.key.as_ref()),
+            None => e,
+        };
+        ep.finish_error(e, request_id.as_deref())
+    })?;
     r.provider = ep.provider.into();
     r.latency = start.elapsed();
     r.request_id = request_id;

@@ -136,19 +136,18 @@ impl Transport {
         &self.config
     }
 
-    /// Sends one request. A failure to connect or send is [`Connect`](ErrorKind::Connect).
+    /// Sends one request. A failure to connect, or a connection closed or reset before any
+    /// answer, is [`Connect`](ErrorKind::Connect); a response head that cannot be parsed (too
+    /// large, too many headers, not HTTP) is [`Protocol`](ErrorKind::Protocol). The message
+    /// names the cause; the source keeps hyper's error.
     pub(crate) async fn send(
         &self,
         req: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, LlmError> {
-        self.client.request(req).await.map_err(|e| {
-            let what = if e.is_connect() {
-                "could not connect"
-            } else {
-                "sending the request failed"
-            };
-            LlmError::new(ErrorKind::Connect, what).with_source(e)
-        })
+        self.client
+            .request(req)
+            .await
+            .map_err(|e| send_error(e.is_connect(), e))
     }
 
     /// Wraps a body in the response cap.
@@ -180,4 +179,41 @@ mod tests {
         assert_eq!(t.validate().unwrap_err().kind(), ErrorKind::Configuration);
         assert!(serde_json::from_str::<TransportConfig>(r#"{"bogus":1}"#).is_err());
     }
+}
+
+/// Types a failure to send a request by its cause (hyper's error, somewhere in the chain).
+fn send_error(is_connect: bool, e: impl std::error::Error + Send + Sync + 'static) -> LlmError {
+    let hyper = {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        std::iter::from_fn(|| {
+            let c = cause?;
+            cause = c.source();
+            Some(c)
+        })
+        .find_map(|c| c.downcast_ref::<hyper::Error>())
+    };
+    let (kind, what) = match hyper {
+        _ if is_connect => (ErrorKind::Connect, "could not connect".to_owned()),
+        Some(h) if h.is_parse_too_large() => (
+            ErrorKind::Protocol,
+            format!("the response head is too large (too many or too long headers): {h}"),
+        ),
+        Some(h) if h.is_parse() || h.is_parse_status() => (
+            ErrorKind::Protocol,
+            format!("the response head could not be parsed: {h}"),
+        ),
+        Some(h) if h.is_incomplete_message() => (
+            ErrorKind::Connect,
+            format!("the connection closed before a response: {h}"),
+        ),
+        Some(h) => (
+            ErrorKind::Connect,
+            format!("sending the request failed: {h}"),
+        ),
+        None => (
+            ErrorKind::Connect,
+            format!("sending the request failed: {e}"),
+        ),
+    };
+    LlmError::new(kind, what).with_source(e)
 }

@@ -379,3 +379,82 @@ async fn connect_errors_are_typed() {
     let e = p.streaming().oneshot(request("m")).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Connect);
 }
+
+/// A raw TCP server that answers every connection with `answer` (then closes it).
+async fn raw_server(answer: Vec<u8>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock.write_all(&answer).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+async fn raw_err(answer: Vec<u8>) -> LlmError {
+    let p = portcullis_providers::OpenAiProvider::builder()
+        .base_url(raw_server(answer).await)
+        .without_api_key()
+        .build()
+        .unwrap();
+    p.oneshot(request("m")).await.unwrap_err()
+}
+
+/// A response head that is too large, or not HTTP, is a protocol error that names its cause;
+/// a connection closed with no answer says so. None of them is "sending the request failed".
+#[tokio::test]
+async fn bad_response_heads_name_their_cause() {
+    let huge = format!(
+        "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let e = raw_err(huge.into_bytes()).await;
+    assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+    assert!(e.message().contains("too large"), "{e}");
+
+    let mut many = String::from("HTTP/1.1 200 OK\r\n");
+    for i in 0..20_000 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("content-length: 0\r\n\r\n");
+    let e = raw_err(many.into_bytes()).await;
+    assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+
+    let e = raw_err(b"NOT HTTP AT ALL\r\n\r\n".to_vec()).await;
+    assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+    assert!(e.message().contains("could not be parsed"), "{e}");
+
+    let e = raw_err(Vec::new()).await;
+    assert_eq!(e.kind(), ErrorKind::Connect, "{e}");
+    assert!(e.message().contains("closed before a response"), "{e}");
+}
+
+/// A 200 whose body is the provider's error envelope is that error, with the upstream's own
+/// type and message, classified by the table.
+#[tokio::test]
+async fn an_error_envelope_in_a_200_is_the_error_it_names() {
+    let server = Server::start().await;
+    server.set(Canned::json(
+        200,
+        r#"{"error":{"message":"The server had an error while processing your request.","type":"server_error","param":null,"code":null}}"#,
+    ));
+    let e = server.openai().oneshot(request("m")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Server, "{e}");
+    assert_eq!(e.error_type(), Some("server_error"));
+    assert!(e.message().contains("server had an error"), "{e}");
+    assert!(e.classify().retry && e.classify().breaker_failure);
+    server.set(Canned::json(
+        200,
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+    ));
+    let e = server.anthropic().oneshot(request("c")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Overloaded, "{e}");
+}
