@@ -166,21 +166,6 @@ impl Transport {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_validation() {
-        let t = TransportConfig {
-            max_response_bytes: 0,
-            ..Default::default()
-        };
-        assert_eq!(t.validate().unwrap_err().kind(), ErrorKind::Configuration);
-        assert!(serde_json::from_str::<TransportConfig>(r#"{"bogus":1}"#).is_err());
-    }
-}
-
 /// Types a failure to send a request by its cause (hyper's error, somewhere in the chain).
 fn send_error(is_connect: bool, e: impl std::error::Error + Send + Sync + 'static) -> LlmError {
     let hyper = {
@@ -216,4 +201,19 @@ fn send_error(is_connect: bool, e: impl std::error::Error + Send + Sync + 'stati
         ),
     };
     LlmError::new(kind, what).with_source(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation() {
+        let t = TransportConfig {
+            max_response_bytes: 0,
+            ..Default::default()
+        };
+        assert_eq!(t.validate().unwrap_err().kind(), ErrorKind::Configuration);
+        assert!(serde_json::from_str::<TransportConfig>(r#"{"bogus":1}"#).is_err());
+    }
 }
