@@ -60,18 +60,23 @@ pub fn redis(url: Option<String>) -> Result<RedisSource, String> {
 }
 
 /// One instance's stack: the recommended [`Stack`](portcullis::Stack) with the drills' scaled
-/// settings, its buckets in memory (`local`) or in Redis (`shared`).
+/// settings, its buckets in memory (`local`) or in Redis (`shared`). While Redis is away each of
+/// the `instances` keeps 1/N of the limits, as the Redis store's README advises, so the fleet
+/// stays within the shared limit.
 fn instance(
     sim_url: &str,
     shared: Option<(&str, &str)>,
     seed: u64,
+    instances: usize,
 ) -> Result<StackService, Box<dyn std::error::Error>> {
     let provider = ProviderStack::openai(stacks::openai(sim_url)?);
     let provider = stacks::provider_stack(provider, Some(client_limits()?), seed);
     Ok(match shared {
         None => BoxCloneSyncService::new(stacks::portcullis(vec![provider])?.completions()),
         Some((url, prefix)) => {
-            let redis = RedisConfig::new(url).prefix(prefix);
+            let redis = RedisConfig::new(url)
+                .prefix(prefix)
+                .fail_open_share(1.0 / instances.max(1) as f64);
             let provider = provider.store(move |name, limits| {
                 Ok(RedisStore::new(name.to_owned(), limits, redis.clone())?)
             });
@@ -153,7 +158,7 @@ pub async fn run(
         } else {
             let mut runs = Vec::new();
             for n in 0..instances {
-                let svc = instance(&sim.openai_base_url(), shared, seed + n as u64)?;
+                let svc = instance(&sim.openai_base_url(), shared, seed + n as u64, instances)?;
                 let base = n as u64 * 1_000_000;
                 runs.push(tokio::spawn(workload::run(svc, rate, DURATION, move |i| {
                     request(base + i, seed)
@@ -212,6 +217,9 @@ pub struct WorkerArgs {
     /// The key prefix of the shared buckets.
     #[arg(long, requires = "redis")]
     prefix: Option<String>,
+    /// How many instances the fleet has (each keeps 1/N of the limits while Redis is away).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
 }
 
 /// One outcome as a worker prints it: a JSON line.
@@ -273,6 +281,8 @@ async fn run_processes(
             &(seed + n as u64).to_string(),
             "--index",
             &n.to_string(),
+            "--instances",
+            &instances.to_string(),
         ])
         .stdout(Stdio::piped())
         .kill_on_drop(true);
@@ -298,7 +308,7 @@ async fn run_processes(
 /// Runs `portcullis drill-worker`: one instance, its outcomes as JSON lines on stdout.
 pub async fn worker(args: WorkerArgs) -> ExitCode {
     let shared = args.redis.as_deref().zip(args.prefix.as_deref());
-    let svc = match instance(&args.sim_url, shared, args.seed) {
+    let svc = match instance(&args.sim_url, shared, args.seed, args.instances) {
         Ok(svc) => svc,
         Err(e) => {
             eprintln!("error: fleet worker: {e}");
