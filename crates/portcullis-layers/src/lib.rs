@@ -33,6 +33,13 @@ pub use retry::{Retry, RetryLayer};
 pub use timeout::{Deadline, DeadlineLayer, StreamIdleLayer, Timeout, TimeoutLayer};
 pub use token_bucket::{TokenBucket, TokenBucketLayer};
 
+/// Whether `deadline` has already passed (the clock is read only when there is one): such a
+/// request fails with [`DeadlineExceeded`](portcullis_core::DeadlineExceeded) before any
+/// upstream call or charge.
+pub(crate) fn expired(deadline: Option<tokio::time::Instant>) -> bool {
+    deadline.is_some_and(|d| d <= tokio::time::Instant::now())
+}
+
 /// A layer's refusal as the service's error: every layer asks only `E: From<Refusal>`.
 pub(crate) fn refuse<E: From<portcullis_core::Refusal>>(
     r: impl Into<portcullis_core::Refusal>,

@@ -113,3 +113,31 @@ async fn idle_streams_fail_and_busy_ones_do_not() {
         "the stream ends after the idle error"
     );
 }
+
+/// Issue 19, part 4: a request whose deadline has already passed is not called, even by a
+/// service that would answer at once.
+#[tokio::test(start_paused = true)]
+async fn a_passed_deadline_is_never_called() {
+    use tower::Layer;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    let inner = service_fn(move |_r: ChatRequest| {
+        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Ok::<&'static str, LlmError>("done") }
+    });
+    let past = Instant::now() - Duration::from_secs(1);
+    let timeout = TimeoutLayer::new(Duration::from_secs(30)).layer(inner.clone());
+    let err = timeout
+        .oneshot(req().with_deadline(past))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    let deadline = DeadlineLayer::new(Duration::from_secs(30)).layer(inner);
+    let err = deadline
+        .oneshot(req().with_deadline(past))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

@@ -813,3 +813,47 @@ async fn dropping_after_the_call_keeps_the_charge() {
     );
     assert!((requests(&h, "m") - 9.0).abs() < 0.01);
 }
+
+/// Issue 19, part 4: a request whose deadline has already passed fails at once, with no
+/// upstream call and no charge, through the bucket alone and under the retry layer.
+#[tokio::test(start_paused = true)]
+async fn a_passed_deadline_is_refused_before_any_charge() {
+    use portcullis_layers::retry::{Jitter, RetryLayer, StandardPolicy};
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let l = layer(limits((10, 1.0), (1000, 10.0)), Duration::from_secs(5));
+    let h = l.handle();
+    let log = Log::default();
+    let mut svc = l.layer(provider(log.clone(), Arc::default()));
+    // The key exists, full.
+    svc.ready().await.unwrap().call(req("m", 10)).await.unwrap();
+    let (r0, t0) = (requests(&h, "m"), tokens(&h, "m"));
+    let start = Instant::now();
+    let past = start - Duration::from_secs(1);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req("m", 10).with_deadline(past))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(log.lock().unwrap().len(), 1, "no upstream call");
+    assert_eq!((requests(&h, "m"), tokens(&h, "m")), (r0, t0), "no charge");
+    assert_eq!(Instant::now(), start);
+
+    let policy = StandardPolicy::builder()
+        .jitter(Jitter::None)
+        .no_budget()
+        .build()
+        .unwrap();
+    let retried = RetryLayer::new(policy).layer(svc);
+    let err = retried
+        .oneshot(req("m", 10).with_deadline(past))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(log.lock().unwrap().len(), 1, "no upstream call");
+    assert_eq!((requests(&h, "m"), tokens(&h, "m")), (r0, t0), "no charge");
+    assert_eq!(Instant::now(), start);
+}

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use portcullis_core::{
-    Classify, OnFinish, OverCapacity, RateLimitHints, Refusal, Throttled, TokenCost, Usage,
+    Classify, DeadlineExceeded, OnFinish, OverCapacity, RateLimitHints, Refusal, Throttled,
+    TokenCost, Usage,
 };
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
@@ -36,6 +37,8 @@ pin_project! {
     #[project = StateProj]
     enum State<R, F> {
         Reserve { #[pin] fut: R },
+        // The request's deadline had passed at the call: nothing was reserved.
+        Expired,
         // `limit`: the latest admission allowed, for a pause found on waking.
         Sleep { #[pin] sleep: Sleep, limit: Instant },
         Ready,
@@ -148,7 +151,7 @@ where
 {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        reserve: St::Reserve,
+        reserve: Option<St::Reserve>,
         inner: S,
         req: Req,
         store: St,
@@ -159,7 +162,10 @@ where
         deadline: Option<Instant>,
     ) -> Self {
         ResponseFuture {
-            state: State::Reserve { fut: reserve },
+            state: match reserve {
+                Some(fut) => State::Reserve { fut },
+                None => State::Expired,
+            },
             inner,
             req: Some(req),
             ctx: Ctx {
@@ -240,6 +246,14 @@ where
                             }));
                         }
                     }
+                }
+                StateProj::Expired => {
+                    this.state.set(State::Done);
+                    tracing::debug!(
+                        key = %KeyDisplay(&this.ctx.name, &this.ctx.key.label()),
+                        "token bucket: refused, the deadline had passed"
+                    );
+                    return Poll::Ready(Err(crate::refuse(DeadlineExceeded {})));
                 }
                 StateProj::Sleep { sleep, limit } => {
                     ready!(sleep.poll(cx));

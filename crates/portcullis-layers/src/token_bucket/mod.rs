@@ -16,7 +16,8 @@
 //! - **Fail fast, consuming nothing**: a cost above a capacity is
 //!   [`OverCapacity`](portcullis_core::OverCapacity); a slot further than `max_wait` or than the
 //!   request's deadline is [`Throttled`](portcullis_core::Throttled), with the wait as
-//!   `retry_after`.
+//!   `retry_after`; a request whose deadline has already passed is
+//!   [`DeadlineExceeded`](portcullis_core::DeadlineExceeded), before any reservation.
 //! - **Cancellation**: dropping the response future before the inner call refunds the
 //!   reservation (see [`gcra`] for exactly how much).
 //! - **Reconciliation**: when the response is over (at once for a
