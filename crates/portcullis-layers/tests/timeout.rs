@@ -141,3 +141,66 @@ async fn a_passed_deadline_is_never_called() {
     assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+/// Issue 19, part 3: `Duration::MAX` as a layer's timeout, a deadline budget, or a request's
+/// own attempt timeout means "no limit": the call completes, nothing panics.
+#[tokio::test(start_paused = true)]
+async fn duration_max_is_no_limit_not_a_panic() {
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(Duration::MAX))
+        .service(sleeper(Duration::from_secs(60)));
+    assert_eq!(svc.oneshot(req()).await.unwrap(), "done");
+
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::MAX))
+        .service(sleeper(Duration::from_secs(60)));
+    assert_eq!(svc.oneshot(req()).await.unwrap(), "done");
+
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(Duration::from_secs(10)))
+        .service(sleeper(Duration::from_secs(60)));
+    assert_eq!(
+        svc.oneshot(req().timeout(Duration::MAX)).await.unwrap(),
+        "done"
+    );
+}
+
+proptest::proptest! {
+    /// Issue 19, part 3: no duration a caller controls makes Timeout + Deadline + Retry panic
+    /// over a service that always answers.
+    #[test]
+    fn arbitrary_durations_never_panic(
+        timeout_secs in proptest::prelude::any::<u64>(),
+        timeout_nanos in 0u32..1_000_000_000,
+        budget_secs in proptest::prelude::any::<u64>(),
+        budget_nanos in 0u32..1_000_000_000,
+        layer_secs in proptest::prelude::any::<u64>(),
+        deadline_secs in proptest::prelude::any::<u64>(),
+    ) {
+        use portcullis_layers::retry::{Jitter, RetryLayer, StandardPolicy};
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let policy = StandardPolicy::builder()
+                .jitter(Jitter::None)
+                .no_budget()
+                .build()
+                .unwrap();
+            let svc = ServiceBuilder::new()
+                .layer(DeadlineLayer::new(Duration::new(budget_secs, budget_nanos)))
+                .layer(RetryLayer::new(policy))
+                .layer(TimeoutLayer::new(Duration::from_secs(layer_secs)))
+                .service(sleeper(Duration::from_millis(1)));
+            let mut r = req().timeout(Duration::new(timeout_secs, timeout_nanos));
+            if let Some(at) = Instant::now().checked_add(Duration::from_secs(deadline_secs)) {
+                r = r.with_deadline(at);
+            }
+            // Zero durations time out; the point is that nothing panics.
+            let _ = svc.oneshot(r).await;
+        });
+    }
+}

@@ -50,13 +50,13 @@ impl Entry {
 
     /// The server's clock now, estimated from the last round trip (µs).
     fn server_now(seen: &(State, Instant)) -> i64 {
-        seen.0.now + seen.1.elapsed().as_micros() as i64
+        seen.0.now.saturating_add(micros(seen.1.elapsed()))
     }
 
     fn paused_for(&self) -> Option<Duration> {
         let st = lock(&self.state);
         let seen = st.seen.as_ref()?;
-        let left = seen.0.paused - Entry::server_now(seen);
+        let left = seen.0.paused.saturating_sub(Entry::server_now(seen));
         (left > 0).then(|| Duration::from_micros(left as u64))
     }
 
@@ -86,12 +86,12 @@ fn levels_of(limits: KeyLimits, s: &State, now: i64) -> Levels {
         queued = queued.max(tat - (cap * upu).floor() as i64);
         Some(cap - (tat - now).max(0) as f64 / upu)
     });
-    let paused = s.paused - now;
+    let paused = s.paused.saturating_sub(now);
     Levels::new(
         limits,
         levels,
         (paused > 0).then(|| Duration::from_micros(paused as u64)),
-        Duration::from_micros((queued - now).max(0) as u64),
+        Duration::from_micros(queued.saturating_sub(now).max(0) as u64),
     )
 }
 
@@ -735,6 +735,8 @@ where
     }
 
     fn pause(&self, key: &K, duration: Duration) {
+        // At most a year: the server's arithmetic (µs in a Lua number) stays exact.
+        let duration = duration.min(portcullis_core::config::MAX_DURATION);
         self.shared.local.pause(key, duration);
         let entry = self.entry(key);
         entry.pause_locally(duration);

@@ -29,7 +29,7 @@ pin_project! {
 
 impl<F> TimeoutFuture<F> {
     pub(super) fn new(inner: Option<F>, timeout: Duration, deadline: Option<Instant>) -> Self {
-        let by_timeout = Instant::now() + timeout;
+        let by_timeout = crate::after(Instant::now(), timeout);
         let (at, at_deadline) = match deadline {
             Some(d) if d < by_timeout => (d, true),
             _ => (by_timeout, false),

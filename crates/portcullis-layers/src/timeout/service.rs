@@ -106,7 +106,7 @@ where
 
     fn call(&mut self, mut req: Req) -> Self::Future {
         let now = Instant::now();
-        let ours = now + self.budget;
+        let ours = crate::after(now, self.budget);
         req.set_deadline(ours);
         // An earlier deadline the caller set wins; a request that cannot carry one keeps ours.
         let at = req.deadline().map_or(ours, |d| d.min(ours));

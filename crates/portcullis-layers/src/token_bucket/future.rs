@@ -67,7 +67,7 @@ impl<St: BucketStore> Ctx<St> {
     /// The latest admission allowed: `max_wait` after `now` (when the wait was granted, which
     /// for the in-memory store is when the layer was called), or the deadline if earlier.
     fn limit(&self, now: Instant) -> Instant {
-        let by_wait = now + self.max_wait;
+        let by_wait = crate::after(now, self.max_wait);
         self.deadline.map_or(by_wait, |d| d.min(by_wait))
     }
 
@@ -216,7 +216,7 @@ where
                                 );
                                 let now = Instant::now();
                                 let limit = ctx.limit(now);
-                                let sleep = sleep_until(now + adm.wait);
+                                let sleep = sleep_until(crate::after(now, adm.wait));
                                 this.state.set(State::Sleep { sleep, limit });
                             }
                         }
@@ -265,7 +265,7 @@ where
                         .filter(|d| !d.is_zero());
                     match paused {
                         Some(p) => {
-                            let until = Instant::now() + p;
+                            let until = crate::after(Instant::now(), p);
                             if until > limit {
                                 ctx.refund("paused beyond the allowed wait");
                                 this.state.set(State::Done);

@@ -296,7 +296,7 @@ impl KeyState {
         let state = self.tat.as_mut().zip(self.epoch.as_mut());
         for ((b, rem), (tat, epoch)) in self.buckets.zip(remaining).zip(state) {
             if let (Some(b), Some(rem)) = (b, rem) {
-                let t = now + b.refill_time(b.capacity.saturating_sub(rem));
+                let t = now.saturating_add(b.refill_time(b.capacity.saturating_sub(rem)));
                 if t > *tat {
                     *tat = t;
                     *epoch += 1;
@@ -316,7 +316,7 @@ impl KeyState {
                     // Keep the level (debt included): same units missing, new refill speed.
                     let missing = old.capacity as f64 - old.level(*tat, now);
                     let missing = missing.max(0.0) - (old.capacity as f64 - nb.capacity as f64);
-                    now + (missing.max(0.0) * nb.nanos_per_unit).ceil() as u64
+                    now.saturating_add((missing.max(0.0) * nb.nanos_per_unit).ceil() as u64)
                 }
                 _ => now.max(*tat),
             };
