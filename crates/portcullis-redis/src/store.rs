@@ -251,6 +251,7 @@ enum Op {
         actual: PerBucket<u64>,
     },
     Pause(Duration),
+    ClearPause,
     Clamp(Remaining),
     SetLimits {
         old: KeyLimits,
@@ -299,6 +300,11 @@ async fn worker(remote: Arc<Remote>, mut rx: mpsc::UnboundedReceiver<Job>) {
             Op::Pause(d) => {
                 remote
                     .update(&entry, &s.pause, limits, |i| ints(i, &[micros(d)]))
+                    .await;
+            }
+            Op::ClearPause => {
+                remote
+                    .update(&entry, &s.clear_pause, limits, |i| ints(i, &[]))
                     .await;
             }
             Op::Clamp(rem) => {
@@ -371,7 +377,7 @@ struct Shared<K> {
 ///     .timeout(Duration::from_millis(50));
 /// let store: RedisStore = RedisStore::new("openai", limits.clone(), redis)?;
 /// store.ping().await?; // optional: check Redis answers at startup
-/// let layer = TokenBucketLayer::from_store("openai", store, limits.max_wait);
+/// let layer = TokenBucketLayer::from_store("openai", store, limits.max_wait).max_pause(limits.max_pause);
 /// # let _ = layer; Ok(()) }
 /// ```
 pub struct RedisStore<K = Arc<str>> {
@@ -741,6 +747,15 @@ where
         let entry = self.entry(key);
         entry.pause_locally(duration);
         self.send(entry, Op::Pause(duration));
+    }
+
+    fn clear_pause(&self, key: &K) {
+        self.shared.local.clear_pause(key);
+        let entry = self.entry(key);
+        if let Some(seen) = lock(&entry.state).seen.as_mut() {
+            seen.0.paused = 0;
+        }
+        self.send(entry, Op::ClearPause);
     }
 
     fn clamp(&self, key: &K, remaining: Remaining) {

@@ -57,6 +57,8 @@ struct Ctx<St: BucketStore> {
     /// the earlier of the two, worked out only when a wait is granted ([`Ctx::limit`]).
     max_wait: Duration,
     deadline: Option<Instant>,
+    /// The longest pause a provider's hint may put on the key.
+    max_pause: Duration,
     /// The reservation: refunded on drop while waiting; once `charged` (spent on the inner
     /// call), reconciled with the usage, never refunded.
     ticket: Option<St::Ticket>,
@@ -114,7 +116,16 @@ impl<St: BucketStore> Ctx<St> {
         let label = self.key.label();
         let key = tracing::field::display(KeyDisplay(&self.name, &label));
         match pause {
-            Some(d) => {
+            Some(asked) => {
+                let d = asked.min(self.max_pause);
+                if d < asked {
+                    tracing::warn!(
+                        key,
+                        asked_ms = u64::try_from(asked.as_millis()).unwrap_or(u64::MAX),
+                        capped_ms = d.as_millis() as u64,
+                        "token bucket: provider's pause longer than max_pause; capped"
+                    );
+                }
                 tracing::warn!(
                     key,
                     pause_ms = d.as_millis() as u64,
@@ -159,6 +170,7 @@ where
         name: Arc<str>,
         cost: TokenCost,
         max_wait: Duration,
+        max_pause: Duration,
         deadline: Option<Instant>,
     ) -> Self {
         ResponseFuture {
@@ -175,6 +187,7 @@ where
                 cost,
                 max_wait,
                 deadline,
+                max_pause,
                 ticket: None,
                 charged: false,
             },

@@ -291,6 +291,11 @@ impl KeyState {
         self.paused_until = self.paused_until.max(until);
     }
 
+    /// Ends a pause (reservations already scheduled keep their slots).
+    pub(crate) fn clear_pause(&mut self) {
+        self.paused_until = 0;
+    }
+
     /// Lowers each level to what remains at `now`.
     pub(crate) fn clamp(&mut self, remaining: Remaining, now: Nanos) {
         let state = self.tat.as_mut().zip(self.epoch.as_mut());

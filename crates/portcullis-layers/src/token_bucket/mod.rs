@@ -26,7 +26,8 @@
 //!   usage: the difference is refunded, or the overrun charged. Without reported usage (or on
 //!   an error) the estimate stays charged.
 //! - **Feedback**: a rate-limited error ([`Classification::rate_limited`]) pauses the key for its
-//!   `retry_after`; the `remaining` rate-limit headers of responses and errors clamp the local
+//!   `retry_after`, cut to `max_pause` ([`TokenBucketConfig::max_pause`]); the handle reads and
+//!   clears a pause; the `remaining` rate-limit headers of responses and errors clamp the local
 //!   levels down, never up.
 //! - **A store** ([`BucketStore`]) keeps the state: [`MemoryStore`] by default, a shared one
 //!   (Redis) for fleets.
@@ -58,7 +59,9 @@ mod per_bucket;
 mod service;
 pub mod store;
 
-pub use config::{ConfigError, DEFAULT_MAX_WAIT, KeyLimits, Rate, TokenBucketConfig};
+pub use config::{
+    ConfigError, DEFAULT_MAX_PAUSE, DEFAULT_MAX_WAIT, KeyLimits, Rate, TokenBucketConfig,
+};
 pub use future::ResponseFuture;
 pub use handle::TokenBucketHandle;
 pub use layer::TokenBucketLayer;

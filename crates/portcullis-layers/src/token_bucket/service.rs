@@ -112,6 +112,7 @@ where
             self.settings.name.clone(),
             cost,
             self.settings.max_wait,
+            self.settings.max_pause,
             deadline,
         )
     }
