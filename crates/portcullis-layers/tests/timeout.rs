@@ -165,6 +165,26 @@ async fn duration_max_is_no_limit_not_a_panic() {
     );
 }
 
+/// Issue 19, part 3: an idle limit of `Duration::MAX` is no limit, not a panic after the
+/// first chunk.
+#[tokio::test(start_paused = true)]
+async fn an_idle_limit_of_duration_max_is_no_limit() {
+    let inner = service_fn(|_r: ChatRequest| async {
+        let chunks = futures_util::stream::iter(0..3).then(|i| async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, LlmError>(StreamChunk::delta(format!("c{i}")))
+        });
+        Ok::<_, LlmError>(ChatStream::new(StreamMeta::new("p", "m"), chunks))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(StreamIdleLayer::new(Duration::MAX))
+        .service(inner);
+    let stream = svc.oneshot(req()).await.unwrap();
+    let chunks: Vec<_> = StreamExt::collect(stream).await;
+    assert_eq!(chunks.len(), 3);
+    assert!(chunks.iter().all(Result::is_ok));
+}
+
 proptest::proptest! {
     /// Issue 19, part 3: no duration a caller controls makes Timeout + Deadline + Retry panic
     /// over a service that always answers.
