@@ -173,7 +173,12 @@ fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
         return malformed("retry-after", v);
     }
     match httpdate::parse_http_date(v) {
-        Ok(at) => Some(at.duration_since(now).unwrap_or(Duration::ZERO)),
+        // A date far ahead (year 9999) is a huge wait, capped like a number: never ignored.
+        Ok(at) => Some(
+            at.duration_since(now)
+                .unwrap_or(Duration::ZERO)
+                .min(crate::config::MAX_DURATION),
+        ),
         Err(_) => malformed("retry-after", v),
     }
 }
@@ -317,6 +322,25 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn a_far_retry_after_date_is_a_capped_wait() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "retry-after",
+            "Fri, 31 Dec 9999 23:59:59 GMT".parse().unwrap(),
+        );
+        assert_eq!(
+            RateLimitHints::from_headers_at(&h, SystemTime::UNIX_EPOCH).retry_after,
+            Some(crate::config::MAX_DURATION)
+        );
+        let mut h = HeaderMap::new();
+        h.insert("retry-after-ms", "1e15".parse().unwrap());
+        assert_eq!(
+            RateLimitHints::from_headers_at(&h, SystemTime::UNIX_EPOCH).retry_after,
+            Some(crate::config::MAX_DURATION)
+        );
     }
 
     #[test]

@@ -397,7 +397,11 @@ impl Stream for Idle {
     type Item = Result<StreamChunk, LlmError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Poll::Ready(item) = self.inner.as_mut().poll_next(cx) {
-            let next = tokio::time::Instant::now() + self.idle;
+            // Saturating: an idle limit too large for the clock (`Duration::MAX`) is no limit.
+            let now = tokio::time::Instant::now();
+            let next = now
+                .checked_add(self.idle.min(crate::config::MAX_DURATION))
+                .unwrap_or(now);
             self.sleep.as_mut().reset(next);
             return Poll::Ready(item);
         }

@@ -33,6 +33,23 @@ pub use retry::{Retry, RetryLayer};
 pub use timeout::{Deadline, DeadlineLayer, StreamIdleLayer, Timeout, TimeoutLayer};
 pub use token_bucket::{TokenBucket, TokenBucketLayer};
 
+/// Whether `deadline` has already passed (the clock is read only when there is one): such a
+/// request fails with [`DeadlineExceeded`](portcullis_core::DeadlineExceeded) before any
+/// upstream call or charge.
+pub(crate) fn expired(deadline: Option<tokio::time::Instant>) -> bool {
+    deadline.is_some_and(|d| d <= tokio::time::Instant::now())
+}
+
+/// `now + d`, saturating: a duration too large for the clock (`Duration::MAX`, from a
+/// caller's timeout) means "no limit", the far future `now + MAX_DURATION` (tokio clamps timers
+/// that far out itself). Never panics.
+pub(crate) fn after(now: tokio::time::Instant, d: std::time::Duration) -> tokio::time::Instant {
+    use portcullis_core::config::MAX_DURATION;
+    now.checked_add(d.min(MAX_DURATION))
+        .or_else(|| now.checked_add(MAX_DURATION))
+        .unwrap_or(now)
+}
+
 /// A layer's refusal as the service's error: every layer asks only `E: From<Refusal>`.
 pub(crate) fn refuse<E: From<portcullis_core::Refusal>>(
     r: impl Into<portcullis_core::Refusal>,

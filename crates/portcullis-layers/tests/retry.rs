@@ -926,3 +926,17 @@ async fn stopping_for_the_deadline_or_cap_spends_no_budget() {
     assert_eq!(calls.load(SeqCst), 1);
     assert_eq!(budget.counts(), (1, 0));
 }
+
+/// Issue 19, part 4: a request whose deadline has already passed is not sent at all.
+#[tokio::test(start_paused = true)]
+async fn a_passed_deadline_makes_no_attempt() {
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let (svc, calls) = failing(|| err(ErrorKind::Server));
+    let past = Instant::now() - Duration::from_secs(1);
+    let e = Retry::new(plain(3), svc)
+        .oneshot(chat().with_deadline(past))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(calls.load(SeqCst), 0);
+}

@@ -874,3 +874,152 @@ async fn dropping_after_the_call_keeps_the_charge() {
     );
     assert!((requests(&h, "m") - 9.0).abs() < 0.01);
 }
+
+/// Issue 19, part 4: a request whose deadline has already passed fails at once, with no
+/// upstream call and no charge, through the bucket alone and under the retry layer.
+#[tokio::test(start_paused = true)]
+async fn a_passed_deadline_is_refused_before_any_charge() {
+    use portcullis_layers::retry::{Jitter, RetryLayer, StandardPolicy};
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let l = layer(limits((10, 1.0), (1000, 10.0)), Duration::from_secs(5));
+    let h = l.handle();
+    let log = Log::default();
+    let mut svc = l.layer(provider(log.clone(), Arc::default()));
+    // The key exists, full.
+    svc.ready().await.unwrap().call(req("m", 10)).await.unwrap();
+    let (r0, t0) = (requests(&h, "m"), tokens(&h, "m"));
+    let start = Instant::now();
+    let past = start - Duration::from_secs(1);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req("m", 10).with_deadline(past))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(log.lock().unwrap().len(), 1, "no upstream call");
+    assert_eq!((requests(&h, "m"), tokens(&h, "m")), (r0, t0), "no charge");
+    assert_eq!(Instant::now(), start);
+
+    let policy = StandardPolicy::builder()
+        .jitter(Jitter::None)
+        .no_budget()
+        .build()
+        .unwrap();
+    let retried = RetryLayer::new(policy).layer(svc);
+    let err = retried
+        .oneshot(req("m", 10).with_deadline(past))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(log.lock().unwrap().len(), 1, "no upstream call");
+    assert_eq!((requests(&h, "m"), tokens(&h, "m")), (r0, t0), "no charge");
+    assert_eq!(Instant::now(), start);
+}
+
+/// A provider that fails its first call with a 429 asking for `retry_after`, then succeeds.
+fn rate_limited_once(
+    retry_after: Duration,
+    log: Log,
+) -> impl Service<
+    ChatRequest,
+    Response = CompletionResult,
+    Error = LlmError,
+    Future = impl Send + 'static,
+> + Clone
++ Send
++ 'static {
+    let fail = Arc::new(AtomicU64::new(1));
+    tower::service_fn(move |r: ChatRequest| {
+        log.lock()
+            .unwrap()
+            .push((Instant::now(), r.options.max_tokens));
+        let failing = fail.swap(0, Ordering::SeqCst) == 1;
+        async move {
+            if failing {
+                Err(LlmError::new(ErrorKind::RateLimited, "slow down")
+                    .with_status(429)
+                    .with_retry_after(retry_after))
+            } else {
+                Ok(CompletionResult::new("t", "m", "ok"))
+            }
+        }
+    })
+}
+
+/// Issue 19, part 2: a 429 asking for 1e12 s pauses the key for `max_pause` (default 30 s),
+/// not a year; the handle shows the pause.
+#[tokio::test(start_paused = true)]
+async fn a_huge_retry_after_pauses_for_at_most_max_pause() {
+    let l = layer(
+        limits((100, 100.0), (1000, 1000.0)),
+        Duration::from_secs(60),
+    );
+    let h = l.handle();
+    let mut svc = l.layer(rate_limited_once(
+        Duration::from_secs(1_000_000_000_000),
+        Log::default(),
+    ));
+    let t0 = Instant::now();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req("m", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RateLimited);
+    assert_eq!(h.paused_for("m"), Some(Duration::from_secs(30)));
+    svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+    assert_eq!(Instant::now() - t0, Duration::from_secs(30));
+    assert_eq!(h.paused_for("m"), None);
+}
+
+/// Issue 19, part 2: `max_pause` is configurable, and clearing a pause through the handle
+/// admits the next call at once.
+#[tokio::test(start_paused = true)]
+async fn a_pause_can_be_read_and_cleared() {
+    let cfg = TokenBucketConfig::new()
+        .default_limits(limits((100, 100.0), (1000, 1000.0)))
+        .max_wait(Duration::from_secs(60))
+        .max_pause(Duration::from_secs(10));
+    let l = TokenBucketLayer::new("t", cfg)
+        .unwrap()
+        .with_cost(MaxTokens);
+    let h = l.handle();
+    let log = Log::default();
+    let mut svc = l.layer(rate_limited_once(
+        Duration::from_secs(1_000_000_000_000),
+        log.clone(),
+    ));
+    let t0 = Instant::now();
+    svc.ready()
+        .await
+        .unwrap()
+        .call(req("m", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(h.paused_for("m"), Some(Duration::from_secs(10)));
+    tokio::time::advance(Duration::from_secs(3)).await;
+    assert_eq!(h.paused_for("m"), Some(Duration::from_secs(7)));
+    h.clear_pause("m");
+    assert_eq!(h.paused_for("m"), None);
+    svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+    assert_eq!(Instant::now() - t0, Duration::from_secs(3));
+    assert_eq!(log.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn max_pause_is_read_in_millis_and_bounded() {
+    let cfg: TokenBucketConfig = serde_json::from_str(r#"{"max_pause_ms": 5000}"#).unwrap();
+    assert_eq!(cfg.max_pause, Duration::from_secs(5));
+    let cfg: TokenBucketConfig = serde_json::from_str("{}").unwrap();
+    assert_eq!(cfg.max_pause, Duration::from_secs(30));
+    let err = TokenBucketConfig::new()
+        .max_pause(Duration::from_secs(2 * 24 * 3600))
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field, "max_pause_ms");
+}

@@ -99,13 +99,13 @@ impl Entry {
 
     /// The server's clock now, estimated from the last round trip (µs).
     fn server_now(seen: &(State, Instant)) -> i64 {
-        seen.0.now + seen.1.elapsed().as_micros() as i64
+        seen.0.now.saturating_add(micros(seen.1.elapsed()))
     }
 
     fn paused_for(&self) -> Option<Duration> {
         let st = lock(&self.state);
         let seen = st.seen.as_ref()?;
-        let left = seen.0.paused - Entry::server_now(seen);
+        let left = seen.0.paused.saturating_sub(Entry::server_now(seen));
         (left > 0).then(|| Duration::from_micros(left as u64))
     }
 
@@ -135,12 +135,12 @@ fn levels_of(limits: KeyLimits, s: &State, now: i64) -> Levels {
         queued = queued.max(tat - (cap * upu).floor() as i64);
         Some(cap - (tat - now).max(0) as f64 / upu)
     });
-    let paused = s.paused - now;
+    let paused = s.paused.saturating_sub(now);
     Levels::new(
         limits,
         levels,
         (paused > 0).then(|| Duration::from_micros(paused as u64)),
-        Duration::from_micros((queued - now).max(0) as u64),
+        Duration::from_micros(queued.saturating_sub(now).max(0) as u64),
     )
 }
 
@@ -315,6 +315,7 @@ enum Op {
         actual: PerBucket<u64>,
     },
     Pause(Duration),
+    ClearPause,
     Clamp(Remaining),
     SetLimits {
         old: KeyLimits,
@@ -361,6 +362,11 @@ async fn worker(remote: Arc<Remote>, mut rx: mpsc::UnboundedReceiver<Job>) {
             Op::Pause(d) => {
                 remote
                     .update(&entry, &s.pause, limits, |i| ints(i, &[micros(d)]))
+                    .await;
+            }
+            Op::ClearPause => {
+                remote
+                    .update(&entry, &s.clear_pause, limits, |i| ints(i, &[]))
                     .await;
             }
             Op::Clamp(rem) => {
@@ -475,7 +481,7 @@ struct Shared<K> {
 ///     .timeout(Duration::from_millis(50));
 /// let store: RedisStore = RedisStore::new("openai", limits.clone(), redis)?;
 /// store.ping().await?; // optional: check Redis answers at startup
-/// let layer = TokenBucketLayer::from_store("openai", store, limits.max_wait);
+/// let layer = TokenBucketLayer::from_store("openai", store, limits.max_wait).max_pause(limits.max_pause);
 /// # let _ = layer; Ok(()) }
 /// ```
 pub struct RedisStore<K = Arc<str>> {
@@ -890,10 +896,21 @@ where
     }
 
     fn pause(&self, key: &K, duration: Duration) {
+        // At most a year: the server's arithmetic (µs in a Lua number) stays exact.
+        let duration = duration.min(portcullis_core::config::MAX_DURATION);
         self.shared.local.pause(key, duration);
         let entry = self.entry(key);
         entry.pause_locally(duration);
         entry.send(Op::Pause(duration));
+    }
+
+    fn clear_pause(&self, key: &K) {
+        self.shared.local.clear_pause(key);
+        let entry = self.entry(key);
+        if let Some(seen) = lock(&entry.state).seen.as_mut() {
+            seen.0.paused = 0;
+        }
+        entry.send(Op::ClearPause);
     }
 
     fn clamp(&self, key: &K, remaining: Remaining) {

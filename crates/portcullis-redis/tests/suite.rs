@@ -44,6 +44,7 @@ both_stores!(
     refusals_consume_nothing,
     refunds_and_reconciliation,
     pause_delays_admission_of_its_key_only,
+    a_cleared_pause_admits_at_once,
     clamp_lowers_never_raises,
     set_limits_keeps_levels,
     a_cancellation_moves_the_waiters_behind_it,
@@ -210,6 +211,22 @@ async fn pause_delays_admission_of_its_key_only<St: Probe>(
         }
         other => panic!("expected Throttled, got {other:?}"),
     }
+}
+
+/// Clearing a pause (issue 19, part 2) admits the next request at once.
+async fn a_cleared_pause_admits_at_once<St: Probe>(make: impl Fn(TokenBucketConfigArg) -> St) {
+    let store = make(config(limits((100, 100.0), (1000, 1000.0))));
+    let k = key("m");
+    let a = store.reserve(&k, cost(1), Duration::ZERO).await.unwrap();
+    store.settle(a.ticket, Settlement::Used(cost(1)));
+    store.pause(&k, Duration::from_secs(30));
+    store.sync().await;
+    assert!(store.levels(&*k).and_then(|l| l.paused_for).is_some());
+    store.clear_pause(&k);
+    store.sync().await;
+    assert_eq!(store.levels(&*k).and_then(|l| l.paused_for), None);
+    let b = store.reserve(&k, cost(1), Duration::ZERO).await.unwrap();
+    assert_eq!(b.wait, Duration::ZERO);
 }
 
 /// `remaining` headers lower the levels, never raise them.

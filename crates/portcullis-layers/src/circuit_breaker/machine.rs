@@ -378,7 +378,7 @@ impl Machine {
         now: Instant,
     ) -> Change {
         self.trips = self.trips.saturating_add(1);
-        let until = now + config.open_duration(self.trips);
+        let until = crate::after(now, config.open_duration(self.trips));
         self.transition(Phase::Open { until: Some(until) }, reason)
     }
 

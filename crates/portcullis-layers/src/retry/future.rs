@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use portcullis_core::{Classify, Refusal, Replay, RequestInfo, RetryStop};
+use portcullis_core::{Classify, DeadlineExceeded, Refusal, Replay, RequestInfo, RetryStop};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -46,6 +46,8 @@ pin_project! {
         // future (moved on each return) several hundred bytes larger.
         Waiting { sleep: Pin<Box<Sleep>> },
         Checking,
+        // The request's deadline had passed at the call: no attempt is made.
+        Expired,
     }
 }
 
@@ -54,14 +56,17 @@ where
     S: Service<Req>,
 {
     pub(super) fn new(
-        first: S::Future,
+        first: Option<S::Future>,
         service: S,
         request: Option<Req>,
         policy: Arc<P>,
         started: Instant,
     ) -> Self {
         ResponseFuture {
-            state: State::Called { future: first },
+            state: match first {
+                Some(future) => State::Called { future },
+                None => State::Expired,
+            },
             service,
             request,
             next: None,
@@ -82,6 +87,7 @@ where
             State::Called { .. } => "called",
             State::Waiting { .. } => "waiting",
             State::Checking => "checking",
+            State::Expired => "expired",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -153,6 +159,9 @@ where
                         .expect("a retry's copy is made when it is decided");
                     let future = this.service.call(request);
                     this.state.set(State::Called { future });
+                }
+                StateProj::Expired => {
+                    return Poll::Ready(Err(crate::refuse(DeadlineExceeded {})));
                 }
             }
         }

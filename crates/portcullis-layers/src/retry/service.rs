@@ -23,6 +23,9 @@ use super::policy::Policy;
 /// only failures before any content reached the caller are retried; an error in the stream
 /// after that belongs to the caller.
 ///
+/// A request whose deadline has already passed when it is called is not sent at all: it fails
+/// at once with [`DeadlineExceeded`](portcullis_core::DeadlineExceeded).
+///
 /// Errors: an error the policy [accepts](super::Decision::Accept) is returned unchanged; when
 /// the policy [gives up](super::Decision::GiveUp), or the next delay would reach the request's
 /// deadline, the last error is returned as `E::from(RetriesExhausted { attempts, stop, last })`
@@ -96,6 +99,11 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
+        // A deadline already passed never leaves: no attempt, nothing deposited in the budget.
+        if crate::expired(request.deadline()) {
+            let service = self.inner.clone();
+            return ResponseFuture::new(None, service, None, self.policy.clone(), Instant::now());
+        }
         // The one clock read of a call that succeeds: the attempt's start, and the budget's
         // deposit time.
         let now = Instant::now();
@@ -109,7 +117,7 @@ where
             Some(copy) => (copy, Some(request)),
             None => (request, None),
         };
-        let first = service.call(first);
+        let first = Some(service.call(first));
         ResponseFuture::new(first, service, kept, self.policy.clone(), now)
     }
 }

@@ -14,8 +14,9 @@ pin_project! {
     /// over on its first poll never touches the timer wheel.
     #[derive(Debug)]
     pub struct TimeoutFuture<F> {
+        // `None` when the deadline had passed at the call: the inner service was not called.
         #[pin]
-        inner: F,
+        inner: Option<F>,
         #[pin]
         sleep: Option<Sleep>,
         // When the attempt fails: the call's time plus the timeout, or the deadline if earlier.
@@ -27,8 +28,8 @@ pin_project! {
 }
 
 impl<F> TimeoutFuture<F> {
-    pub(super) fn new(inner: F, timeout: Duration, deadline: Option<Instant>) -> Self {
-        let by_timeout = Instant::now() + timeout;
+    pub(super) fn new(inner: Option<F>, timeout: Duration, deadline: Option<Instant>) -> Self {
+        let by_timeout = crate::after(Instant::now(), timeout);
         let (at, at_deadline) = match deadline {
             Some(d) if d < by_timeout => (d, true),
             _ => (by_timeout, false),
@@ -63,7 +64,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Poll::Ready(out) = this.inner.poll(cx) {
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(Err(crate::refuse(DeadlineExceeded {})));
+        };
+        if let Poll::Ready(out) = inner.poll(cx) {
             return Poll::Ready(out);
         }
         ready!(poll_timer(this.sleep, *this.at, cx));
@@ -82,8 +86,9 @@ pin_project! {
     /// only created when the inner future first returns `Pending`.
     #[derive(Debug)]
     pub struct DeadlineFuture<F> {
+        // `None` when the deadline had passed at the call: the inner service was not called.
         #[pin]
-        inner: F,
+        inner: Option<F>,
         #[pin]
         sleep: Option<Sleep>,
         at: Instant,
@@ -91,7 +96,7 @@ pin_project! {
 }
 
 impl<F> DeadlineFuture<F> {
-    pub(super) fn new(inner: F, at: Instant) -> Self {
+    pub(super) fn new(inner: Option<F>, at: Instant) -> Self {
         DeadlineFuture {
             inner,
             sleep: None,
@@ -109,7 +114,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Poll::Ready(out) = this.inner.poll(cx) {
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(Err(crate::refuse(DeadlineExceeded {})));
+        };
+        if let Poll::Ready(out) = inner.poll(cx) {
             return Poll::Ready(out);
         }
         ready!(poll_timer(this.sleep, *this.at, cx));

@@ -54,7 +54,9 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let timeout = req.attempt_timeout().unwrap_or(self.timeout);
         let deadline = req.deadline();
-        TimeoutFuture::new(self.inner.call(req), timeout, deadline)
+        // A deadline already passed never leaves: no attempt is made.
+        let inner = (!crate::expired(deadline)).then(|| self.inner.call(req));
+        TimeoutFuture::new(inner, timeout, deadline)
     }
 }
 
@@ -103,11 +105,14 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        let ours = Instant::now() + self.budget;
+        let now = Instant::now();
+        let ours = crate::after(now, self.budget);
         req.set_deadline(ours);
         // An earlier deadline the caller set wins; a request that cannot carry one keeps ours.
         let at = req.deadline().map_or(ours, |d| d.min(ours));
-        DeadlineFuture::new(self.inner.call(req), at)
+        // A deadline already passed never leaves: the inner service is not called.
+        let inner = (at > now).then(|| self.inner.call(req));
+        DeadlineFuture::new(inner, at)
     }
 }
 

@@ -14,6 +14,10 @@ const COMPONENT: &str = "token bucket";
 /// The default longest wait for admission: 30 s.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
 
+/// The default longest pause a provider's 429 may put on a key: 30 s, as
+/// [`DEFAULT_MAX_WAIT`].
+pub const DEFAULT_MAX_PAUSE: Duration = DEFAULT_MAX_WAIT;
+
 /// One bucket: how much it holds and how fast it refills.
 ///
 /// In serde form it is either a number, meaning "per minute" (capacity = the number, refill =
@@ -272,10 +276,24 @@ pub struct TokenBucketConfig {
     /// The longest a request may wait for admission before it is refused with `Throttled`.
     #[serde(rename = "max_wait_ms", with = "millis", default = "default_max_wait")]
     pub max_wait: Duration,
+    /// The longest a provider's rate-limit hint (`Retry-After`, `retry-after-ms`, a reset
+    /// header) may pause a key: a longer hint is cut to this, with a `warn` event. Without a
+    /// cap, one 429 asking for a year would stop the key for a year. At most a day; default
+    /// 30 s ([`DEFAULT_MAX_PAUSE`]).
+    #[serde(
+        rename = "max_pause_ms",
+        with = "millis",
+        default = "default_max_pause"
+    )]
+    pub max_pause: Duration,
 }
 
 fn default_max_wait() -> Duration {
     DEFAULT_MAX_WAIT
+}
+
+fn default_max_pause() -> Duration {
+    DEFAULT_MAX_PAUSE
 }
 
 impl Default for TokenBucketConfig {
@@ -284,6 +302,7 @@ impl Default for TokenBucketConfig {
             limits: BTreeMap::new(),
             default: None,
             max_wait: DEFAULT_MAX_WAIT,
+            max_pause: DEFAULT_MAX_PAUSE,
         }
     }
 }
@@ -312,6 +331,12 @@ impl TokenBucketConfig {
         self
     }
 
+    /// Sets the longest pause a provider's 429 may put on a key.
+    pub fn max_pause(mut self, max_pause: Duration) -> Self {
+        self.max_pause = max_pause;
+        self
+    }
+
     /// Checks every value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (label, limits) in &self.limits {
@@ -336,6 +361,13 @@ impl TokenBucketConfig {
                 format!("must be at most a day, got {:?}", self.max_wait),
             ));
         }
+        if self.max_pause > MAX_MAX_WAIT {
+            return Err(ConfigError::new(
+                COMPONENT,
+                "max_pause_ms",
+                format!("must be at most a day, got {:?}", self.max_pause),
+            ));
+        }
         Ok(())
     }
 
@@ -358,5 +390,5 @@ impl TokenBucketConfig {
 /// The longest time a bucket may take to refill its whole capacity: a century.
 const MAX_REFILL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// The longest `max_wait` accepted: one day.
+/// The longest `max_wait` and `max_pause` accepted: one day.
 const MAX_MAX_WAIT: Duration = Duration::from_secs(24 * 3600);

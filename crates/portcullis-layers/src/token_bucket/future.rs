@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use portcullis_core::{
-    Classify, OnFinish, OverCapacity, RateLimitHints, Refusal, Throttled, TokenCost, Usage,
+    Classify, DeadlineExceeded, OnFinish, OverCapacity, RateLimitHints, Refusal, Throttled,
+    TokenCost, Usage,
 };
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
@@ -36,6 +37,8 @@ pin_project! {
     #[project = StateProj]
     enum State<R, F> {
         Reserve { #[pin] fut: R },
+        // The request's deadline had passed at the call: nothing was reserved.
+        Expired,
         // `limit`: the latest admission allowed, for a pause found on waking.
         Sleep { #[pin] sleep: Sleep, limit: Instant },
         Ready,
@@ -54,6 +57,8 @@ struct Ctx<St: BucketStore> {
     /// the earlier of the two, worked out only when a wait is granted ([`Ctx::limit`]).
     max_wait: Duration,
     deadline: Option<Instant>,
+    /// The longest pause a provider's hint may put on the key.
+    max_pause: Duration,
     /// The reservation: refunded on drop while waiting; once `charged` (spent on the inner
     /// call), reconciled with the usage, never refunded.
     ticket: Option<St::Ticket>,
@@ -64,7 +69,7 @@ impl<St: BucketStore> Ctx<St> {
     /// The latest admission allowed: `max_wait` after `now` (when the wait was granted, which
     /// for the in-memory store is when the layer was called), or the deadline if earlier.
     fn limit(&self, now: Instant) -> Instant {
-        let by_wait = now + self.max_wait;
+        let by_wait = crate::after(now, self.max_wait);
         self.deadline.map_or(by_wait, |d| d.min(by_wait))
     }
 
@@ -111,7 +116,16 @@ impl<St: BucketStore> Ctx<St> {
         let label = self.key.label();
         let key = tracing::field::display(KeyDisplay(&self.name, &label));
         match pause {
-            Some(d) => {
+            Some(asked) => {
+                let d = asked.min(self.max_pause);
+                if d < asked {
+                    tracing::warn!(
+                        key,
+                        asked_ms = u64::try_from(asked.as_millis()).unwrap_or(u64::MAX),
+                        capped_ms = d.as_millis() as u64,
+                        "token bucket: provider's pause longer than max_pause; capped"
+                    );
+                }
                 tracing::warn!(
                     key,
                     pause_ms = d.as_millis() as u64,
@@ -148,7 +162,7 @@ where
 {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        reserve: St::Reserve,
+        reserve: Option<St::Reserve>,
         inner: S,
         req: Req,
         store: St,
@@ -156,10 +170,14 @@ where
         name: Arc<str>,
         cost: TokenCost,
         max_wait: Duration,
+        max_pause: Duration,
         deadline: Option<Instant>,
     ) -> Self {
         ResponseFuture {
-            state: State::Reserve { fut: reserve },
+            state: match reserve {
+                Some(fut) => State::Reserve { fut },
+                None => State::Expired,
+            },
             inner,
             req: Some(req),
             ctx: Ctx {
@@ -169,6 +187,7 @@ where
                 cost,
                 max_wait,
                 deadline,
+                max_pause,
                 ticket: None,
                 charged: false,
             },
@@ -210,7 +229,7 @@ where
                                 );
                                 let now = Instant::now();
                                 let limit = ctx.limit(now);
-                                let sleep = sleep_until(now + adm.wait);
+                                let sleep = sleep_until(crate::after(now, adm.wait));
                                 this.state.set(State::Sleep { sleep, limit });
                             }
                         }
@@ -241,6 +260,14 @@ where
                         }
                     }
                 }
+                StateProj::Expired => {
+                    this.state.set(State::Done);
+                    tracing::debug!(
+                        key = %KeyDisplay(&this.ctx.name, &this.ctx.key.label()),
+                        "token bucket: refused, the deadline had passed"
+                    );
+                    return Poll::Ready(Err(crate::refuse(DeadlineExceeded {})));
+                }
                 StateProj::Sleep { mut sleep, limit } => {
                     // Asked on every wake: the slot may have moved earlier (a refund ahead of
                     // it; the store then wakes this task), or a pause may hold it longer. The
@@ -254,7 +281,7 @@ where
                         this.state.set(State::Ready);
                         continue;
                     }
-                    let until = now + wait;
+                    let until = crate::after(now, wait);
                     if until > *limit {
                         ctx.refund("paused beyond the allowed wait");
                         this.state.set(State::Done);

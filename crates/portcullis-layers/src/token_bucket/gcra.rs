@@ -438,11 +438,16 @@ impl KeyState {
         self.paused_until = self.paused_until.max(until);
     }
 
+    /// Ends a pause (reservations already scheduled keep their slots).
+    pub(crate) fn clear_pause(&mut self) {
+        self.paused_until = 0;
+    }
+
     /// Lowers each level to what remains at `now`.
     pub(crate) fn clamp(&mut self, remaining: Remaining, now: Nanos) {
         let charge = self.buckets.zip(remaining).map(|(b, rem)| match (b, rem) {
             (Some(b), Some(rem)) => Charge {
-                from: now + b.refill_time(b.capacity.saturating_sub(rem)),
+                from: now.saturating_add(b.refill_time(b.capacity.saturating_sub(rem))),
                 add: 0,
             },
             _ => Charge::default(),
@@ -464,7 +469,7 @@ impl KeyState {
                         // Keep the level (debt included): same units missing, new refill speed.
                         let missing = old.capacity as f64 - old.level(tat, now);
                         let missing = missing.max(0.0) - (old.capacity as f64 - nb.capacity as f64);
-                        now + (missing.max(0.0) * nb.nanos_per_unit).ceil() as u64
+                        now.saturating_add((missing.max(0.0) * nb.nanos_per_unit).ceil() as u64)
                     }
                     _ => now.max(tat),
                 }

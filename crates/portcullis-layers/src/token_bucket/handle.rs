@@ -75,4 +75,20 @@ impl<St: BucketStore> TokenBucketHandle<St> {
     pub fn pause(&self, key: impl Into<St::Key>, duration: Duration) {
         self.store.pause(&key.into(), duration);
     }
+
+    /// How long admissions of `key` stay paused (after a provider's 429, or
+    /// [`pause`](Self::pause)); `None` when it is not paused or never seen.
+    pub fn paused_for<Q>(&self, key: &Q) -> Option<Duration>
+    where
+        St::Key: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.store.levels(key).and_then(|l| l.paused_for)
+    }
+
+    /// Ends a pause of `key` at once: the next request is admitted as its buckets allow.
+    /// Reservations made during the pause keep their (later) slots.
+    pub fn clear_pause(&self, key: impl Into<St::Key>) {
+        self.store.clear_pause(&key.into());
+    }
 }

@@ -19,6 +19,7 @@ pub(crate) struct Settings<KF, C> {
     pub(crate) cost: C,
     pub(crate) name: Arc<str>,
     pub(crate) max_wait: Duration,
+    pub(crate) max_pause: Duration,
 }
 
 /// Applies a dual RPM / TPM token bucket to a service. See the [module docs](super).
@@ -88,15 +89,17 @@ impl TokenBucketLayer {
     /// [`single_key`](Self::single_key) (any request type).
     pub fn new(name: impl Into<Arc<str>>, config: TokenBucketConfig) -> Result<Self, ConfigError> {
         let name = name.into();
-        let max_wait = config.max_wait;
+        let (max_wait, max_pause) = (config.max_wait, config.max_pause);
         let store = MemoryStore::new(name.clone(), config)?;
-        Ok(Self::from_store(name, store, max_wait))
+        Ok(Self::from_store(name, store, max_wait).max_pause(max_pause))
     }
 }
 
 impl<St> TokenBucketLayer<ByModel, ChatCost, St> {
     /// A layer over any store (a shared one, for a fleet). The store carries the limits;
-    /// `max_wait` is the longest admission wait.
+    /// `max_wait` is the longest admission wait; a provider's pause is cut to
+    /// [`DEFAULT_MAX_PAUSE`](super::DEFAULT_MAX_PAUSE) unless [`max_pause`](Self::max_pause)
+    /// says otherwise.
     pub fn from_store(name: impl Into<Arc<str>>, store: St, max_wait: Duration) -> Self {
         TokenBucketLayer {
             settings: Arc::new(Settings {
@@ -104,6 +107,7 @@ impl<St> TokenBucketLayer<ByModel, ChatCost, St> {
                 cost: ChatCost,
                 name: name.into(),
                 max_wait,
+                max_pause: super::DEFAULT_MAX_PAUSE,
             }),
             store,
         }
@@ -123,8 +127,29 @@ impl<KF, C, St> TokenBucketLayer<KF, C, St> {
                 cost,
                 name: self.settings.name.clone(),
                 max_wait: self.settings.max_wait,
+                max_pause: self.settings.max_pause,
             }),
             store,
+        }
+    }
+
+    /// Sets the longest pause a provider's 429 may put on a key (see
+    /// [`TokenBucketConfig::max_pause`](super::TokenBucketConfig::max_pause)).
+    pub fn max_pause(self, max_pause: Duration) -> Self
+    where
+        KF: Clone,
+        C: Clone,
+    {
+        let s = &self.settings;
+        TokenBucketLayer {
+            settings: Arc::new(Settings {
+                key_fn: s.key_fn.clone(),
+                cost: s.cost.clone(),
+                name: s.name.clone(),
+                max_wait: s.max_wait,
+                max_pause,
+            }),
+            store: self.store,
         }
     }
 

@@ -256,6 +256,10 @@ where
         self.with_key(key, |s, now| s.pause(now.saturating_add(nanos(duration))));
     }
 
+    fn clear_pause(&self, key: &K) {
+        self.with_key(key, |s, _| s.clear_pause());
+    }
+
     fn clamp(&self, key: &K, remaining: Remaining) {
         self.with_key(key, |s, now| s.clamp(remaining, now));
     }

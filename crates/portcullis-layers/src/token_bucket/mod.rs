@@ -16,7 +16,8 @@
 //! - **Fail fast, consuming nothing**: a cost above a capacity is
 //!   [`OverCapacity`](portcullis_core::OverCapacity); a slot further than `max_wait` or than the
 //!   request's deadline is [`Throttled`](portcullis_core::Throttled), with the wait as
-//!   `retry_after`.
+//!   `retry_after`; a request whose deadline has already passed is
+//!   [`DeadlineExceeded`](portcullis_core::DeadlineExceeded), before any reservation.
 //! - **Cancellation**: dropping the response future before the inner call (even before its
 //!   first poll) refunds the reservation exactly, in any order: the key is as if the request
 //!   had never come, and the waiters behind it move up (see [`gcra`] for the invariant).
@@ -26,7 +27,8 @@
 //!   usage: the difference is refunded, or the overrun charged. Without reported usage (or on
 //!   an error) the estimate stays charged.
 //! - **Feedback**: a rate-limited error ([`Classification::rate_limited`]) pauses the key for its
-//!   `retry_after`; the `remaining` rate-limit headers of responses and errors clamp the local
+//!   `retry_after`, cut to `max_pause` ([`TokenBucketConfig::max_pause`]); the handle reads and
+//!   clears a pause; the `remaining` rate-limit headers of responses and errors clamp the local
 //!   levels down, never up.
 //! - **A store** ([`BucketStore`]) keeps the state: [`MemoryStore`] by default, a shared one
 //!   (Redis) for fleets.
@@ -58,7 +60,9 @@ mod per_bucket;
 mod service;
 pub mod store;
 
-pub use config::{ConfigError, DEFAULT_MAX_WAIT, KeyLimits, Rate, TokenBucketConfig};
+pub use config::{
+    ConfigError, DEFAULT_MAX_PAUSE, DEFAULT_MAX_WAIT, KeyLimits, Rate, TokenBucketConfig,
+};
 pub use future::ResponseFuture;
 pub use handle::TokenBucketHandle;
 pub use layer::TokenBucketLayer;

@@ -101,7 +101,8 @@ where
             tokens = cost.total(),
             "token bucket: reserving"
         );
-        let reserve = self.store.reserve(&key, cost, max_wait);
+        // A deadline already passed never leaves: nothing is reserved, nothing is called.
+        let reserve = (!crate::expired(deadline)).then(|| self.store.reserve(&key, cost, max_wait));
         ResponseFuture::new(
             reserve,
             self.inner.clone(),
@@ -111,6 +112,7 @@ where
             self.settings.name.clone(),
             cost,
             self.settings.max_wait,
+            self.settings.max_pause,
             deadline,
         )
     }

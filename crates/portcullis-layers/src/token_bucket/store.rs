@@ -172,6 +172,10 @@ pub trait BucketStore: Clone + Send + Sync + 'static {
     /// Pauses new admissions of `key` for `duration` (after a provider's 429).
     fn pause(&self, key: &Self::Key, duration: Duration);
 
+    /// Ends a pause of `key` (set by [`pause`](Self::pause)). Reservations already scheduled
+    /// keep their slots.
+    fn clear_pause(&self, key: &Self::Key);
+
     /// Lowers the levels of `key` to what the server says remains.
     fn clamp(&self, key: &Self::Key, remaining: Remaining);
 
