@@ -192,6 +192,7 @@ pub struct ProviderStack<S = Provider, Q = ProviderStream, St = MemoryStore> {
     store: StoreFactory<St>,
     attempt_timeout: Duration,
     stream_idle: Duration,
+    stream_total: Option<Duration>,
 }
 
 impl<S: fmt::Debug, Q: fmt::Debug, St> fmt::Debug for ProviderStack<S, Q, St> {
@@ -245,6 +246,7 @@ impl<S, Q> ProviderStack<S, Q> {
             store: Arc::new(|name, config| Ok(MemoryStore::new(name.to_owned(), config)?)),
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             stream_idle: DEFAULT_ATTEMPT_TIMEOUT,
+            stream_total: None,
         }
     }
 }
@@ -276,6 +278,7 @@ impl<S, Q, St> ProviderStack<S, Q, St> {
             store: Arc::new(make),
             attempt_timeout: self.attempt_timeout,
             stream_idle: self.stream_idle,
+            stream_total: self.stream_total,
         }
     }
 
@@ -318,6 +321,15 @@ impl<S, Q, St> ProviderStack<S, Q, St> {
     /// Sets the attempt timeout (also the time-to-first-chunk limit of streams).
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = timeout;
+        self
+    }
+
+    /// Bounds a committed stream's whole duration, from its first chunk (off by default): a
+    /// stream still running after `total` ends with a `Timeout` error, however steadily its
+    /// chunks arrive. Pings and comments are not chunks, so the idle limit already ends a
+    /// stream that only pings; this bounds one that trickles content forever.
+    pub fn stream_total_timeout(mut self, total: Duration) -> Self {
+        self.stream_total = Some(total);
         self
     }
 
@@ -547,7 +559,12 @@ where
             });
             let complete = TimeoutLayer::new(p.attempt_timeout).layer(p.complete);
             let complete = compose(&retry, &breaker, bucket.as_ref(), complete);
-            let stream = StreamIdleLayer::new(p.stream_idle).layer(p.stream);
+            let idle = StreamIdleLayer::new(p.stream_idle);
+            let idle = match p.stream_total {
+                Some(total) => idle.total(total),
+                None => idle,
+            };
+            let stream = idle.layer(p.stream);
             let stream = TimeoutLayer::new(p.attempt_timeout).layer(stream);
             let stream = compose(&retry, &breaker, bucket.as_ref(), stream);
             let mut ce = Entry::new(p.name.clone(), complete).larger_context(p.larger_context);

@@ -304,6 +304,26 @@ impl ChatStream {
         self
     }
 
+    /// Ends the stream with an [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) error when it
+    /// is still running `total` from now (the commit point, when a layer applies it), however
+    /// steadily its chunks arrive: a bound for upstreams that trickle forever. `Duration::MAX`
+    /// (or anything past what the clock can hold) is no limit.
+    pub fn total_timeout(mut self, total: Duration) -> Self {
+        let inner = std::mem::replace(&mut self.inner, Box::pin(Iter(Vec::new().into_iter())));
+        let now = tokio::time::Instant::now();
+        let at = now
+            .checked_add(total.min(crate::config::MAX_DURATION))
+            .unwrap_or(now);
+        self.inner = Box::pin(Total {
+            inner,
+            total,
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            provider: self.meta.provider.clone(),
+            fired: false,
+        });
+        self
+    }
+
     fn finish(&mut self, how: Finish) {
         self.done = true;
         for hook in self.hooks.drain(..) {
@@ -409,6 +429,37 @@ impl Stream for Idle {
         let err = LlmError::new(
             crate::ErrorKind::Timeout,
             format!("stream idle for {:?}", self.idle),
+        )
+        .with_provider(self.provider.clone());
+        Poll::Ready(Some(Err(err)))
+    }
+}
+
+struct Total {
+    inner: ChunkStream,
+    total: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    provider: Cow<'static, str>,
+    fired: bool,
+}
+
+impl Stream for Total {
+    type Item = Result<StreamChunk, LlmError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.fired {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(item) = self.inner.as_mut().poll_next(cx) {
+            return Poll::Ready(item);
+        }
+        std::task::ready!(self.sleep.as_mut().poll(cx));
+        self.fired = true;
+        let err = LlmError::new(
+            crate::ErrorKind::Timeout,
+            format!(
+                "stream still running after its total limit of {:?}",
+                self.total
+            ),
         )
         .with_provider(self.provider.clone());
         Poll::Ready(Some(Err(err)))

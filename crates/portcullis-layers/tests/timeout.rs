@@ -185,6 +185,38 @@ async fn an_idle_limit_of_duration_max_is_no_limit() {
     assert!(chunks.iter().all(Result::is_ok));
 }
 
+/// Issue 19, part 6: a stream that trickles a chunk every 100 ms forever is never idle, so
+/// only the optional total limit ends it: with a Timeout, at the limit, after the chunks that
+/// came in time.
+#[tokio::test(start_paused = true)]
+async fn a_trickling_stream_is_bounded_by_the_total_limit() {
+    let inner = service_fn(|_r: ChatRequest| async {
+        let chunks = futures_util::stream::iter(0..).then(|i| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, LlmError>(StreamChunk::delta(format!("c{i}")))
+        });
+        Ok::<_, LlmError>(ChatStream::new(StreamMeta::new("p", "m"), chunks))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(StreamIdleLayer::new(Duration::from_secs(30)).total(Duration::from_secs(1)))
+        .service(inner);
+    let start = Instant::now();
+    let mut stream = svc.oneshot(req()).await.unwrap();
+    let mut ok = 0;
+    let err = loop {
+        match stream.next().await {
+            Some(Ok(_)) => ok += 1,
+            Some(Err(e)) => break e,
+            None => panic!("a trickling stream does not end by itself"),
+        }
+    };
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(err.message().contains("total limit"), "{err}");
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert!((9..=10).contains(&ok), "{ok} chunks before the limit");
+    assert!(stream.next().await.is_none(), "nothing after the limit");
+}
+
 proptest::proptest! {
     /// Issue 19, part 3: no duration a caller controls makes Timeout + Deadline + Retry panic
     /// over a service that always answers.

@@ -132,6 +132,7 @@ pin_project! {
         #[pin]
         pub(super) inner: F,
         pub(super) idle: Duration,
+        pub(super) total: Option<Duration>,
     }
 }
 
@@ -144,6 +145,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let stream = ready!(this.inner.poll(cx))?;
-        Poll::Ready(Ok(stream.idle_timeout(*this.idle)))
+        let stream = stream.idle_timeout(*this.idle);
+        Poll::Ready(Ok(match *this.total {
+            Some(total) => stream.total_timeout(total),
+            None => stream,
+        }))
     }
 }

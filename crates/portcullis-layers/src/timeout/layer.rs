@@ -44,16 +44,26 @@ impl<S> Layer<S> for DeadlineLayer {
     }
 }
 
-/// Ends a [`ChatStream`](portcullis_core::ChatStream) that goes quiet for longer than `idle`.
+/// Ends a [`ChatStream`](portcullis_core::ChatStream) that goes quiet for longer than `idle`,
+/// and optionally one still running `total` after its commit point.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamIdleLayer {
     idle: Duration,
+    total: Option<Duration>,
 }
 
 impl StreamIdleLayer {
     /// Streams fail with a timeout after `idle` without a chunk.
     pub fn new(idle: Duration) -> Self {
-        StreamIdleLayer { idle }
+        StreamIdleLayer { idle, total: None }
+    }
+
+    /// Streams also fail with a timeout once they have run `total` since their first chunk,
+    /// however steadily chunks arrive (off by default: an upstream that keeps sending is
+    /// otherwise bounded only by the caller).
+    pub fn total(mut self, total: Duration) -> Self {
+        self.total = Some(total);
+        self
     }
 }
 
@@ -63,6 +73,7 @@ impl<S> Layer<S> for StreamIdleLayer {
         StreamIdle {
             inner,
             idle: self.idle,
+            total: self.total,
         }
     }
 }

@@ -122,6 +122,7 @@ where
 pub struct StreamIdle<S> {
     pub(super) inner: S,
     pub(super) idle: Duration,
+    pub(super) total: Option<Duration>,
 }
 
 impl<S> StreamIdle<S> {
@@ -157,6 +158,7 @@ where
         IdleFuture {
             inner: self.inner.call(req),
             idle: self.idle,
+            total: self.total,
         }
     }
 }
