@@ -3,7 +3,7 @@
 //! | trait | what it tells a layer |
 //! |---|---|
 //! | [`Classify`] | for an error: retry the same provider? a breaker failure? fail over? wait how long? the provider's rate-limit headers |
-//! | [`OnFinish`] | for a response: when it is really over (a stream ends later), its usage, its rate-limit headers |
+//! | [`OnFinish`] | for a response: when it is really over (a stream ends later), its usage, its rate-limit headers, and the failure it stands for if it is one (an HTTP 503) |
 //! | [`RequestInfo`] | for a request: its model and deadline |
 //! | [`CostOf`](crate::CostOf) | for a request: its token cost (in [`tokens`](crate::tokens)) |
 //!
@@ -61,6 +61,31 @@ pub struct Classification {
 }
 
 impl Classification {
+    /// How an HTTP response of this status classifies, by the one table
+    /// ([`ErrorKind::from_wire`] then [`ErrorKind::classification`]), with the `Retry-After` of
+    /// its headers: `None` below 400 (a success), `Some` row for every error status.
+    ///
+    /// ```
+    /// use http::{HeaderMap, HeaderValue, StatusCode};
+    /// use portcullis_core::Classification;
+    ///
+    /// let mut headers = HeaderMap::new();
+    /// assert!(Classification::of_http(StatusCode::OK, &headers).is_none());
+    /// assert!(Classification::of_http(StatusCode::SERVICE_UNAVAILABLE, &headers).unwrap().breaker_failure);
+    /// headers.insert("retry-after", HeaderValue::from_static("7"));
+    /// let limited = Classification::of_http(StatusCode::TOO_MANY_REQUESTS, &headers).unwrap();
+    /// assert!(limited.rate_limited && limited.retry);
+    /// assert_eq!(limited.retry_after, Some(std::time::Duration::from_secs(7)));
+    /// ```
+    pub fn of_http(status: http::StatusCode, headers: &http::HeaderMap) -> Option<Classification> {
+        if status.as_u16() < 400 {
+            return None;
+        }
+        let kind = ErrorKind::from_wire(Some(status.as_u16()), None, None);
+        let hints = RateLimitHints::from_headers(headers);
+        Some(kind.classification_with(hints.retry_after, hints.should_retry))
+    }
+
     /// A permanent failure: no retry, no breaker failure, no failover.
     pub const PERMANENT: Classification = Classification {
         retry: false,
@@ -220,6 +245,19 @@ pub trait OnFinish {
     fn rate_limits(&self) -> Option<&RateLimitHints> {
         None
     }
+
+    /// The failure this response stands for, if it is one: an `Ok` HTTP 503 is the 503 error in
+    /// all but name. Every layer reads it as it reads [`Classify::classify`] of an error: the
+    /// breaker counts it, the retry retries it (after its `retry_after`), a fallback fails over
+    /// on it, a token bucket pauses on a `rate_limited` one. What the layers cannot do is turn it
+    /// into an error: when nothing is left to try, the response itself is returned.
+    ///
+    /// `None`, the default, is a success. `http::Response<B>` classifies by its status with the
+    /// one table ([`Classification::of_http`]); [`Finished::classified`] carries a
+    /// classification you compute for a type you do not own.
+    fn failure(&self) -> Option<Classification> {
+        None
+    }
 }
 
 impl<B> OnFinish for http::Response<B> {
@@ -228,6 +266,10 @@ impl<B> OnFinish for http::Response<B> {
         F: FnOnce(&Finish) + Send + 'static,
     {
         f(&Finish::Completed { usage: None })
+    }
+
+    fn failure(&self) -> Option<Classification> {
+        Classification::of_http(self.status(), self.headers())
     }
 }
 
@@ -252,23 +294,51 @@ impl<B> OnFinish for http::Response<B> {
 /// # Ok(()) }
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(run()).unwrap();
 /// ```
+///
+/// A response that can stand for a failure (a client library's response with a status) says so
+/// with [`Finished::classified`], by the same table as errors:
+///
+/// ```
+/// use portcullis_core::{ErrorKind, Finished, OnFinish};
+///
+/// struct JobReply { code: u16 }
+///
+/// let wrap = |r: JobReply| {
+///     let class = (r.code >= 500).then(|| ErrorKind::Server.classification());
+///     Finished::classified(r, class)
+/// };
+/// assert!(wrap(JobReply { code: 503 }).failure().unwrap().breaker_failure);
+/// assert!(wrap(JobReply { code: 200 }).failure().is_none());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Finished<T>(pub T);
+pub struct Finished<T> {
+    inner: T,
+    failure: Option<Classification>,
+}
 
 impl<T> Finished<T> {
-    /// Wraps a response.
+    /// Wraps a response that is a success.
     pub fn new(inner: T) -> Self {
-        Finished(inner)
+        Finished {
+            inner,
+            failure: None,
+        }
+    }
+
+    /// Wraps a response that stands for the failure `failure` (`None`: a success); the layers
+    /// read it through [`OnFinish::failure`].
+    pub fn classified(inner: T, failure: Option<Classification>) -> Self {
+        Finished { inner, failure }
     }
 
     /// The response.
     pub fn into_inner(self) -> T {
-        self.0
+        self.inner
     }
 
     /// The response, borrowed.
     pub fn get_ref(&self) -> &T {
-        &self.0
+        &self.inner
     }
 }
 
@@ -278,6 +348,10 @@ impl<T> OnFinish for Finished<T> {
         F: FnOnce(&Finish) + Send + 'static,
     {
         f(&Finish::Completed { usage: None })
+    }
+
+    fn failure(&self) -> Option<Classification> {
+        self.failure
     }
 }
 
@@ -463,6 +537,22 @@ impl ErrorKind {
             | ResponseTooLarge | Configuration | DeadlineExceeded => Classification::PERMANENT,
             CircuitOpen | Throttled => Classification::REFUSED_LOCALLY,
         }
+    }
+
+    /// This kind's row with what the server said of it: its `retry-after` hint, and its
+    /// `x-should-retry` verdict, which overrides the "retry same provider" column (the server
+    /// knows best whether the same request can succeed) and nothing else.
+    pub const fn classification_with(
+        self,
+        retry_after: Option<Duration>,
+        should_retry: Option<bool>,
+    ) -> Classification {
+        let mut c = self.classification();
+        c.retry_after = retry_after;
+        if let Some(retry) = should_retry {
+            c.retry = retry && !matches!(self, ErrorKind::StreamInterrupted);
+        }
+        c
     }
 
     /// Maps what a provider sent (an HTTP status, and the error body's `type` and `code`) to a

@@ -257,14 +257,9 @@ impl StdError for LlmError {
 
 impl Classify for LlmError {
     fn classify(&self) -> Classification {
-        let mut c = self.0.kind.classification();
-        c.retry_after = self.0.retry_after;
-        if let Some(retry) = self.0.should_retry {
-            // The server knows best whether the same request can succeed: `x-should-retry`
-            // overrides the "retry same provider" column, nothing else.
-            c.retry = retry && !matches!(self.0.kind, ErrorKind::StreamInterrupted);
-        }
-        c
+        self.0
+            .kind
+            .classification_with(self.0.retry_after, self.0.should_retry)
     }
 
     fn provider(&self) -> Option<&str> {

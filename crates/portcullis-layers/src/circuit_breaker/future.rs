@@ -108,15 +108,23 @@ where
                 // Inspected in place and returned as is: a response is not moved again.
                 let mut result = ready!(future.poll(cx));
                 if let Some(guard) = this.guard.take() {
-                    match &mut result {
-                        // At once for a complete response; at its end for a stream.
-                        Ok(response) => response.on_finish(move |how| guard.finish(how)),
-                        Err(e) => guard.record(if e.classify().breaker_failure {
-                            Outcome::Failure
-                        } else {
-                            Outcome::Ignored
-                        }),
-                    }
+                    let failure = match &mut result {
+                        Ok(response) => match response.failure() {
+                            // An `Ok` that stands for a failure (an HTTP 503) counts as one.
+                            Some(class) => class,
+                            // At once for a complete response; at its end for a stream.
+                            None => {
+                                response.on_finish(move |how| guard.finish(how));
+                                return Poll::Ready(result);
+                            }
+                        },
+                        Err(e) => e.classify(),
+                    };
+                    guard.record(if failure.breaker_failure {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Ignored
+                    });
                 }
                 Poll::Ready(result)
             }

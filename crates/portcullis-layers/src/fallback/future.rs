@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
-use portcullis_core::{Classify, Failover, Replay};
+use portcullis_core::{Classify, Failover, OnFinish, Replay};
 use tower_service::Service;
 
 use super::service::Entry;
@@ -61,6 +61,7 @@ where
 impl<S, Req> Future for FallbackFuture<S, Req>
 where
     S: Service<Req> + Clone,
+    S::Response: OnFinish,
     S::Error: Classify + fmt::Display,
     Req: Replay,
 {
@@ -71,11 +72,16 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { fut } => {
-                    let err = match ready!(fut.poll(cx)) {
-                        Ok(res) => return Poll::Ready(Ok(res)),
-                        Err(err) => err,
+                    let outcome = ready!(fut.poll(cx));
+                    // An `Ok` that stands for a failure (an HTTP 503) fails over as the error
+                    // would; with nowhere to go it is returned as it is.
+                    let class = match &outcome {
+                        Ok(res) => match res.failure() {
+                            Some(class) => class,
+                            None => return Poll::Ready(outcome),
+                        },
+                        Err(err) => err.classify(),
                     };
-                    let class = err.classify();
                     let from = *this.idx;
                     let next = match class.failover {
                         Failover::Never => None,
@@ -85,7 +91,7 @@ where
                         }
                     };
                     let Some(next) = next else {
-                        return Poll::Ready(Err(err));
+                        return Poll::Ready(outcome);
                     };
                     // The last entry takes the caller's request; earlier ones get a clone.
                     let req = if next + 1 == this.chain.len() {
@@ -94,14 +100,22 @@ where
                         this.req.as_ref().and_then(Replay::replay)
                     };
                     if req.is_none() {
-                        return Poll::Ready(Err(err));
+                        return Poll::Ready(outcome);
                     }
-                    tracing::warn!(
-                        from = %this.chain[from].name,
-                        to = %this.chain[next].name,
-                        reason = %err,
-                        "failing over"
-                    );
+                    match &outcome {
+                        Err(err) => tracing::warn!(
+                            from = %this.chain[from].name,
+                            to = %this.chain[next].name,
+                            reason = %err,
+                            "failing over"
+                        ),
+                        Ok(_) => tracing::warn!(
+                            from = %this.chain[from].name,
+                            to = %this.chain[next].name,
+                            reason = "a response that classifies as a failure",
+                            "failing over"
+                        ),
+                    }
                     *this.idx = next;
                     let svc = this.chain[next].service.clone();
                     this.state.set(State::Readying { svc, req });

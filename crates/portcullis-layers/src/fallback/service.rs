@@ -3,7 +3,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use portcullis_core::{ChatRequest, Classify, Replay};
+use portcullis_core::{ChatRequest, Classify, OnFinish, Replay};
 use tower_service::Service;
 
 use super::future::FallbackFuture;
@@ -171,6 +171,7 @@ impl<S: Clone, Req> Fallback<S, Req> {
 impl<S, Req> Service<Req> for Fallback<S, Req>
 where
     S: Service<Req> + Clone,
+    S::Response: OnFinish,
     S::Error: Classify + fmt::Display,
     Req: Replay,
 {

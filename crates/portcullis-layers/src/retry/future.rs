@@ -112,7 +112,7 @@ where
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
                     let outcome = ready!(future.poll(cx));
-                    if outcome.is_ok() && this.policy.accepts_successes() {
+                    if outcome.as_ref().is_ok_and(|r| this.policy.accepts(r)) {
                         return Poll::Ready(outcome);
                     }
                     let Some(request) = this.request.as_ref() else {

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use portcullis_core::{Classify, RetryStop};
+use portcullis_core::{Classify, OnFinish, RetryStop};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
@@ -74,10 +74,10 @@ pub trait Policy<Req, Res, E> {
         self.on_request(request);
     }
 
-    /// Whether [`decide`](Self::decide) accepts every success, whatever the attempt. When it
-    /// does, the service returns a success without building the [`Attempt`] (which reads the
+    /// Whether [`decide`](Self::decide) would accept this success, whatever the attempt. When
+    /// it would, the service returns it without building the [`Attempt`] (which reads the
     /// clock). The default, `false`, has `decide` see every outcome.
-    fn accepts_successes(&self) -> bool {
+    fn accepts(&self, _response: &Res) -> bool {
         false
     }
 
@@ -262,7 +262,9 @@ impl Default for StandardPolicy {
     }
 }
 
-impl<Req, Res, E: Classify> Policy<Req, Res, E> for StandardPolicy {
+/// Errors classify by [`Classify`]; an `Ok` response by [`OnFinish::failure`], so an HTTP 503
+/// response is retried as the 503 error would be (and returned as it is when retrying stops).
+impl<Req, Res: OnFinish, E: Classify> Policy<Req, Res, E> for StandardPolicy {
     fn on_request(&self, _request: &Req) {
         if let Some(budget) = &self.budget {
             budget.deposit();
@@ -275,15 +277,18 @@ impl<Req, Res, E: Classify> Policy<Req, Res, E> for StandardPolicy {
         }
     }
 
-    fn accepts_successes(&self) -> bool {
-        true
+    fn accepts(&self, response: &Res) -> bool {
+        response.failure().is_none()
     }
 
     fn decide(&self, attempt: &Attempt<'_, Req>, outcome: Result<&Res, &E>) -> Decision {
-        let Err(err) = outcome else {
-            return Decision::Accept;
+        let class = match outcome {
+            Err(err) => err.classify(),
+            Ok(res) => match res.failure() {
+                Some(class) => class,
+                None => return Decision::Accept,
+            },
         };
-        let class = err.classify();
         let retries = attempt.retries();
         // The first attempt's error comes back unchanged when it is not retried at all.
         let stop = |reason| match retries {

@@ -313,6 +313,9 @@ where
                     match &mut out {
                         Ok(res) => {
                             ctx.feedback(res.rate_limits());
+                            if let Some(class) = res.failure().filter(|c| c.rate_limited) {
+                                ctx.rate_limited(class.retry_after, res.rate_limits());
+                            }
                             if let Some(ticket) = ticket {
                                 let store = ctx.store.clone();
                                 res.on_finish(move |finish| {
