@@ -7,7 +7,8 @@
 //! 3. per provider:
 //!    1. **retry** ([`RetryLayer`]),
 //!    2. **circuit breaker** ([`CircuitBreakerLayer`]),
-//!    3. **token bucket** ([`TokenBucketLayer`], when the provider has limits),
+//!    3. **token bucket** ([`TokenBucketLayer`]): the configured limits, else those the
+//!       provider's responses state (learned from its rate-limit headers),
 //!    4. **attempt timeout** ([`TimeoutLayer`]) (and, for streams, an idle limit),
 //!    5. the provider.
 //!
@@ -226,8 +227,9 @@ impl ProviderStack<Provider, ProviderStream> {
 impl<S, Q> ProviderStack<S, Q> {
     /// A provider named `name`, with its complete-call and streaming services, and the default
     /// settings: the seed's retry (3 retries, 1 s → 30 s backoff) with full jitter and a retry
-    /// budget, the seed's breaker (5 consecutive failures, 60 s, 3 probes), no limits, a 30 s
-    /// attempt timeout, and a 30 s idle limit for streams.
+    /// budget, the seed's breaker (5 consecutive failures, 60 s, 3 probes), no configured
+    /// limits (a token bucket per model paces at the limits the provider's responses state), a
+    /// 30 s attempt timeout, and a 30 s idle limit for streams.
     ///
     /// With a fallback behind it, the retries of the first calls to a dead primary delay their
     /// failover (about 1 + 2 + 4 s at most with the seed's backoff, until the breaker opens and
@@ -312,7 +314,8 @@ impl<S, Q, St> ProviderStack<S, Q, St> {
         self
     }
 
-    /// Sets RPM / TPM limits (a token bucket per model).
+    /// Sets RPM / TPM limits (a token bucket per model). Limits the provider states in its
+    /// headers still lower them ([`TokenBucketConfig::learn_limits`] turns that off).
     pub fn limits(mut self, config: TokenBucketConfig) -> Self {
         self.limits = Some(config);
         self
@@ -398,7 +401,8 @@ pub struct ProviderHandles<St = MemoryStore> {
     pub model: Option<Arc<str>>,
     /// Its circuit breakers (one per model).
     pub breaker: CircuitBreakerHandle<Arc<str>>,
-    /// Its token buckets, when it has limits.
+    /// Its token buckets (always present: with no configured limits they learn the
+    /// provider's).
     pub limiter: Option<TokenBucketHandle<St>>,
 }
 
@@ -537,20 +541,17 @@ where
             let retry = RetryLayer::new(policy);
             let breaker = CircuitBreakerLayer::new(name.clone(), p.breaker.clone())
                 .map_err(|e| StackError::Config(Some(name.clone()), e))?;
-            let bucket = match &p.limits {
-                Some(l) => {
-                    l.validate()
-                        .map_err(|e| StackError::Config(Some(name.clone()), e))?;
-                    let store = (p.store)(&name, l.clone())
-                        .map_err(|e| StackError::Store(name.clone(), e))?;
-                    Some(TokenBucketLayer::from_store(
-                        name.clone(),
-                        store,
-                        l.max_wait,
-                    ))
-                }
-                None => None,
-            };
+            // Every provider paces: by its configured limits, else by those its responses
+            // state (learned; `TokenBucketConfig::learn_limits`).
+            let l = p.limits.clone().unwrap_or_default();
+            l.validate()
+                .map_err(|e| StackError::Config(Some(name.clone()), e))?;
+            let store =
+                (p.store)(&name, l.clone()).map_err(|e| StackError::Store(name.clone(), e))?;
+            let bucket = Some(
+                TokenBucketLayer::from_store(name.clone(), store, l.max_wait)
+                    .max_pause(l.max_pause),
+            );
             handles.push(ProviderHandles {
                 name: name.clone(),
                 model: p.model.as_deref().map(Arc::from),

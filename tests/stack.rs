@@ -243,7 +243,9 @@ async fn the_bucket_keeps_the_stack_under_the_limits() {
                 .with_requests(Rate::new(291, 300.0 * safety).unwrap())
                 .with_tokens(Rate::new(1164, 1200.0 * safety).unwrap()),
         )
-        .max_wait(Duration::from_millis(800));
+        .max_wait(Duration::from_millis(800))
+        // The simulator's "minute" lasts 1 s: the limits its headers state are per second.
+        .learn_window(Duration::from_secs(1));
     let stack = Stack::builder()
         .deadline(Duration::from_secs(3))
         .provider(openai(&sim).limits(bucket))
@@ -474,4 +476,64 @@ async fn stack_rejects_inconsistent_timeouts() {
             "{e}"
         );
     }
+}
+
+/// Issue 21's scenario, on the library's defaults: one OpenAI entry with no limits configured,
+/// a provider allowing 60 requests a minute, one warm-up call, then 100 concurrent calls. The
+/// bucket learns the limit from the first response's headers and paces the rest: at most 2
+/// upstream 429s (there were 70 with no bucket). A 2 s wait for admission is the only setting,
+/// to keep the test short: the calls the bucket cannot admit in time are refused locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfigured_stack_paces_at_the_limits_its_provider_states() {
+    let limits = Limits {
+        openai: OpenAiLimits {
+            rpm: 60,
+            tpm: 1_000_000,
+        },
+        ..Limits::default()
+    };
+    let sim = Simulator::builder()
+        .seed(6)
+        .limits(limits)
+        .start()
+        .await
+        .unwrap();
+    let p = OpenAiProvider::builder()
+        .base_url(sim.openai_base_url())
+        .api_key(key())
+        .build()
+        .unwrap();
+    // No limits: only a shorter wait for admission than the default 30 s.
+    let bucket = TokenBucketConfig::new().max_wait(Duration::from_secs(2));
+    let stack = Stack::builder()
+        .provider(ProviderStack::openai(p).limits(bucket))
+        .build()
+        .unwrap();
+    stack.completions().oneshot(req(0, 8)).await.unwrap();
+    let limiter = stack.provider("openai").unwrap().limiter.clone().unwrap();
+    let learned = limiter.level(MODEL).unwrap().limits;
+    assert_eq!(learned.requests, Some(Rate::per_minute(60).unwrap()));
+
+    let mut calls = JoinSet::new();
+    for i in 1..=100 {
+        let svc = stack.completions();
+        calls.spawn(async move { svc.oneshot(req(i, 8)).await.map_err(|e| e.kind()) });
+    }
+    let outcomes = calls.join_all().await;
+    let ok = outcomes.iter().filter(|o| o.is_ok()).count();
+    let upstream_429s = sim.stats().status(429);
+    eprintln!(
+        "learned limits: {ok} of 100 admitted, {upstream_429s} upstream 429s, {} upstream requests",
+        sim.stats().requests
+    );
+    assert!(upstream_429s <= 2, "{upstream_429s} upstream 429s");
+    // The 59 left in the first minute, and one or two more as the bucket refills.
+    assert!((59..=62).contains(&ok), "{ok} admitted");
+    assert!(
+        outcomes.iter().all(|o| matches!(
+            o,
+            Ok(_) | Err(ErrorKind::DeadlineExceeded | ErrorKind::Throttled)
+        )),
+        "{outcomes:?}"
+    );
 }

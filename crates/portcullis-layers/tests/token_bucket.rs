@@ -533,6 +533,89 @@ async fn remaining_headers_clamp_down_never_up() {
     assert!(tokens(&h, "m") <= before, "a header never raises the level");
 }
 
+/// A provider that states `rpm` (an `AtomicU64`, changeable) as its requests limit.
+fn stating(
+    rpm: Arc<AtomicU64>,
+) -> impl Service<
+    ChatRequest,
+    Response = CompletionResult,
+    Error = LlmError,
+    Future = impl Send + 'static,
+> + Clone {
+    tower::service_fn(move |_r: ChatRequest| {
+        let mut hints = RateLimitHints::default();
+        hints.requests.limit = Some(rpm.load(Ordering::SeqCst));
+        let mut res = CompletionResult::new("t", "m", "ok").with_usage(Usage::new(0, 1));
+        res.rate_limits = Some(Box::new(hints));
+        async move { Ok::<_, LlmError>(res) }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unconfigured_key_learns_and_follows_its_providers_limits() {
+    let l = TokenBucketLayer::new("t", TokenBucketConfig::new())
+        .unwrap()
+        .with_cost(MaxTokens);
+    let h = l.handle();
+    let rpm = Arc::new(AtomicU64::new(60));
+    let mut svc = l.layer(stating(rpm.clone()));
+    svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+    let learned = h.level("m").unwrap().limits;
+    assert_eq!(learned.requests, Some(Rate::per_minute(60).unwrap()));
+    assert_eq!(learned.tokens, None, "only what is stated");
+    // The bucket starts full when learned (the headers' `remaining`, when stated, clamps it;
+    // here none is): 60 more go at once, the next waits 1 s.
+    for _ in 0..60 {
+        svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+    }
+    let t0 = Instant::now();
+    svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(990),
+        "{:?}",
+        t0.elapsed()
+    );
+    // The provider raises its limit: the key follows.
+    rpm.store(600, Ordering::SeqCst);
+    svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+    let limits = h.level("m").unwrap().limits;
+    assert_eq!(limits.requests, Some(Rate::per_minute(600).unwrap()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn configured_and_learned_limits_combine_by_the_lower() {
+    let configured = KeyLimits::unlimited().with_requests(Rate::per_minute(100).unwrap());
+    let cfg = TokenBucketConfig::new().default_limits(configured);
+    let l = TokenBucketLayer::new("t", cfg)
+        .unwrap()
+        .with_cost(MaxTokens);
+    let h = l.handle();
+    let rpm = Arc::new(AtomicU64::new(60));
+    let mut svc = l.layer(stating(rpm.clone()));
+    svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+    assert_eq!(
+        h.level("m").unwrap().limits.requests,
+        Some(Rate::per_minute(60).unwrap())
+    );
+    // Stated above the configured limit: the configured one holds.
+    rpm.store(1000, Ordering::SeqCst);
+    svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+    assert_eq!(
+        h.level("m").unwrap().limits.requests,
+        Some(Rate::per_minute(100).unwrap())
+    );
+
+    // Learning off: the headers change nothing.
+    let cfg = TokenBucketConfig::new().learn_limits(false);
+    let l = TokenBucketLayer::new("t", cfg)
+        .unwrap()
+        .with_cost(MaxTokens);
+    let h = l.handle();
+    let mut svc = l.layer(stating(rpm));
+    svc.ready().await.unwrap().call(req("m", 1)).await.unwrap();
+    assert_eq!(h.level("m").unwrap().limits, KeyLimits::unlimited());
+}
+
 #[tokio::test(start_paused = true)]
 async fn limits_change_at_run_time_keeping_waiters() {
     let log = Log::default();

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use portcullis_core::TokenCost;
+use portcullis_core::{RateLimitHints, TokenCost};
 use portcullis_layers::token_bucket::{
     Admission, BucketStore, Denied, KeyLabel, KeyLimits, Levels, MemoryStore, MemoryTicket,
     PerBucket, Rate, Remaining, Settlement, TokenBucketConfig,
@@ -927,6 +927,16 @@ where
         let entry = self.entry(key);
         let old = std::mem::replace(&mut lock(&entry.state).limits, limits);
         entry.send(Op::SetLimits { old, new: limits });
+    }
+
+    fn learn_limits(&self, key: &K, stated: &RateLimitHints) {
+        let shared = &self.shared;
+        let label = key.label();
+        if let Some(limits) = shared.config.with_learned(&shared.name, &label, stated) {
+            if lock(&self.entry(key).state).limits != limits {
+                self.set_limits(key, limits);
+            }
+        }
     }
 
     fn levels<Q>(&self, key: &Q) -> Option<Levels>

@@ -30,6 +30,8 @@ pub const MAX_TOKENS: u32 = 8;
 /// The client keeps this share of the server's limits: the margin absorbs the jitter between
 /// when the client admits a request and when the server counts it.
 pub const SAFETY: f64 = 0.97;
+/// The longest wait for admission (the library's default), before scaling.
+const MAX_WAIT: Duration = portcullis::layers::token_bucket::DEFAULT_MAX_WAIT;
 /// The first part of the run is the initial burst, the last part the drain: goodput counts
 /// the steady part in between.
 const STEADY: (Duration, Duration) = (Duration::from_secs(4), Duration::from_secs(10));
@@ -70,7 +72,9 @@ pub struct Scenario {
 /// One stack's run under the limits.
 #[derive(Debug, Serialize)]
 pub struct Row {
-    name: StackKind,
+    /// The stack; `learned` is the Portcullis stack with no limits configured, pacing at the
+    /// limits the simulator's headers state.
+    name: String,
     requests: usize,
     succeeded: usize,
     upstream_429s: u64,
@@ -82,7 +86,16 @@ pub struct Row {
 
 /// Runs the drill.
 pub async fn run(seed: u64) -> Result<Report<Scenario, Row>, Box<dyn std::error::Error>> {
-    let stacks = each_stack(Which::RateLimit, DURATION, |kind| one(kind, seed)).await?;
+    let mut stacks = each_stack(Which::RateLimit, DURATION, |kind| {
+        one(kind, seed, Configured::Yes)
+    })
+    .await?;
+    super::progress(&format!(
+        "drill {}: running learned ({} s)…",
+        Which::RateLimit,
+        DURATION.as_secs()
+    ));
+    stacks.push(one(StackKind::Portcullis, seed, Configured::No).await?);
     let minute = scaled(Duration::from_secs(60));
     Ok(Report {
         drill: Which::RateLimit,
@@ -121,10 +134,21 @@ pub fn client_limits() -> Result<TokenBucketConfig, Box<dyn std::error::Error>> 
         .with_tokens(rate(TPM)?);
     Ok(TokenBucketConfig::new()
         .limit(MODEL, limits)
-        .max_wait(scaled(Duration::from_secs(30))))
+        .max_wait(scaled(MAX_WAIT)))
 }
 
-async fn one(kind: StackKind, seed: u64) -> Result<Row, Box<dyn std::error::Error>> {
+/// Whether the Portcullis stack is given the limits, or learns them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Configured {
+    Yes,
+    No,
+}
+
+async fn one(
+    kind: StackKind,
+    seed: u64,
+    configured: Configured,
+) -> Result<Row, Box<dyn std::error::Error>> {
     let sim = Simulator::builder()
         .seed(seed)
         .limits(sim_limits())
@@ -144,10 +168,14 @@ async fn one(kind: StackKind, seed: u64) -> Result<Row, Box<dyn std::error::Erro
             seed,
         )),
         StackKind::Portcullis => {
-            let config = client_limits()?;
+            let config = match configured {
+                Configured::Yes => Some(client_limits()?),
+                // Only the wait for admission, as the configured row has.
+                Configured::No => Some(TokenBucketConfig::new().max_wait(scaled(MAX_WAIT))),
+            };
             let stack = stacks::portcullis(vec![stacks::provider_stack(
                 ProviderStack::openai(openai),
-                Some(config),
+                config,
                 seed,
             )])?;
             BoxCloneSyncService::new(stack.completions())
@@ -166,7 +194,10 @@ async fn one(kind: StackKind, seed: u64) -> Result<Row, Box<dyn std::error::Erro
         .filter(|o| matches!(o.result, Err(ErrorKind::Throttled | ErrorKind::CircuitOpen)))
         .count();
     Ok(Row {
-        name: kind,
+        name: match configured {
+            Configured::Yes => kind.to_string(),
+            Configured::No => "learned".to_owned(),
+        },
         requests: outcomes.len(),
         succeeded: ok,
         upstream_429s,

@@ -193,15 +193,14 @@ pub fn provider_stack(
     limits: Option<TokenBucketConfig>,
     rng: u64,
 ) -> ProviderStack {
-    let mut p = p
+    let p = p
         .retry(retry_config(rng))
         .breaker(breaker_config())
         .attempt_timeout(scaled(ATTEMPT_TIMEOUT))
         .stream_idle_timeout(scaled(ATTEMPT_TIMEOUT));
-    if let Some(l) = limits {
-        p = p.limits(l);
-    }
-    p
+    // The simulator's minute lasts `scaled(60 s)`: the limits its headers state are per that.
+    let limits = limits.unwrap_or_default();
+    p.limits(limits.learn_window(scaled(Duration::from_secs(60))))
 }
 
 /// The Portcullis stack over the given providers (their buckets in memory, or in a shared

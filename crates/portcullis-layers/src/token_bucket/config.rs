@@ -6,6 +6,7 @@ use std::time::Duration;
 
 pub use portcullis_core::ConfigError;
 use portcullis_core::config::{MAX_DURATION, millis};
+use portcullis_core::{LimitHint, RateLimitHints};
 use serde::{Deserialize, Serialize};
 
 /// The component name in this module's [`ConfigError`]s.
@@ -232,6 +233,58 @@ impl KeyLimits {
         ]
     }
 
+    /// Each bucket the lower of the two (by refill speed, then capacity); a bucket only one
+    /// side has is kept. The rule by which configured and learned limits combine.
+    ///
+    /// ```
+    /// use portcullis_layers::token_bucket::KeyLimits;
+    /// let configured = KeyLimits::rpm_tpm(500, 200_000).unwrap();
+    /// let learned = KeyLimits::rpm_tpm(60, 1_000_000).unwrap();
+    /// assert_eq!(configured.lower(learned), KeyLimits::rpm_tpm(60, 200_000).unwrap());
+    /// ```
+    pub fn lower(self, other: KeyLimits) -> KeyLimits {
+        let pick = |a: Option<Rate>, b: Option<Rate>| match (a, b) {
+            (Some(a), Some(b)) => {
+                let key = |r: Rate| (r.refill_per_sec, r.capacity);
+                Some(if key(b) < key(a) { b } else { a })
+            }
+            (a, b) => a.or(b),
+        };
+        KeyLimits {
+            requests: pick(self.requests, other.requests),
+            tokens: pick(self.tokens, other.tokens),
+            input_tokens: pick(self.input_tokens, other.input_tokens),
+            output_tokens: pick(self.output_tokens, other.output_tokens),
+        }
+    }
+
+    /// The limits a provider states in its headers (`x-ratelimit-limit-requests` / `-tokens`,
+    /// `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-limit`), each read as
+    /// `limit` per `window` (a minute for both providers). `None` when no limit is stated (or
+    /// none is usable: a limit of 0 says nothing about a rate).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use portcullis_core::RateLimitHints;
+    /// use portcullis_layers::token_bucket::{KeyLimits, Rate};
+    /// let mut hints = RateLimitHints::default();
+    /// assert_eq!(KeyLimits::stated_in(&hints, Duration::from_secs(60)), None);
+    /// hints.requests.limit = Some(500);
+    /// let learned = KeyLimits::stated_in(&hints, Duration::from_secs(60)).unwrap();
+    /// assert_eq!(learned.requests, Some(Rate::per_minute(500).unwrap()));
+    /// ```
+    pub fn stated_in(hints: &RateLimitHints, window: Duration) -> Option<KeyLimits> {
+        let secs = window.as_secs_f64();
+        let rate = |h: &LimitHint| h.limit.and_then(|n| Rate::new(n, n as f64 / secs).ok());
+        let l = KeyLimits {
+            requests: rate(&hints.requests),
+            tokens: rate(&hints.tokens),
+            input_tokens: rate(&hints.input_tokens),
+            output_tokens: rate(&hints.output_tokens),
+        };
+        (l != KeyLimits::unlimited()).then_some(l)
+    }
+
     /// Checks every bucket (a [`Rate`] built by hand with serde bypassed cannot be invalid, but
     /// one deserialized elsewhere is re-checked here).
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -286,6 +339,29 @@ pub struct TokenBucketConfig {
         default = "default_max_pause"
     )]
     pub max_pause: Duration,
+    /// Learn each key's limits from the provider's own limit headers (on by default): a key
+    /// with no configured limits paces at the limits its responses state, and follows them
+    /// when they change; a configured limit and a learned one combine by
+    /// [`KeyLimits::lower`], bucket by bucket. Until a response states a limit, an
+    /// unconfigured key is not limited.
+    #[serde(default = "default_learn")]
+    pub learn_limits: bool,
+    /// The window a provider's stated limits are per: a minute (the default) for OpenAI's and
+    /// Anthropic's headers. A simulator whose minute runs faster says so here.
+    #[serde(
+        rename = "learn_window_ms",
+        with = "millis",
+        default = "default_learn_window"
+    )]
+    pub learn_window: Duration,
+}
+
+fn default_learn() -> bool {
+    true
+}
+
+fn default_learn_window() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_max_wait() -> Duration {
@@ -303,6 +379,8 @@ impl Default for TokenBucketConfig {
             default: None,
             max_wait: DEFAULT_MAX_WAIT,
             max_pause: DEFAULT_MAX_PAUSE,
+            learn_limits: true,
+            learn_window: default_learn_window(),
         }
     }
 }
@@ -337,6 +415,37 @@ impl TokenBucketConfig {
         self
     }
 
+    /// Turns learning limits from the provider's headers on or off (on by default; see
+    /// [`learn_limits`](Self::learn_limits)).
+    pub fn learn_limits(mut self, learn: bool) -> Self {
+        self.learn_limits = learn;
+        self
+    }
+
+    /// Sets the window a provider's stated limits are per (default a minute).
+    pub fn learn_window(mut self, window: Duration) -> Self {
+        self.learn_window = window;
+        self
+    }
+
+    /// The limits a key should have once its provider stated `hints`: the configured ones
+    /// ([`resolve`](Self::resolve)) lowered by those stated ([`KeyLimits::stated_in`], per
+    /// [`learn_window`](Self::learn_window)). `None` when learning is off or no limit is
+    /// stated.
+    pub fn with_learned(
+        &self,
+        name: &str,
+        label: &str,
+        hints: &RateLimitHints,
+    ) -> Option<KeyLimits> {
+        if !self.learn_limits {
+            return None;
+        }
+        let learned = KeyLimits::stated_in(hints, self.learn_window)?;
+        let configured = self.resolve(name, label).unwrap_or_default();
+        Some(configured.lower(learned))
+    }
+
     /// Checks every value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (label, limits) in &self.limits {
@@ -359,6 +468,16 @@ impl TokenBucketConfig {
                 COMPONENT,
                 "max_wait_ms",
                 format!("must be at most a day, got {:?}", self.max_wait),
+            ));
+        }
+        if self.learn_window.is_zero() || self.learn_window > MAX_MAX_WAIT {
+            return Err(ConfigError::new(
+                COMPONENT,
+                "learn_window_ms",
+                format!(
+                    "must be above zero and at most a day, got {:?}",
+                    self.learn_window
+                ),
             ));
         }
         if self.max_pause > MAX_MAX_WAIT {

@@ -95,6 +95,7 @@ impl<St: BucketStore> Ctx<St> {
 
     fn feedback(&self, hints: Option<&RateLimitHints>) {
         if let Some(h) = hints {
+            self.store.learn_limits(&self.key, h);
             let remaining = Remaining::from_hints(h);
             if !remaining.is_empty() {
                 self.store.clamp(&self.key, remaining);

@@ -455,6 +455,11 @@ impl KeyState {
         self.push(Step { charge, floor: 0 });
     }
 
+    /// The limits in force.
+    pub(crate) fn limits(&self) -> KeyLimits {
+        self.limits
+    }
+
     /// Changes the limits at `now`, keeping each level (debt included), capped by the new
     /// capacity. Starts a new chain: the live reservations keep their slots and charges.
     pub(crate) fn set_limits(&mut self, limits: KeyLimits, now: Nanos) {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use portcullis_core::TokenCost;
+use portcullis_core::{RateLimitHints, TokenCost};
 use tokio::time::Instant;
 
 use super::config::{ConfigError, KeyLimits, TokenBucketConfig};
@@ -183,10 +183,17 @@ where
             .config
             .resolve(&self.shared.name, &label)
             .unwrap_or_else(|| {
-                tracing::warn!(
-                    key = %super::KeyDisplay(&self.shared.name, &label),
-                    "token bucket: no limits configured for this key and no default; not limited"
-                );
+                let key = super::KeyDisplay(&self.shared.name, &label);
+                match self.shared.config.learn_limits {
+                    true => tracing::debug!(
+                        %key,
+                        "token bucket: no limits configured for this key; not limited until its provider states them"
+                    ),
+                    false => tracing::warn!(
+                        %key,
+                        "token bucket: no limits configured for this key and no default; not limited"
+                    ),
+                }
                 KeyLimits::unlimited()
             });
         let now = self.now();
@@ -266,6 +273,24 @@ where
 
     fn set_limits(&self, key: &K, limits: KeyLimits) {
         self.with_key(key, |s, now| s.set_limits(limits, now));
+    }
+
+    fn learn_limits(&self, key: &K, stated: &RateLimitHints) {
+        let shared = &self.shared;
+        let label = key.label();
+        let Some(limits) = shared.config.with_learned(&shared.name, &label, stated) else {
+            return;
+        };
+        self.with_key(key, |s, now| {
+            if s.limits() != limits {
+                tracing::debug!(
+                    key = %super::KeyDisplay(&shared.name, &label),
+                    ?limits,
+                    "token bucket: limits learned from the provider's headers"
+                );
+                s.set_limits(limits, now);
+            }
+        });
     }
 
     fn levels<Q>(&self, key: &Q) -> Option<Levels>

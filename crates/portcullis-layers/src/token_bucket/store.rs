@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Duration;
 
-use portcullis_core::TokenCost;
+use portcullis_core::{RateLimitHints, TokenCost};
 
 use super::config::KeyLimits;
 use super::per_bucket::{PerBucket, Remaining};
@@ -181,6 +181,27 @@ pub trait BucketStore: Clone + Send + Sync + 'static {
 
     /// Changes the limits of `key`, keeping its levels and its queued reservations.
     fn set_limits(&self, key: &Self::Key, limits: KeyLimits);
+
+    /// The provider stated limits for `key` in its response headers (`stated`): the layer
+    /// calls this on every response whose headers it parsed, before it clamps by what remains.
+    ///
+    /// The stores of this workspace follow their configuration,
+    /// [`TokenBucketConfig::with_learned`](super::TokenBucketConfig::with_learned): the key's
+    /// configured limits lowered by the stated ones (so a provider that raises its limit
+    /// raises the key back, up to the configured one), changed only when that differs. This
+    /// default, for a store that does not know its configuration, reads the stated limits per
+    /// minute and can only lower: the key's current limits (none for a key it has not seen)
+    /// lowered by them.
+    fn learn_limits(&self, key: &Self::Key, stated: &RateLimitHints) {
+        let Some(learned) = KeyLimits::stated_in(stated, Duration::from_secs(60)) else {
+            return;
+        };
+        let current = self.levels(key).map(|l| l.limits).unwrap_or_default();
+        let lowered = current.lower(learned);
+        if lowered != current {
+            self.set_limits(key, lowered);
+        }
+    }
 
     /// A snapshot of `key`, if the store knows it. Looks a key up by any form it borrows as
     /// (`&str` for `Arc<str>`).
