@@ -1,14 +1,24 @@
-//! `portcullis chat`: one prompt to one provider (the simulator when no key is set), through
-//! the bare provider service.
+//! `portcullis chat`: one prompt through the recommended [`Stack`] (the simulator when no key
+//! is set): deadline → fallback → per provider retry → breaker → bucket → attempt timeout.
+//!
+//! The seed's defaults: a 30 s attempt timeout, 3 retries with jittered backoff (1 s, 2 s,
+//! 4 s at most), a 30 s idle limit between stream chunks. The whole call is bounded by a
+//! deadline of the attempts and their backoff (`timeout × (retries + 1) + Σ backoff caps + 1 s`);
+//! a committed stream is bounded by it too, so a trickle cannot outlive it. A provider's
+//! keep-alive (`: ping` comments, Anthropic's `ping` events) is not content: before the first
+//! chunk it does not stop the attempt timeout, and after it it does not reset the idle limit.
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use portcullis::layers::retry::RetryConfig;
 use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
 use portcullis::sim::{SimHandle, Simulator};
-use portcullis::{ChatMessage, ChatRequest, CompletionResult, LlmError};
+use portcullis::{
+    ChatMessage, ChatRequest, CompletionResult, ErrorKind, LlmError, ProviderStack, Stack,
+};
 use serde_json::json;
 use tower::ServiceExt;
 
@@ -19,6 +29,22 @@ pub enum ProviderKind {
     Openai,
     /// Anthropic Messages.
     Anthropic,
+}
+
+impl ProviderKind {
+    fn env_var(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "OPENAI_API_KEY",
+            ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
+        }
+    }
+
+    fn default_model(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "gpt-4o-mini",
+            ProviderKind::Anthropic => "claude-haiku-4-5",
+        }
+    }
 }
 
 /// Arguments of `portcullis chat`.
@@ -45,13 +71,30 @@ pub struct ChatArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Seconds one attempt may take (to the first chunk, for a stream); also the idle limit
+    /// between a stream's chunks.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
+    timeout: Duration,
+    /// Retries after the first attempt, per provider.
+    #[arg(long, default_value_t = 3)]
+    retries: u32,
+    /// A second provider to fail over to (its default model; its key from the environment,
+    /// else the embedded simulator).
+    #[arg(long, value_enum)]
+    fallback: Option<ProviderKind>,
     /// The prompt.
     prompt: String,
 }
 
-enum Provider {
-    OpenAi(OpenAiProvider),
-    Anthropic(AnthropicProvider),
+/// A positive, finite number of seconds.
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        return Err(format!("must be above zero, got {s}"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
 }
 
 pub async fn run(args: ChatArgs) -> ExitCode {
@@ -77,64 +120,125 @@ pub async fn run(args: ChatArgs) -> ExitCode {
     }
 }
 
-async fn chat(args: &ChatArgs) -> Result<(), LlmError> {
-    let env_var = match args.provider {
-        ProviderKind::Openai => "OPENAI_API_KEY",
-        ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
-    };
-    let has_key = std::env::var(env_var)
-        .map(|v| !v.trim().is_empty())
-        .unwrap_or(false);
-    // With no key and no base URL, the embedded simulator answers.
-    let mut _sim: Option<SimHandle> = None;
-    let (base_url, key) = match (&args.base_url, has_key) {
-        (Some(url), true) => (Some(url.clone()), Some(ApiKey::from_env(env_var)?)),
-        (Some(url), false) => (Some(url.clone()), None),
-        (None, true) => (None, Some(ApiKey::from_env(env_var)?)),
+/// Where a provider's calls go: its base URL (`None`: the real API) and its key.
+struct Endpoint {
+    base_url: Option<String>,
+    key: Option<ApiKey>,
+}
+
+/// The endpoint of `kind`: `base_url` if given (with the key from the environment, if set),
+/// else the real API with that key, else the embedded simulator (started once, in `sim`).
+async fn endpoint(
+    kind: ProviderKind,
+    base_url: Option<&str>,
+    sim: &mut Option<SimHandle>,
+) -> Result<Endpoint, LlmError> {
+    let env_var = kind.env_var();
+    let has_key = std::env::var(env_var).is_ok_and(|v| !v.trim().is_empty());
+    let key = || ApiKey::from_env(env_var);
+    Ok(match (base_url, has_key) {
+        (Some(url), true) => Endpoint {
+            base_url: Some(url.to_owned()),
+            key: Some(key()?),
+        },
+        (Some(url), false) => Endpoint {
+            base_url: Some(url.to_owned()),
+            key: None,
+        },
+        (None, true) => Endpoint {
+            base_url: None,
+            key: Some(key()?),
+        },
         (None, false) => {
-            let sim = Simulator::builder().start().await.map_err(|e| {
-                LlmError::new(
-                    portcullis::ErrorKind::Configuration,
-                    format!("simulator: {e}"),
-                )
-            })?;
-            let url = match args.provider {
+            if sim.is_none() {
+                let started = Simulator::builder().start().await.map_err(|e| {
+                    LlmError::new(ErrorKind::Configuration, format!("simulator: {e}"))
+                })?;
+                *sim = Some(started);
+            }
+            let sim = sim.as_ref().expect("started above");
+            let url = match kind {
                 ProviderKind::Openai => sim.openai_base_url(),
                 ProviderKind::Anthropic => sim.anthropic_base_url(),
             };
             eprintln!("{env_var} is not set: using the embedded simulator at {url}");
-            _sim = Some(sim);
-            (Some(url), Some(ApiKey::new("sk-portcullis-simulator")?))
-        }
-    };
-    let provider = match args.provider {
-        ProviderKind::Openai => {
-            let mut b = OpenAiProvider::builder();
-            if let Some(url) = &base_url {
-                b = b.base_url(url.clone());
+            Endpoint {
+                base_url: Some(url),
+                key: Some(ApiKey::new("sk-portcullis-simulator")?),
             }
-            b = match key {
+        }
+    })
+}
+
+/// One provider of the stack, with the CLI's attempt timeout, retries and idle limit.
+fn provider_stack(
+    kind: ProviderKind,
+    ep: Endpoint,
+    args: &ChatArgs,
+) -> Result<ProviderStack, LlmError> {
+    macro_rules! build {
+        ($builder:expr) => {{
+            let mut b = $builder;
+            if let Some(url) = ep.base_url {
+                b = b.base_url(url);
+            }
+            match ep.key {
                 Some(k) => b.api_key(k),
                 None => b.without_api_key(),
-            };
-            Provider::OpenAi(b.build()?)
-        }
-        ProviderKind::Anthropic => {
-            let mut b = AnthropicProvider::builder();
-            if let Some(url) = &base_url {
-                b = b.base_url(url.clone());
             }
-            b = match key {
-                Some(k) => b.api_key(k),
-                None => b.without_api_key(),
-            };
-            Provider::Anthropic(b.build()?)
-        }
+            .build()?
+        }};
+    }
+    let p = match kind {
+        ProviderKind::Openai => ProviderStack::openai(build!(OpenAiProvider::builder())),
+        ProviderKind::Anthropic => ProviderStack::anthropic(build!(AnthropicProvider::builder())),
     };
-    let model = args.model.clone().unwrap_or_else(|| match args.provider {
-        ProviderKind::Openai => "gpt-4o-mini".into(),
-        ProviderKind::Anthropic => "claude-haiku-4-5".into(),
-    });
+    Ok(p.retry(RetryConfig {
+        max_retries: args.retries,
+        ..RetryConfig::default()
+    })
+    .attempt_timeout(args.timeout)
+    .stream_idle_timeout(args.timeout))
+}
+
+/// The attempts and their backoff: `timeout × (retries + 1)` plus each retry's backoff cap
+/// (the seed's 1 s, 2 s, 4 s, … up to 30 s), plus 1 s, so that the last attempt ends by its
+/// own timeout rather than racing the deadline.
+fn deadline(args: &ChatArgs) -> Duration {
+    let retry = RetryConfig::default();
+    let backoff = (0..args.retries)
+        .map(|k| {
+            let doubled = retry.base_delay.saturating_mul(1u32 << k.min(31));
+            doubled.min(retry.max_delay)
+        })
+        .fold(Duration::ZERO, Duration::saturating_add);
+    args.timeout
+        .saturating_mul(args.retries.saturating_add(1))
+        .saturating_add(backoff)
+        .saturating_add(Duration::from_secs(1))
+}
+
+async fn chat(args: &ChatArgs) -> Result<(), LlmError> {
+    let config = |e: portcullis::StackError| LlmError::new(ErrorKind::Configuration, e.to_string());
+    let mut sim = None;
+    let primary = endpoint(args.provider, args.base_url.as_deref(), &mut sim).await?;
+    let deadline = deadline(args);
+    let mut builder = Stack::builder()
+        .deadline(deadline)
+        .provider(provider_stack(args.provider, primary, args)?.stream_total_timeout(deadline));
+    if let Some(kind) = args.fallback {
+        let ep = endpoint(kind, None, &mut sim).await?;
+        let p = provider_stack(kind, ep, args)?
+            .model(kind.default_model())
+            .stream_total_timeout(deadline);
+        builder = builder.provider(p);
+    }
+    let stack = builder.build().map_err(config)?;
+
+    let model = args
+        .model
+        .clone()
+        .unwrap_or_else(|| args.provider.default_model().to_owned());
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
         messages.push(ChatMessage::system(s.clone()));
@@ -144,10 +248,7 @@ async fn chat(args: &ChatArgs) -> Result<(), LlmError> {
     let start = tokio::time::Instant::now();
 
     let result = if args.stream {
-        let mut stream = match &provider {
-            Provider::OpenAi(p) => p.streaming().oneshot(req).await?,
-            Provider::Anthropic(p) => p.streaming().oneshot(req).await?,
-        };
+        let mut stream = stack.streams().oneshot(req).await?;
         let meta = stream.meta().clone();
         let mut out = CompletionResult::new(meta.provider.clone(), meta.model.clone(), "");
         out.request_id = meta.request_id.clone();
@@ -172,17 +273,14 @@ async fn chat(args: &ChatArgs) -> Result<(), LlmError> {
         out.latency = start.elapsed();
         out
     } else {
-        let out = match &provider {
-            Provider::OpenAi(p) => p.clone().oneshot(req).await?,
-            Provider::Anthropic(p) => p.clone().oneshot(req).await?,
-        };
+        let out = stack.completions().oneshot(req).await?;
         if !args.json {
             println!("{}", out.content);
         }
         out
     };
     if args.json {
-        println!("{}", to_json(&result, result.latency));
+        println!("{}", to_json(&result, start.elapsed()));
     }
     Ok(())
 }

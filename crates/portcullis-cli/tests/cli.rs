@@ -1,7 +1,11 @@
 //! The `portcullis` binary: `chat` against the embedded simulator, its JSON shape and its
-//! failure line; `sim` with a bad scenario file; the hidden `drill-worker`.
+//! failure line, and against hostile loopback servers (silent, pings only, a trickle); `sim`
+//! with a bad scenario file; the hidden `drill-worker`.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn portcullis() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_portcullis"));
@@ -84,7 +88,14 @@ fn chat_json_has_exactly_the_documented_keys() {
 fn chat_failure_is_one_line_with_kind_status_and_message() {
     // Nothing listens on port 9 of loopback: a connect error, no HTTP status.
     let out = portcullis()
-        .args(["chat", "--base-url", "http://127.0.0.1:9/v1", "Hi"])
+        .args([
+            "chat",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--retries",
+            "0",
+            "Hi",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -159,4 +170,147 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A loopback HTTP server that reads each request's head and body, then hands the connection
+/// to `answer` (on a thread per connection). Returns its base URL for `chat --base-url`.
+fn serve(answer: fn(TcpStream)) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut length = 0;
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0; length];
+                let _ = std::io::Read::read_exact(&mut reader, &mut body);
+                answer(conn);
+            });
+        }
+    });
+    url
+}
+
+/// Starts an SSE response with no length (the body ends when the connection closes).
+fn sse_head(conn: &mut TcpStream) {
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+    conn.write_all(head.as_bytes()).unwrap();
+}
+
+/// Runs `chat` with `args` against `url`; returns its stderr and how long it took.
+fn chat_against(url: &str, args: &[&str]) -> (String, Duration) {
+    let t0 = Instant::now();
+    let out = portcullis()
+        .args(["chat", "--base-url", url])
+        .args(args)
+        .arg("Hi")
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    (String::from_utf8_lossy(&out.stderr).into_owned(), took)
+}
+
+#[test]
+fn chat_gives_up_on_a_server_that_never_answers() {
+    let url = serve(|conn| {
+        std::thread::sleep(Duration::from_secs(60));
+        drop(conn);
+    });
+    // Two attempts of 0.5 s and one backoff of at most 1 s: at most 2 s.
+    let (stderr, took) = chat_against(&url, &["--timeout", "0.5", "--retries", "1"]);
+    assert!(stderr.starts_with("error: timeout"), "{stderr}");
+    assert!(took >= Duration::from_millis(1000), "{took:?}");
+    assert!(took < Duration::from_millis(2000 + 1500), "{took:?}");
+}
+
+/// Writes `keepalive` every 100 ms for a minute, and nothing else.
+fn keepalive_only(mut conn: TcpStream, keepalive: &str) {
+    sse_head(&mut conn);
+    for _ in 0..600 {
+        if conn.write_all(keepalive.as_bytes()).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn chat_stream_of_only_pings_times_out() {
+    // OpenAI's keep-alive is an SSE comment; Anthropic's a `ping` event.
+    let openai = serve(|conn| keepalive_only(conn, ": ping\n\n"));
+    let anthropic = serve(|conn| {
+        keepalive_only(conn, "event: ping\ndata: {\"type\": \"ping\"}\n\n");
+    });
+    for (url, provider) in [(openai, "openai"), (anthropic, "anthropic")] {
+        // Pings are not first content: the attempt timeout ends it.
+        let args = [
+            "--provider",
+            provider,
+            "--stream",
+            "--timeout",
+            "0.5",
+            "--retries",
+            "0",
+        ];
+        let (stderr, took) = chat_against(&url, &args);
+        assert!(stderr.starts_with("error: timeout"), "{provider}: {stderr}");
+        assert!(
+            took < Duration::from_millis(500 + 1500),
+            "{provider}: {took:?}"
+        );
+    }
+}
+
+#[test]
+fn chat_stream_that_trickles_is_bounded_by_the_deadline() {
+    let url = serve(|mut conn| {
+        sse_head(&mut conn);
+        for i in 0..600 {
+            let chunk = format!(
+                "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{i} \"}},\"finish_reason\":null}}]}}\n\n"
+            );
+            if conn.write_all(chunk.as_bytes()).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    // A chunk every 200 ms never trips the 1 s idle limit; the deadline (2 s: one attempt of
+    // 1 s, no retry, 1 s of slack) bounds the whole stream.
+    let (stderr, took) = chat_against(&url, &["--stream", "--timeout", "1", "--retries", "0"]);
+    assert!(stderr.starts_with("error: timeout"), "{stderr}");
+    assert!(took >= Duration::from_millis(1900), "{took:?}");
+    assert!(took < Duration::from_millis(2000 + 1500), "{took:?}");
+}
+
+#[test]
+fn chat_fails_over_to_the_fallback() {
+    // The primary refuses every connection; the fallback is the embedded simulator.
+    let out = portcullis()
+        .args([
+            "chat",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--retries",
+            "0",
+        ])
+        .args(["--fallback", "anthropic", "--json", "Hi"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["provider"], "anthropic");
 }
