@@ -18,6 +18,18 @@
 //! cargo run --example axum_gateway -- --serve 127.0.0.1:8081
 //! ```
 //!
+//! **Safe defaults, because people copy examples** ([`GatewayLimits`]):
+//! - a request body limit (1 MiB): a larger body is a 413 in OpenAI's error shape;
+//! - a model allowlist: a model the gateway does not serve is a 404 `model_not_found`, so a
+//!   client cannot make the layers keep state for arbitrary model names;
+//! - a limit on requests in flight, **streams included until their last byte** (256), with
+//!   load shedding: beyond it a request is answered at once with a 503, `Retry-After: 1` and
+//!   `x-should-retry: true`, which the OpenAI SDKs retry. (tower's `ConcurrencyLimit` would
+//!   release its permit when the response head is sent, letting streams escape the limit, so
+//!   the permit here lives in the response body.)
+//! - graceful shutdown: new connections stop, in-flight requests and streams may finish for up
+//!   to 30 s ([`DRAIN`]), then the server stops regardless.
+//!
 //! The demo talks to the gateway with Portcullis' own [`OpenAiProvider`] pointed at it (any
 //! OpenAI SDK works the same with `base_url = "http://127.0.0.1:3000/v1"`). Upstream is the
 //! embedded simulator, or the real APIs when both `OPENAI_API_KEY` and `ANTHROPIC_API_KEY` are
@@ -26,15 +38,19 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -47,6 +63,7 @@ use portcullis::{
 use portcullis_sim::{Family, FaultKind, FaultRule, Simulator};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use common::{MODEL, SECONDARY_MODEL};
@@ -110,8 +127,53 @@ impl ChatCompletionRequest {
     }
 }
 
+/// What the gateway lets in. [`Default`] is the safe configuration the module docs describe.
+#[derive(Debug, Clone)]
+pub struct GatewayLimits {
+    /// The largest request body, in bytes.
+    pub body_bytes: usize,
+    /// Requests in flight at once, a stream counting until its last byte; more are shed.
+    pub in_flight: usize,
+    /// The models a client may ask for.
+    pub models: BTreeSet<String>,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        GatewayLimits {
+            body_bytes: 1 << 20,
+            in_flight: 256,
+            models: [MODEL.to_owned()].into(),
+        }
+    }
+}
+
+/// How long a graceful shutdown lets in-flight requests and streams finish.
+pub const DRAIN: Duration = Duration::from_secs(30);
+
+/// The handler's state.
+#[derive(Clone)]
+struct Gateway {
+    stack: Stack,
+    models: Arc<BTreeSet<String>>,
+}
+
 /// `POST /v1/chat/completions`.
-async fn chat_completions(State(stack): State<Stack>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(gw): State<Gateway>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        // Over the body limit (or unreadable): OpenAI's shape, with the rejection's status.
+        Err(rejection) => {
+            let kind = match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => ErrorKind::RequestTooLarge,
+                _ => ErrorKind::InvalidRequest,
+            };
+            return error_response(&LlmError::new(kind, rejection.body_text()));
+        }
+    };
     let parsed: ChatCompletionRequest = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
@@ -121,6 +183,14 @@ async fn chat_completions(State(stack): State<Stack>, body: Bytes) -> Response {
             ));
         }
     };
+    if !gw.models.contains(&parsed.model) {
+        let e = LlmError::new(
+            ErrorKind::NotFound,
+            format!("the model `{}` is not served here", parsed.model),
+        );
+        return error_response(&e);
+    }
+    let stack = gw.stack;
     let streaming = parsed.stream;
     let req = match parsed.into_chat_request() {
         Ok(r) => r,
@@ -289,11 +359,15 @@ fn error_body(e: &LlmError) -> Value {
         k if status_of(k).is_client_error() => "invalid_request_error",
         _ => "server_error",
     };
+    let code = match kind {
+        ErrorKind::NotFound => "model_not_found",
+        k => k.as_str(),
+    };
     json!({"error": {
         "message": e.to_string(),
         "type": error_type,
         "param": null,
-        "code": kind.as_str(),
+        "code": code,
     }})
 }
 
@@ -311,11 +385,40 @@ fn error_response(e: &LlmError) -> Response {
     r
 }
 
-/// The gateway: one route over the stack.
-fn app(stack: Stack) -> Router {
+/// The gateway: one route over the stack, behind the [`GatewayLimits`].
+fn app(stack: Stack, limits: GatewayLimits) -> Router {
+    let permits = Arc::new(Semaphore::new(limits.in_flight));
+    let gw = Gateway {
+        stack,
+        models: Arc::new(limits.models),
+    };
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
-        .with_state(stack)
+        .with_state(gw)
+        .layer(DefaultBodyLimit::max(limits.body_bytes))
+        .layer(axum::middleware::from_fn_with_state(permits, shed))
+}
+
+/// Admits a request if a permit is free, else answers 503 at once. The permit lives in the
+/// response body, so a stream holds it until its last byte (or until the client goes away).
+async fn shed(State(permits): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+    let Ok(permit) = permits.try_acquire_owned() else {
+        let e = LlmError::new(
+            ErrorKind::Overloaded,
+            "the gateway is at its limit of requests in flight; retry shortly",
+        );
+        let mut r = error_response(&e);
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r.headers_mut()
+            .insert("x-should-retry", HeaderValue::from_static("true"));
+        return r;
+    };
+    let (parts, body) = next.run(req).await.into_parts();
+    let body = body.into_data_stream().inspect(move |_| {
+        let _held = &permit;
+    });
+    Response::from_parts(parts, Body::from_stream(body))
 }
 
 #[tokio::main]
@@ -337,7 +440,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        axum::serve(listener, app(stack.clone()))
+        axum::serve(listener, app(stack.clone(), GatewayLimits::default()))
             .with_graceful_shutdown(async {
                 let _ = stopped.await;
             })
@@ -356,8 +459,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         demo(&stack, addr, backend.sim.as_ref()).await?;
     }
     let _ = stop.send(());
-    server.await??;
-    println!("# gateway stopped");
+    drain(server, DRAIN).await?;
+    Ok(())
+}
+
+/// Waits for a server told to shut down gracefully: in-flight requests and streams finish, for
+/// at most `limit`; then it is stopped regardless.
+async fn drain(
+    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
+    limit: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    match tokio::time::timeout(limit, &mut server).await {
+        Ok(done) => {
+            done??;
+            println!("# gateway stopped");
+        }
+        Err(_) => {
+            server.abort();
+            println!("# gateway stopped after {limit:?}: streams still open were cut");
+        }
+    }
     Ok(())
 }
 
@@ -419,6 +540,16 @@ async fn demo(
     let empty = ChatRequest::new(MODEL, Vec::<ChatMessage>::new());
     let e = client.clone().oneshot(empty).await.unwrap_err();
     println!("   empty messages  -> HTTP {:?} {}", e.status(), e.kind());
+    let unknown = ChatRequest::new("gpt-unknown", vec![ChatMessage::user("Hi")]);
+    let e = client.clone().oneshot(unknown).await.unwrap_err();
+    println!(
+        "   a model not served -> HTTP {:?} {}",
+        e.status(),
+        e.kind()
+    );
+    let huge = ChatRequest::new(MODEL, vec![ChatMessage::user("x".repeat(2 << 20))]);
+    let e = client.clone().oneshot(huge).await.unwrap_err();
+    println!("   a 2 MiB body     -> HTTP {:?} {}", e.status(), e.kind());
     // Every breaker open (each keyed by the model its provider is asked for).
     for (h, model) in stack.handles().iter().zip([MODEL, SECONDARY_MODEL]) {
         h.breaker.force_open(model);
@@ -434,4 +565,111 @@ async fn demo(
         h.breaker.reset(model);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+
+    async fn gateway(limits: GatewayLimits) -> (Router, portcullis_sim::SimHandle) {
+        let sim = Simulator::builder().seed(9).start().await.unwrap();
+        let openai = OpenAiProvider::builder()
+            .base_url(sim.openai_base_url())
+            .api_key(ApiKey::new("sk-test").unwrap())
+            .build()
+            .unwrap();
+        let stack = Stack::builder()
+            .provider(portcullis::ProviderStack::openai(openai))
+            .build()
+            .unwrap();
+        (app(stack, limits), sim)
+    }
+
+    fn post(body: impl Into<Body>) -> Request<Body> {
+        Request::post("/v1/chat/completions")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.into())
+            .unwrap()
+    }
+
+    fn chat(model: &str, stream: bool) -> String {
+        json!({"model": model, "stream": stream, "max_tokens": 8,
+               "messages": [{"role": "user", "content": "Hi"}]})
+        .to_string()
+    }
+
+    async fn error_code(res: Response) -> (StatusCode, String) {
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        (status, v["error"]["code"].as_str().unwrap().to_owned())
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_a_413_in_openais_shape() {
+        let (app, _sim) = gateway(GatewayLimits::default()).await;
+        let res = app.oneshot(post(vec![b' '; (1 << 20) + 1])).await.unwrap();
+        let (status, code) = error_code(res).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_model_off_the_allowlist_is_a_404_and_never_reaches_the_layers() {
+        let (app, sim) = gateway(GatewayLimits::default()).await;
+        let res = app
+            .clone()
+            .oneshot(post(chat("gpt-anything", false)))
+            .await
+            .unwrap();
+        let (status, code) = error_code(res).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::NOT_FOUND, "model_not_found")
+        );
+        assert_eq!(sim.stats().requests, 0);
+        let res = app.oneshot(post(chat(MODEL, false))).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn beyond_the_limit_in_flight_requests_are_shed_and_a_stream_holds_its_permit() {
+        let limits = GatewayLimits {
+            in_flight: 1,
+            ..GatewayLimits::default()
+        };
+        let (app, _sim) = gateway(limits).await;
+        // A stream whose body is not read yet holds the only permit.
+        let stream = app.clone().oneshot(post(chat(MODEL, true))).await.unwrap();
+        assert_eq!(stream.status(), StatusCode::OK);
+        let res = app.clone().oneshot(post(chat(MODEL, false))).await.unwrap();
+        assert_eq!(res.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(res.headers()["x-should-retry"], "true");
+        let (status, code) = error_code(res).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+        );
+        // Read to its end, the stream gives the permit back.
+        stream.into_body().collect().await.unwrap();
+        let res = app.oneshot(post(chat(MODEL, false))).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_in_flight_work_at_most_the_drain_limit() {
+        let forever = tokio::spawn(async {
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        let t0 = tokio::time::Instant::now();
+        drain(forever, DRAIN).await.unwrap();
+        assert_eq!(t0.elapsed(), DRAIN);
+        let quick = tokio::spawn(async { Ok(()) });
+        drain(quick, DRAIN).await.unwrap();
+    }
 }
