@@ -562,6 +562,32 @@ async fn a_dropped_stream_probe_releases_its_permit() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn in_flight_counts_every_permit_until_its_outcome_or_drop() {
+    let mut h: Harness<ChatStream> = Harness::new(CircuitBreakerConfig::default());
+    // A call waiting upstream holds a permit; dropped, it gives it back.
+    let pending = h.call();
+    assert_eq!(h.metrics().in_flight, 1);
+    drop(pending);
+    assert_eq!(h.metrics().in_flight, 0);
+    let _abandoned = h.mock.next_request().await.unwrap();
+    // A stream holds its permit until it ends.
+    let s = h
+        .run(Ok(stream(vec![Ok(StreamChunk::delta("a"))])))
+        .await
+        .unwrap();
+    assert_eq!(h.metrics().in_flight, 1);
+    drain(s).await;
+    assert_eq!(h.metrics().in_flight, 0);
+    // A reset clears the counters, not the calls still out.
+    let pending = h.call();
+    h.cb.reset(&());
+    assert_eq!(h.metrics().in_flight, 1);
+    drop(pending);
+    assert_eq!(h.metrics().in_flight, 0);
+    let _abandoned = h.mock.next_request().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn poll_ready_only_delegates() {
     let mut h = Harness::new(CircuitBreakerConfig::default());
     trip(&mut h).await;

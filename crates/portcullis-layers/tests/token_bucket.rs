@@ -245,6 +245,27 @@ async fn a_future_dropped_before_its_first_poll_gives_its_slot_back() {
 /// A thousand waiters on 1 request/s, dropped in a random order: the key is back where it was
 /// (to the nanosecond), and the next caller waits one second, not a thousand.
 #[tokio::test(start_paused = true)]
+async fn levels_count_the_reservations_not_yet_settled() {
+    let l = layer(limits((1, 1.0), (1000, 1000.0)), Duration::from_secs(60));
+    let h = l.handle();
+    let svc = l.layer(provider(Log::default(), Arc::new(AtomicU64::new(0))));
+    // One admitted at once, two queued behind it.
+    let mut calls: Vec<_> = (0..3)
+        .map(|_| tokio_test::task::spawn(svc.clone().oneshot(req("m", 1))))
+        .collect();
+    for c in &mut calls {
+        let _ = c.poll();
+    }
+    assert_eq!(
+        h.level("m").unwrap().reservations,
+        2,
+        "the two still queued"
+    );
+    drop(calls);
+    assert_eq!(h.level("m").unwrap().reservations, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_thousand_waiters_dropped_in_random_order_give_everything_back() {
     use rand::seq::SliceRandom;
     use rand::{SeedableRng, rngs::SmallRng};

@@ -146,6 +146,9 @@ pub struct CircuitMetrics {
     /// Outcomes that did not count: errors that are not breaker failures (4xx, local
     /// refusals), cancellations, and late outcomes of calls admitted under an earlier state.
     pub ignored: u64,
+    /// Calls admitted whose outcome is not known yet (each holds a permit; a stream until its
+    /// end). Zero once every call has finished, been cancelled or dropped.
+    pub in_flight: u64,
     /// Current run of failures in a row.
     pub consecutive_failures: u32,
 }

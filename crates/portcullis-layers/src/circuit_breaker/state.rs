@@ -89,6 +89,8 @@ struct Counters {
     slow_calls: AtomicU64,
     rejected: AtomicU64,
     ignored: AtomicU64,
+    /// Admitted calls whose outcome is not recorded yet (never reset: they are real).
+    in_flight: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -146,6 +148,7 @@ where
         let fast = self.fast.load(Ordering::Acquire);
         if fast & 1 == 1 {
             bump(&self.counters.calls);
+            bump(&self.counters.in_flight);
             return Ok(Permit {
                 generation: fast >> 1,
                 probe: None,
@@ -176,6 +179,7 @@ where
             slow_calls: read(&c.slow_calls),
             rejected: read(&c.rejected),
             ignored: read(&c.ignored),
+            in_flight: read(&c.in_flight),
             consecutive_failures,
         }
     }
@@ -210,7 +214,10 @@ where
         let Step { change, verdict } = machine.step(&self.common.config, input, now);
         let c = &self.counters;
         match verdict {
-            Verdict::Admitted(_) => bump(&c.calls),
+            Verdict::Admitted(_) => {
+                bump(&c.calls);
+                bump(&c.in_flight);
+            }
             Verdict::Rejected(_) => bump(&c.rejected),
             Verdict::Ignored => bump(&c.ignored),
             Verdict::Counted { failure, slow } => {
@@ -269,6 +276,8 @@ where
     K: Clone + Debug + Send + Sync + 'static,
 {
     fn complete(&self, permit: &Permit, outcome: Outcome) {
+        // Every admitted call completes exactly once (its guard records or drops).
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         if permit.probe.is_none() {
             match outcome {
                 // Whatever the state, an ignored outcome of a call that is not a probe only

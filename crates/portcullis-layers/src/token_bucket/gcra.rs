@@ -511,6 +511,7 @@ impl KeyState {
             (paused > 0).then(|| Duration::from_nanos(paused)),
             Duration::from_nanos(queued.saturating_sub(now)),
         )
+        .with_reservations(self.links.len())
     }
 }
 

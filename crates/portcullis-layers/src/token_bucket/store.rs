@@ -114,6 +114,10 @@ pub struct Levels {
     pub paused_for: Option<Duration>,
     /// How long a request arriving now would wait for a slot costing nothing (the queue).
     pub queued_for: Duration,
+    /// Reservations not yet settled: queued, or admitted and not yet reconciled (a stream's
+    /// until it ends). Zero once every call has finished or been dropped. The in-memory
+    /// store counts them all; a store that cannot tell reports 0.
+    pub reservations: usize,
 }
 
 impl Levels {
@@ -129,7 +133,14 @@ impl Levels {
             levels,
             paused_for,
             queued_for,
+            reservations: 0,
         }
+    }
+
+    /// The same snapshot, with `n` reservations not yet settled.
+    pub fn with_reservations(mut self, n: usize) -> Self {
+        self.reservations = n;
+        self
     }
 
     /// Requests left now.
