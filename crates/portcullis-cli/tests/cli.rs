@@ -314,3 +314,33 @@ fn chat_fails_over_to_the_fallback() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["provider"], "anthropic");
 }
+
+#[test]
+fn a_short_soak_leaks_nothing() {
+    let out = portcullis()
+        .args([
+            "drill",
+            "soak",
+            "--duration",
+            "3s",
+            "--concurrency",
+            "8",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v["result"];
+    assert_eq!(r["passed"], true, "{r}");
+    assert_eq!(r["breaker_in_flight"], 0);
+    assert_eq!(r["bucket_reservations"], 0);
+    assert_eq!(r["panics"], 0);
+    assert!(r["calls"].as_u64().unwrap() > 100, "{r}");
+    assert!(r["cancelled"].as_u64().unwrap() > 0, "{r}");
+}

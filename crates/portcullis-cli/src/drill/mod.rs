@@ -24,6 +24,7 @@ mod fleet;
 mod outage;
 mod rate_limit;
 pub mod seed;
+mod soak;
 mod stacks;
 mod storm;
 mod svg;
@@ -53,6 +54,9 @@ pub enum Which {
     All,
     /// N client instances share one provider's limits: local buckets vs one Redis.
     Fleet,
+    /// Mixed faults, cancellations and load for `--duration`, then a check that nothing leaked
+    /// (permits, reservations, panics); exits non-zero if anything did.
+    Soak,
 }
 
 impl fmt::Display for Which {
@@ -86,6 +90,54 @@ pub struct DrillArgs {
     /// `fleet`: run the instances as separate OS processes.
     #[arg(long)]
     processes: bool,
+    /// `soak`: how long to run (`90s`, `10m`, `500ms`).
+    #[arg(long, default_value = "60s", value_parser = soak::parse_duration)]
+    duration: Duration,
+    /// `soak`: how many workers send calls at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+}
+
+async fn run_soak(args: &DrillArgs) -> ExitCode {
+    if args.concurrency == 0 {
+        eprintln!("error: --concurrency must be at least 1");
+        return ExitCode::from(2);
+    }
+    progress(&format!(
+        "drill soak: {} s with {} workers…",
+        args.duration.as_secs(),
+        args.concurrency
+    ));
+    let report = match soak::run(args.seed, args.duration, args.concurrency).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: drill soak: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let passed = report.passed();
+    match to_value(&report) {
+        Ok(v) if args.json => print_json(&v),
+        Ok(v) => {
+            println!(
+                "\n== drill soak: {}",
+                v["scenario"]["description"].as_str().unwrap_or("")
+            );
+            if let Some(result) = v["result"].as_object() {
+                for (k, value) in result {
+                    println!("{k:24}  {}", cell(value));
+                }
+            }
+        }
+        Err(e) => eprintln!("error: drill soak: {e}"),
+    }
+    match passed {
+        true => ExitCode::SUCCESS,
+        false => {
+            eprintln!("error: drill soak: something leaked or panicked (see above)");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run_fleet(args: &DrillArgs) -> ExitCode {
@@ -175,12 +227,15 @@ pub async fn run(args: DrillArgs) -> ExitCode {
     if args.which == Which::Fleet {
         return run_fleet(&args).await;
     }
+    if args.which == Which::Soak {
+        return run_soak(&args).await;
+    }
     let which: &[Which] = match args.which {
         Which::All => &[Which::Outage, Which::RateLimit, Which::Storm],
         Which::Outage => &[Which::Outage],
         Which::RateLimit => &[Which::RateLimit],
         Which::Storm => &[Which::Storm],
-        Which::Fleet => &[],
+        Which::Fleet | Which::Soak => &[],
     };
     if args.svg.is_some() && !which.contains(&Which::Outage) {
         eprintln!("error: --svg draws the outage drill; run `drill outage --svg FILE`");
@@ -196,7 +251,7 @@ pub async fn run(args: DrillArgs) -> ExitCode {
             }),
             Which::RateLimit => rate_limit::run(args.seed).await.and_then(|r| to_value(&r)),
             Which::Storm => storm::run(args.seed).await.and_then(|r| to_value(&r)),
-            Which::All | Which::Fleet => unreachable!("expanded above"),
+            Which::All | Which::Fleet | Which::Soak => unreachable!("expanded above"),
         };
         match result {
             Ok(r) => {
