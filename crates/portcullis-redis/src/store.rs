@@ -931,11 +931,14 @@ where
 
     fn learn_limits(&self, key: &K, stated: &RateLimitHints) {
         let shared = &self.shared;
-        let label = key.label();
-        if let Some(limits) = shared.config.with_learned(&shared.name, &label, stated) {
-            if lock(&self.entry(key).state).limits != limits {
-                self.set_limits(key, limits);
-            }
+        let Some(learned) = shared.config.learned(stated) else {
+            return;
+        };
+        let limits = shared
+            .config
+            .with_learned(&shared.name, &key.label(), learned);
+        if lock(&self.entry(key).state).limits != limits {
+            self.set_limits(key, limits);
         }
     }
 

@@ -428,22 +428,19 @@ impl TokenBucketConfig {
         self
     }
 
-    /// The limits a key should have once its provider stated `hints`: the configured ones
-    /// ([`resolve`](Self::resolve)) lowered by those stated ([`KeyLimits::stated_in`], per
-    /// [`learn_window`](Self::learn_window)). `None` when learning is off or no limit is
-    /// stated.
-    pub fn with_learned(
-        &self,
-        name: &str,
-        label: &str,
-        hints: &RateLimitHints,
-    ) -> Option<KeyLimits> {
-        if !self.learn_limits {
-            return None;
+    /// The limits a provider stated in `hints` ([`KeyLimits::stated_in`], per
+    /// [`learn_window`](Self::learn_window)); `None` when learning is off or none is stated.
+    pub fn learned(&self, hints: &RateLimitHints) -> Option<KeyLimits> {
+        match self.learn_limits {
+            true => KeyLimits::stated_in(hints, self.learn_window),
+            false => None,
         }
-        let learned = KeyLimits::stated_in(hints, self.learn_window)?;
-        let configured = self.resolve(name, label).unwrap_or_default();
-        Some(configured.lower(learned))
+    }
+
+    /// The limits a key should have once its provider stated `learned`: the configured ones
+    /// ([`resolve`](Self::resolve)) lowered by them ([`KeyLimits::lower`]).
+    pub fn with_learned(&self, name: &str, label: &str, learned: KeyLimits) -> KeyLimits {
+        self.resolve(name, label).unwrap_or_default().lower(learned)
     }
 
     /// Checks every value.

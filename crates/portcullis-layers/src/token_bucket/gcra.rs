@@ -244,6 +244,8 @@ pub(crate) enum End {
 #[derive(Debug)]
 pub(crate) struct KeyState {
     limits: KeyLimits,
+    /// The limits the provider last stated, if any (so that unchanged headers cost nothing).
+    pub(crate) learned: Option<KeyLimits>,
     buckets: PerBucket<Option<Bucket>>,
     base: Point,
     links: VecDeque<Link>,
@@ -262,6 +264,7 @@ impl KeyState {
         };
         KeyState {
             limits,
+            learned: None,
             buckets: buckets(limits),
             base: full,
             links: VecDeque::new(),

@@ -277,20 +277,26 @@ where
 
     fn learn_limits(&self, key: &K, stated: &RateLimitHints) {
         let shared = &self.shared;
-        let label = key.label();
-        let Some(limits) = shared.config.with_learned(&shared.name, &label, stated) else {
+        let Some(learned) = shared.config.learned(stated) else {
             return;
         };
-        self.with_key(key, |s, now| {
-            if s.limits() != limits {
-                tracing::debug!(
-                    key = %super::KeyDisplay(&shared.name, &label),
-                    ?limits,
-                    "token bucket: limits learned from the provider's headers"
-                );
-                s.set_limits(limits, now);
-            }
-        });
+        let slot = self.slot(key);
+        let mut s = lock(&slot);
+        // The same limits as last time (the common case): nothing to do, nothing to resolve.
+        if s.learned == Some(learned) {
+            return;
+        }
+        s.learned = Some(learned);
+        let label = key.label();
+        let limits = shared.config.with_learned(&shared.name, &label, learned);
+        if s.limits() != limits {
+            tracing::debug!(
+                key = %super::KeyDisplay(&shared.name, &label),
+                ?limits,
+                "token bucket: limits learned from the provider's headers"
+            );
+            s.set_limits(limits, self.now());
+        }
     }
 
     fn levels<Q>(&self, key: &Q) -> Option<Levels>
