@@ -43,15 +43,20 @@ fn policy() -> StandardPolicy {
     StandardPolicy::builder().seed(7).build().unwrap()
 }
 
-#[tokio::test(start_paused = true)]
-async fn the_breaker_counts_a_503_response_as_a_failure() {
+/// A breaker that opens on the first failure.
+fn hair_trigger() -> CircuitBreakerLayer<portcullis_layers::SingleKey, ()> {
     let config = CircuitBreakerConfig {
         trip: TripPolicy::consecutive(1),
         ..CircuitBreakerConfig::default()
     };
-    let layer = CircuitBreakerLayer::new("http", config)
+    CircuitBreakerLayer::new("http", config)
         .unwrap()
-        .single_key();
+        .single_key()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_breaker_counts_a_503_response_as_a_failure() {
+    let layer = hair_trigger();
     let (inner, calls) = answering(&[503], &[]);
     let mut svc = layer.layer(inner);
     let res = svc.ready().await.unwrap().call(get()).await.unwrap();
@@ -69,13 +74,7 @@ async fn the_breaker_counts_a_503_response_as_a_failure() {
 
 #[tokio::test(start_paused = true)]
 async fn the_breaker_ignores_a_4xx_response_and_counts_2xx_as_success() {
-    let config = CircuitBreakerConfig {
-        trip: TripPolicy::consecutive(1),
-        ..CircuitBreakerConfig::default()
-    };
-    let layer = CircuitBreakerLayer::new("http", config)
-        .unwrap()
-        .single_key();
+    let layer = hair_trigger();
     let (inner, calls) = answering(&[404, 400, 200, 201], &[]);
     let svc = layer.layer(inner);
     for _ in 0..4 {
