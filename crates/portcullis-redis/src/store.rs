@@ -7,11 +7,12 @@ use std::fmt::{self, Debug};
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use portcullis_core::config::MAX_DURATION;
 use portcullis_core::{RateLimitHints, TokenCost};
 use portcullis_layers::token_bucket::{
     Admission, BucketStore, Denied, KeyLabel, KeyLimits, Levels, MemoryStore, MemoryTicket,
@@ -35,6 +36,11 @@ pub(crate) struct Entry {
     state: Mutex<EntryState>,
     waiters: Mutex<HashMap<i64, Arc<Waiting>>>,
     tx: mpsc::UnboundedSender<Job>,
+    /// The outage (see [`Remote::outages`]) for which this key's local bucket was last set
+    /// from the shared state.
+    seeded: AtomicU64,
+    /// The outage whose local admissions were last carried back to the shared bucket.
+    reconciled: AtomicU64,
 }
 
 /// A waiter's slot on the local clock, and its task, woken when a refund moves the slot.
@@ -271,6 +277,9 @@ pub(crate) struct Remote {
     owner: i64,
     /// Numbers the reservations in flight, to forget one whose caller gave up.
     tokens: AtomicI64,
+    /// How many times the store has left Redis (a key's local bucket is set from what the
+    /// shared one last said, once per outage).
+    outages: AtomicU64,
 }
 
 impl Remote {
@@ -315,6 +324,9 @@ impl Remote {
             return;
         }
         let say = lock(&self.health).failed(now, self.config.retry_interval);
+        if say.is_some() {
+            self.outages.fetch_add(1, Ordering::Relaxed);
+        }
         match say {
             None => tracing::debug!(%error, "token bucket: redis still unavailable"),
             Some(Say::Nothing) => {}
@@ -790,6 +802,7 @@ where
             health: Mutex::new(Health::new(Instant::now())),
             owner: owner_id(),
             tokens: AtomicI64::new(0),
+            outages: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         runtime.spawn(worker(remote.clone(), rx));
@@ -889,15 +902,101 @@ where
                     state: Mutex::new(EntryState { limits, seen: None }),
                     waiters: Mutex::new(HashMap::new()),
                     tx: self.shared.tx.clone(),
+                    seeded: AtomicU64::new(0),
+                    reconciled: AtomicU64::new(0),
                 })
             })
             .clone()
+    }
+
+    /// At the first local admission of `key` in an outage, sets its local bucket to its share
+    /// of what the shared one held at the last round trip (refilled since): its level, or its
+    /// debt while reservations were queued in Redis (they still go when their slots come). The
+    /// fleet's local buckets together then hold what the shared one did, instead of each a full
+    /// bucket on top of a provider already at its limit.
+    async fn seed_local(&self, key: &K, entry: &Entry) {
+        let remote = &self.shared.remote;
+        let outage = remote.outages.load(Ordering::Relaxed);
+        if entry.seeded.swap(outage, Ordering::Relaxed) == outage {
+            return;
+        }
+        let Some(levels) = entry.levels() else {
+            return;
+        };
+        let share = remote.config.fail_open_share;
+        let local = &self.shared.local;
+        local.clamp(key, left(&levels, share));
+        if let Some(debt) = debt(&levels, share) {
+            // Charged and kept: the ticket is dropped unsettled.
+            let _ = local.reserve(key, debt, MAX_DURATION).await;
+        }
+    }
+
+    /// At the first shared admission of `key` after an outage in which it was admitted
+    /// locally, carries what this instance admitted meanwhile back to the shared bucket: its
+    /// level lowered to the local one's scaled back from its share (every instance's estimate
+    /// of the whole; the lowest wins), and this instance's own queued debt charged, as a
+    /// reservation that is kept (each instance adds its own, so they sum to the fleet's).
+    async fn reconcile(&self, key: &K, entry: &Entry) {
+        let seeded = entry.seeded.load(Ordering::Relaxed);
+        if seeded == 0 || entry.reconciled.swap(seeded, Ordering::Relaxed) == seeded {
+            return;
+        }
+        let Some(local) = self.shared.local.levels(key) else {
+            return;
+        };
+        let remote = &self.shared.remote;
+        let back = 1.0 / remote.config.fail_open_share;
+        let limits = entry.limits();
+        let args = left(&local, back).map(|r| r.map_or(-1, sat)).into_array();
+        remote
+            .update(entry, &remote.scripts.clamp, limits, |i| ints(i, &args))
+            .await;
+        if let Some(debt) = debt(&local, 1.0) {
+            let token = remote.tokens.fetch_add(1, Ordering::Relaxed);
+            let mut args = PerBucket::from(debt).map(sat).into_array().to_vec();
+            args.extend([micros(MAX_DURATION), remote.owner, token]);
+            let _ = remote
+                .run(entry, &remote.scripts.reserve, limits, |i| ints(i, &args))
+                .await;
+        }
     }
 
     fn fallback(&self) -> bool {
         self.shared.remote.config.failure_policy == FailurePolicy::FailOpen
             && self.shared.remote.is_down()
     }
+}
+
+/// What `levels` says is left in each bucket, times `scale` (a debt counts as nothing left).
+fn left(levels: &Levels, scale: f64) -> Remaining {
+    levels
+        .levels
+        .map(|l| l.map(|v| (v.max(0.0) * scale).floor() as u64))
+}
+
+/// The debt `levels` shows (reservations queued beyond the buckets' levels), times `scale`,
+/// as a cost to charge: the token buckets' debts (the requests bucket's is left out: a cost
+/// is one request), each at most its capacity. `None` without debt.
+fn debt(levels: &Levels, scale: f64) -> Option<TokenCost> {
+    let owed = |level: Option<f64>, rate: Option<Rate>| -> u64 {
+        match (level, rate) {
+            (Some(v), Some(r)) if v < 0.0 => ((-v * scale).ceil() as u64).min(r.capacity()),
+            _ => 0,
+        }
+    };
+    let l = &levels.levels;
+    let caps = PerBucket::from(levels.limits);
+    let (tokens, input, output) = (
+        owed(l.tokens, caps.tokens),
+        owed(l.input, caps.input),
+        owed(l.output, caps.output),
+    );
+    let cost = TokenCost {
+        input,
+        output: output.max(tokens.saturating_sub(input)),
+    };
+    (cost.input + cost.output > 0).then_some(cost)
 }
 
 /// `name:label`, or whichever is not empty.
@@ -957,6 +1056,7 @@ where
         ReserveFuture(Box::pin(async move {
             let remote = &store.shared.remote;
             if remote.gate() {
+                store.reconcile(&key, &entry).await;
                 let limits = entry.limits();
                 let estimate = PerBucket::from(cost);
                 let token = remote.tokens.fetch_add(1, Ordering::Relaxed);
@@ -1003,6 +1103,7 @@ where
             }
             match remote.config.failure_policy {
                 FailurePolicy::FailOpen => {
+                    store.seed_local(&key, &entry).await;
                     let a = store.shared.local.reserve(&key, cost, max_wait).await?;
                     Ok(Admission {
                         wait: a.wait,

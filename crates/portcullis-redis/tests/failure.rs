@@ -271,6 +271,16 @@ async fn unreachable_at_startup(server) {
     let levels = store.levels(&k).unwrap();
     assert_eq!(levels.limits.requests.unwrap().capacity(), 2);
     let _server = LocalRedis::start_on(port).unwrap();
-    until_shared(&store).await;
+    // Back on Redis, which learns what this instance admitted meanwhile: its whole share,
+    // so (scaled back) nothing is left, and the next admission is refused by Redis itself.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while store.is_degraded() {
+        let _ = store.reserve(&k, one(), Duration::ZERO).await;
+        assert!(Instant::now() < deadline, "no reconnection within 3 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.flush().await;
+    let shared = store.fetch_levels(&k).await.unwrap();
+    assert!(shared.requests().unwrap() < 1.0, "{:?}", shared.requests());
 }
 }

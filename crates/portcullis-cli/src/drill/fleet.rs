@@ -6,6 +6,11 @@
 //!
 //! With `--processes`, the instances are separate OS processes (this binary, re-run as the
 //! hidden `portcullis drill-worker`) and the outcomes come back as JSON lines.
+//!
+//! In the `redis` run, when the drill started its own `redis-server`, the timeline stops it
+//! (`SIGSTOP`) for [`STOP_FOR`] from [`STOP_AT`], then lets it go on: the report says how long
+//! the instances spent off Redis (each keeps 1/N of the limits meanwhile) and how many upstream
+//! 429s that window drew, against [`STOP_429_TARGET`].
 
 use std::fmt;
 use std::process::{ExitCode, Stdio};
@@ -24,6 +29,16 @@ use super::rate_limit::{
 use super::stacks;
 use super::workload::{self, Outcome, Served, StackService};
 use super::{Latency, Report, Which, latency, progress};
+
+/// When, in the `redis` run, the drill's own Redis is stopped.
+pub const STOP_AT: Duration = Duration::from_secs(4);
+/// How long it stays stopped.
+pub const STOP_FOR: Duration = Duration::from_secs(2);
+/// After it resumes, how long the window that counts its 429s lasts (the instances' way back).
+const RECOVERY: Duration = Duration::from_millis(1500);
+/// The most upstream 429s the stop's window may draw: the instances keep 1/N of the limits
+/// while off Redis, so the fleet stays under the provider's limit.
+pub const STOP_429_TARGET: u64 = 5;
 
 /// Where the fleet's Redis comes from.
 pub enum RedisSource {
@@ -68,11 +83,14 @@ fn instance(
     shared: Option<(&str, &str)>,
     seed: u64,
     instances: usize,
-) -> Result<StackService, Box<dyn std::error::Error>> {
+) -> Result<(StackService, Option<RedisStore>), Box<dyn std::error::Error>> {
     let provider = ProviderStack::openai(stacks::openai(sim_url)?);
     let provider = stacks::provider_stack(provider, Some(client_limits()?), seed);
     Ok(match shared {
-        None => BoxCloneSyncService::new(stacks::portcullis(vec![provider])?.completions()),
+        None => (
+            BoxCloneSyncService::new(stacks::portcullis(vec![provider])?.completions()),
+            None,
+        ),
         Some((url, prefix)) => {
             let redis = RedisConfig::new(url)
                 .prefix(prefix)
@@ -80,7 +98,13 @@ fn instance(
             let provider = provider.store(move |name, limits| {
                 Ok(RedisStore::new(name.to_owned(), limits, redis.clone())?)
             });
-            BoxCloneSyncService::new(stacks::portcullis(vec![provider])?.completions())
+            let stack = stacks::portcullis(vec![provider])?;
+            let store = stack
+                .handles()
+                .first()
+                .and_then(|h| h.limiter.as_ref())
+                .map(|l| l.store().clone());
+            (BoxCloneSyncService::new(stack.completions()), store)
         }
     })
 }
@@ -128,6 +152,73 @@ pub struct Row {
     upstream_429s: u64,
     goodput_ratio: f64,
     latency_ms: Latency,
+    /// How long Redis was stopped mid-run (`redis` with the drill's own server only).
+    redis_stopped_ms: Option<u64>,
+    /// The longest time an instance spent off Redis (in-process instances only).
+    off_redis_ms: Option<u64>,
+    /// Upstream 429s from the stop until [`RECOVERY`] after it.
+    upstream_429s_during_stop: Option<u64>,
+    /// Whether those stayed within [`STOP_429_TARGET`].
+    stop_target_met: Option<bool>,
+}
+
+/// What the stop of Redis cost.
+#[derive(Debug, Default)]
+struct Stop {
+    stopped: Option<Duration>,
+    off_redis: Option<Duration>,
+    upstream_429s: Option<u64>,
+}
+
+/// Stops the drill's own Redis at [`STOP_AT`] for [`STOP_FOR`], watching the instances'
+/// stores, and counts the simulator's 429s over the window.
+async fn stop_redis(
+    redis: &RedisSource,
+    stores: &[RedisStore],
+    sim: &portcullis::sim::SimHandle,
+) -> Result<Stop, Box<dyn std::error::Error>> {
+    let RedisSource::Local(local) = redis else {
+        return Ok(Stop::default());
+    };
+    let pid = local.pid().to_string();
+    let signal = |sig: &str| -> Result<(), Box<dyn std::error::Error>> {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()?;
+        match status.success() {
+            true => Ok(()),
+            false => Err(format!("kill {sig} {pid} failed").into()),
+        }
+    };
+    tokio::time::sleep(STOP_AT).await;
+    let before = sim.stats().status(429);
+    let start = tokio::time::Instant::now();
+    signal("-STOP")?;
+    let mut off: Vec<Option<(Duration, Duration)>> = vec![None; stores.len()];
+    let mut resumed = false;
+    let end = STOP_FOR + RECOVERY;
+    while start.elapsed() < end {
+        if !resumed && start.elapsed() >= STOP_FOR {
+            signal("-CONT")?;
+            resumed = true;
+        }
+        let now = start.elapsed();
+        for (store, seen) in stores.iter().zip(off.iter_mut()) {
+            if store.is_degraded() {
+                *seen = Some(seen.map_or((now, now), |(first, _)| (first, now)));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if !resumed {
+        signal("-CONT")?;
+    }
+    let off_redis = off.iter().flatten().map(|(a, b)| *b - *a).max();
+    Ok(Stop {
+        stopped: Some(STOP_FOR),
+        off_redis: (!stores.is_empty()).then(|| off_redis.unwrap_or_default()),
+        upstream_429s: Some(sim.stats().status(429) - before),
+    })
 }
 
 /// Runs the drill.
@@ -153,16 +244,31 @@ pub async fn run(
         let shared = (name == Sharing::Redis).then_some((url.as_str(), prefix.as_str()));
         let rate = RATE / instances as f64;
         let mut outcomes = Vec::new();
+        let mut stop = Stop::default();
         if processes {
-            outcomes = run_processes(&sim.openai_base_url(), shared, seed, instances, rate).await?;
+            let sim_url = sim.openai_base_url();
+            let run = run_processes(&sim_url, shared, seed, instances, rate);
+            if name == Sharing::Redis {
+                let (run, s) = tokio::join!(run, stop_redis(redis, &[], &sim));
+                outcomes = run?;
+                stop = s?;
+            } else {
+                outcomes = run.await?;
+            }
         } else {
             let mut runs = Vec::new();
+            let mut stores = Vec::new();
             for n in 0..instances {
-                let svc = instance(&sim.openai_base_url(), shared, seed + n as u64, instances)?;
+                let (svc, store) =
+                    instance(&sim.openai_base_url(), shared, seed + n as u64, instances)?;
+                stores.extend(store);
                 let base = n as u64 * 1_000_000;
                 runs.push(tokio::spawn(workload::run(svc, rate, DURATION, move |i| {
                     request(base + i, seed)
                 })));
+            }
+            if name == Sharing::Redis {
+                stop = stop_redis(redis, &stores, &sim).await?;
             }
             for r in runs {
                 outcomes.extend(r.await?);
@@ -178,6 +284,10 @@ pub async fn run(
             upstream_429s,
             goodput_ratio: goodput(&outcomes),
             latency_ms: latency(&outcomes, false),
+            redis_stopped_ms: stop.stopped.map(|d| d.as_millis() as u64),
+            off_redis_ms: stop.off_redis.map(|d| d.as_millis() as u64),
+            upstream_429s_during_stop: stop.upstream_429s,
+            stop_target_met: stop.upstream_429s.map(|n| n <= STOP_429_TARGET),
         });
     }
     Ok(Report {
@@ -309,7 +419,7 @@ async fn run_processes(
 pub async fn worker(args: WorkerArgs) -> ExitCode {
     let shared = args.redis.as_deref().zip(args.prefix.as_deref());
     let svc = match instance(&args.sim_url, shared, args.seed, args.instances) {
-        Ok(svc) => svc,
+        Ok((svc, _)) => svc,
         Err(e) => {
             eprintln!("error: fleet worker: {e}");
             return ExitCode::FAILURE;
