@@ -21,11 +21,13 @@
 pub mod circuit_breaker;
 pub mod fallback;
 pub mod key;
+pub mod keyed;
 pub mod retry;
 pub mod timeout;
 pub mod token_bucket;
 
 pub use key::{ByModel, KeyClosure, KeyFn, SingleKey};
+pub use keyed::KeyBounds;
 
 pub use circuit_breaker::{CircuitBreaker, CircuitBreakerLayer};
 pub use fallback::{Entry, Fallback, FallbackLayer};

@@ -59,8 +59,20 @@ impl<St: BucketStore> TokenBucketHandle<St> {
         all
     }
 
+    /// How many keys the store keeps buckets for now ([`BucketStore::key_count`]). For the
+    /// in-memory store: at most [`keys.max_keys`](super::TokenBucketConfig::keys) keys created
+    /// by requests, plus those named in `limits` or given limits here; keys beyond the cap
+    /// share one overflow bucket, not counted; a key unused for `keys.idle_timeout` whose
+    /// buckets are full, unpaused and unreserved is dropped. For monitoring: it takes the
+    /// store's map lock.
+    pub fn key_count(&self) -> usize {
+        self.store.key_count()
+    }
+
     /// Changes the limits of `key` at run time. Its levels carry over (a bucket that shrinks
-    /// below its level is capped); reservations already made keep their slots.
+    /// below its level is capped); reservations already made keep their slots. With the
+    /// in-memory store, the key then keeps its own buckets: never evicted, never the overflow
+    /// bucket.
     pub fn set_limits(
         &self,
         key: impl Into<St::Key>,
