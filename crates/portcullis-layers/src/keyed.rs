@@ -25,14 +25,16 @@
 //!
 //! Sweeps are amortized: one pass over the map, under its write lock, at most once per eighth
 //! of the idle timeout, and only when a key is being added (a map that does not grow needs no
-//! sweep). A key still in use costs no lock and no clock read to keep alive: each use stores
-//! the map's current *epoch* (bumped by each sweep) in the key, when it differs. An evicted key
-//! was idle for at least the idle timeout, and under a steady flow of new keys it goes within
-//! about 1.25 times the idle timeout.
+//! sweep), including one that would overflow. A key in use costs no lock and no clock read to
+//! keep alive: each use stores the map's current *epoch* (bumped by each sweep) in the key,
+//! when it differs. So a sweep knows when a key was last used only to within the sweeps around
+//! that use: an evicted key was always unused for at least the idle timeout, and under a steady
+//! flow of new keys (what needs bounding) it goes within about 1.25 times the idle timeout;
+//! after a spell without new keys, it may take one more idle timeout.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockWriteGuard};
@@ -161,12 +163,13 @@ impl<V> Deref for Entry<V> {
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// A map of per-key states bounded by [`KeyBounds`], shared by a layer's clones. Lookups take
-/// its read lock; only adding a key (and the sweep it may run) takes the write lock.
-pub(crate) struct KeyMap<K, V> {
+/// its read lock; only adding a key (and the sweep it may run) takes the write lock. `S`
+/// hashes the keys.
+pub(crate) struct KeyMap<K, V, S = FxBuildHasher> {
     bounds: KeyBounds,
     /// What the map belongs to, for the overflow warning: the component and the layer's name.
     owner: (&'static str, Arc<str>),
-    keys: RwLock<Keys<K, V>>,
+    keys: RwLock<Keys<K, V, S>>,
     /// The current epoch; bumped by each sweep.
     epoch: AtomicU64,
     /// Entries of [`Kind::Counted`].
@@ -181,8 +184,8 @@ pub(crate) struct KeyMap<K, V> {
     origin: Instant,
 }
 
-struct Keys<K, V> {
-    map: HashMap<K, Arc<Entry<V>>, FxBuildHasher>,
+struct Keys<K, V, S> {
+    map: HashMap<K, Arc<Entry<V>>, S>,
     /// When each epoch from `first` on started (nanoseconds since `origin`). An entry last
     /// seen in an epoch before `first` was last used before `first` started, at least the idle
     /// timeout before the last sweep.
@@ -195,7 +198,7 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl<K, V> KeyMap<K, V> {
+impl<K, V, S: Default> KeyMap<K, V, S> {
     /// An empty map (`bounds` already validated), owned by `component` `name`.
     pub(crate) fn new(bounds: KeyBounds, component: &'static str, name: Arc<str>) -> Self {
         KeyMap {
@@ -226,10 +229,11 @@ impl<K, V> KeyMap<K, V> {
     }
 }
 
-impl<K, V> KeyMap<K, V>
+impl<K, V, S> KeyMap<K, V, S>
 where
     K: Clone + Eq + Hash,
     V: Neutral,
+    S: BuildHasher,
 {
     fn now(&self) -> u64 {
         nanos(Instant::now().saturating_duration_since(self.origin))
@@ -334,7 +338,7 @@ where
 
     /// Starts a new epoch and evicts every entry that is idle, held by nothing else and
     /// neutral. Runs under the write lock, at most once per [`tick`](Self::tick).
-    fn sweep(&self, keys: &mut RwLockWriteGuard<'_, Keys<K, V>>, now: u64) {
+    fn sweep(&self, keys: &mut RwLockWriteGuard<'_, Keys<K, V, S>>, now: u64) {
         self.next_sweep
             .store(now.saturating_add(self.tick()), Ordering::Relaxed);
         self.epoch.fetch_add(1, Ordering::Relaxed);

@@ -13,6 +13,7 @@
 //! under the mutex ([`KeyState::run`]), which republishes the word before releasing it.
 
 use std::borrow::Borrow;
+use std::collections::hash_map::RandomState;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +41,10 @@ pub(crate) struct Common<K> {
 /// The map of keys, shared by the layer, its services, their clones and handles.
 pub(crate) struct Shared<K> {
     pub(crate) common: Arc<Common<K>>,
-    pub(crate) keys: KeyMap<K, KeyState<K>>,
+    /// Hashed with SipHash and a random key: a client chooses the keys, and must not be able
+    /// to aim them at one bucket. (The common path skips hashing: a service keeps the last
+    /// key's breaker.)
+    pub(crate) keys: KeyMap<K, KeyState<K>, RandomState>,
 }
 
 impl<K> Shared<K>
