@@ -15,6 +15,9 @@
 //! | fallback across providers | [`fallback`] |
 //! | attempt timeouts and deadlines | [`timeout`] |
 //!
+//! The breaker and the in-memory bucket keep one state per key (by default per model, which a
+//! client may choose): both maps are bounded in size and drop idle keys, see [`keyed`].
+//!
 //! This crate does not depend on hyper: a non-LLM service can use the breaker alone.
 #![forbid(unsafe_code)]
 

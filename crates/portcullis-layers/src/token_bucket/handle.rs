@@ -38,7 +38,8 @@ impl<St> TokenBucketHandle<St> {
 }
 
 impl<St: BucketStore> TokenBucketHandle<St> {
-    /// The levels of `key`, or `None` for a key never seen.
+    /// The levels of `key`, or `None` for a key with no buckets of its own (never seen, or, in
+    /// the in-memory store, dropped while idle or beyond the cap).
     pub fn level<Q>(&self, key: &Q) -> Option<Levels>
     where
         St::Key: Borrow<Q>,
@@ -47,7 +48,8 @@ impl<St: BucketStore> TokenBucketHandle<St> {
         self.store.levels(key)
     }
 
-    /// The levels of every key seen, labelled `name:label`, sorted by label.
+    /// The levels of every key with buckets of its own (not the in-memory store's overflow
+    /// bucket), labelled `name:label`, sorted by label.
     pub fn levels(&self) -> Vec<(String, Levels)> {
         let mut all: Vec<(String, Levels)> = self
             .store
