@@ -12,6 +12,12 @@
 //! chunk still gets a proper status; one that fails after it ends with an `{"error": …}` event,
 //! as OpenAI's own streams do.
 //!
+//! The client chooses the `model`, and the breaker and the bucket keep one state per model: both
+//! maps are bounded (at most 10 000 keys each, idle ones dropped after 10 minutes; keys beyond
+//! the cap share one overflow state), see `keys` in `CircuitBreakerConfig` / `TokenBucketConfig`
+//! and "Bounded keyed state" in the README. A gateway that serves a known set of models can also
+//! refuse the others before the stack.
+//!
 //! ```text
 //! cargo run --example axum_gateway            # start, send a few requests, shut down
 //! cargo run --example axum_gateway -- --serve # keep serving on 127.0.0.1:3000 until Ctrl-C

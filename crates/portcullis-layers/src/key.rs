@@ -78,11 +78,12 @@ pub(crate) fn model_of<Req: portcullis_core::RequestInfo>(req: &Req) -> &str {
     req.model().unwrap_or("-")
 }
 
-/// The hasher of the layers' key maps: FxHash (a rotate, a xor and a multiply per word), far
-/// cheaper than the default SipHash for the short keys they hold (a model name). Keys come
-/// from the caller's own requests and each new key is kept for the life of the layer, so the
-/// map is not exposed to the untrusted-input flooding SipHash defends against any more than it
-/// already is by growing.
+/// The hasher of the in-memory token bucket's key map, which is looked up on every call:
+/// FxHash (a rotate, a xor and a multiply per word), far cheaper than the default SipHash for
+/// the short keys it holds (a model name). It is not keyed: a client that chooses the keys
+/// could aim many at the same buckets and slow lookups down (the map is bounded in size, see
+/// [`KeyBounds`](crate::KeyBounds), not in probe length). The circuit breaker, whose common
+/// path does not hash, keeps SipHash.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct FxHasher {
     hash: u64,
@@ -131,7 +132,10 @@ impl std::hash::Hasher for FxHasher {
         self.add(i as u64);
     }
 
+    /// The multiply leaves the low bits, which pick the bucket, depending only on the low bits
+    /// of the input (the first bytes of a string): rotating brings the well-mixed high bits
+    /// down, as rustc-hash 2 does. Without it, `m10000` … `m19999` fall into 32 buckets.
     fn finish(&self) -> u64 {
-        self.hash
+        self.hash.rotate_left(26)
     }
 }

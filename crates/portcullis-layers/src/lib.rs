@@ -15,17 +15,22 @@
 //! | fallback across providers | [`fallback`] |
 //! | attempt timeouts and deadlines | [`timeout`] |
 //!
+//! The breaker and the in-memory bucket keep one state per key (by default per model, which a
+//! client may choose): both maps are bounded in size and drop idle keys, see [`keyed`].
+//!
 //! This crate does not depend on hyper: a non-LLM service can use the breaker alone.
 #![forbid(unsafe_code)]
 
 pub mod circuit_breaker;
 pub mod fallback;
 pub mod key;
+pub mod keyed;
 pub mod retry;
 pub mod timeout;
 pub mod token_bucket;
 
 pub use key::{ByModel, KeyClosure, KeyFn, SingleKey};
+pub use keyed::KeyBounds;
 
 pub use circuit_breaker::{CircuitBreaker, CircuitBreakerLayer};
 pub use fallback::{Entry, Fallback, FallbackLayer};

@@ -10,8 +10,10 @@ use portcullis_core::config::{self, millis};
 pub use portcullis_core::config::{ConfigError, MAX_DURATION};
 use serde::{Deserialize, Serialize};
 
+use crate::keyed::KeyBounds;
+
 /// The component name in this module's [`ConfigError`]s.
-const COMPONENT: &str = "circuit breaker";
+pub(crate) const COMPONENT: &str = "circuit breaker";
 
 /// The largest count window, in calls (each key keeps one byte per call of its window).
 pub const MAX_WINDOW_CALLS: u32 = 1_000_000;
@@ -56,6 +58,10 @@ pub struct CircuitBreakerConfig {
     /// expected stream. (Default 30 s.)
     #[serde(rename = "max_probe_wait_ms", with = "millis")]
     pub max_probe_wait: Duration,
+    /// How many keys get their own breaker, and when an unused one is dropped (default 10 000
+    /// keys, 10 minutes). Keys beyond the cap share one overflow breaker; a key is dropped only
+    /// when CLOSED with no failure pending and no call in flight. See [`KeyBounds`].
+    pub keys: KeyBounds,
 }
 
 impl Default for CircuitBreakerConfig {
@@ -67,6 +73,7 @@ impl Default for CircuitBreakerConfig {
             open_backoff: None,
             half_open_probes: 3,
             max_probe_wait: Duration::from_secs(30),
+            keys: KeyBounds::default(),
         }
     }
 }
@@ -242,7 +249,7 @@ impl CircuitBreakerConfig {
                 ));
             }
         }
-        Ok(())
+        self.keys.validate(COMPONENT)
     }
 
     /// How long the breaker stays open after its `trips`-th consecutive trip (1 for the first).

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::events::{CircuitMetrics, CircuitState, Transition};
 use super::state::{KeyState, Shared};
+use crate::keyed::Room;
 
 /// Reads and steers the breakers of a layer and every service built from it.
 ///
@@ -44,8 +45,9 @@ where
         &self.shared.common.name
     }
 
-    /// The state of `key`'s breaker (CLOSED for a key never seen). Like a call, it moves an
-    /// OPEN breaker whose recovery timeout elapsed to HALF_OPEN.
+    /// The state of `key`'s breaker: CLOSED for a key with no breaker of its own (never seen,
+    /// evicted while CLOSED, or beyond the cap, whose calls go through the overflow breaker).
+    /// Like a call, it moves an OPEN breaker whose recovery timeout elapsed to HALF_OPEN.
     pub fn state<Q>(&self, key: &Q) -> CircuitState
     where
         K: Borrow<Q>,
@@ -55,7 +57,7 @@ where
             .unwrap_or(CircuitState::Closed)
     }
 
-    /// A snapshot of `key`'s breaker, or `None` for a key never seen.
+    /// A snapshot of `key`'s breaker, or `None` for a key with no breaker of its own.
     pub fn metrics<Q>(&self, key: &Q) -> Option<CircuitMetrics>
     where
         K: Borrow<Q>,
@@ -64,16 +66,28 @@ where
         self.on(key, KeyState::metrics)
     }
 
-    /// Every key seen so far.
+    /// Every key that has its own breaker now (see [`key_count`](Self::key_count)).
     pub fn keys(&self) -> Vec<K> {
         self.shared.keys()
     }
 
+    /// How many keys have their own breaker now: at most
+    /// [`keys.max_keys`](super::CircuitBreakerConfig::keys) created by requests, plus those
+    /// named through [`force_open`](Self::force_open). Keys beyond the cap share one overflow
+    /// breaker, not counted here; a key unused for `keys.idle_timeout` whose breaker is CLOSED
+    /// with no failure pending and no call in flight is dropped (and comes back fresh, its
+    /// counters at zero). Reading it takes the map's read lock: it is for monitoring, not for
+    /// every call.
+    pub fn key_count(&self) -> usize {
+        self.shared.keys.len()
+    }
+
     /// Opens `key`'s breaker until [`force_closed`](Self::force_closed) or
-    /// [`reset`](Self::reset): no recovery timeout applies.
+    /// [`reset`](Self::reset): no recovery timeout applies. The key gets its own breaker even
+    /// beyond the cap: one the operator names is never the overflow breaker.
     pub fn force_open(&self, key: impl Into<K>) {
         self.shared
-            .get_or_insert(key.into())
+            .get_or_insert(&key.into(), Room::Exempt)
             .force_open(Instant::now());
     }
 

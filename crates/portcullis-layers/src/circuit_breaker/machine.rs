@@ -175,6 +175,21 @@ impl Machine {
             .then_some(self.generation)
     }
 
+    /// Whether it is as a new breaker at `now`: CLOSED, no failure in a row, and no failure or
+    /// slow call in its windows.
+    pub(crate) fn is_neutral(&self, now: Instant) -> bool {
+        let clean = |w: &Option<Recorder>| {
+            w.as_ref().is_none_or(|w| {
+                let t = w.totals(now);
+                t.failures == 0 && t.slow == 0
+            })
+        };
+        matches!(self.phase, Phase::Closed)
+            && self.consecutive_failures == 0
+            && clean(&self.failure_window)
+            && clean(&self.slow_window)
+    }
+
     /// Runs one input at `now`.
     #[inline]
     pub(crate) fn step(

@@ -35,6 +35,7 @@ mod service;
 mod state;
 mod window;
 
+pub use crate::keyed::KeyBounds;
 pub use config::{
     CircuitBreakerConfig, ConfigError, MAX_DURATION, MAX_HALF_OPEN_PROBES, MAX_WINDOW_CALLS,
     OpenBackoff, SlowCallPolicy, TripPolicy, Window,

@@ -10,8 +10,9 @@ use tower_service::Service;
 
 use super::future::{Guard, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
-use super::state::{KeyState, Shared};
+use super::state::{Breaker, Shared};
 use crate::key::{ByModel, KeyFn};
+use crate::keyed::Room;
 
 /// A service guarded by one circuit breaker per key. Built by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer); clones share every breaker.
@@ -27,9 +28,10 @@ pub struct CircuitBreaker<S, F = ByModel, K = Arc<str>> {
     key_fn: Arc<F>,
     shared: Arc<Shared<K>>,
     /// The breaker of the last call's key: calls for the same key (the common case: one model
-    /// per service) skip hashing the key and the map's lock. Keys are never removed from the
-    /// map, so it never goes stale.
-    last: Option<Arc<KeyState<K>>>,
+    /// per service) skip hashing the key and the map's lock. Holding it keeps the key from
+    /// being evicted, so it never goes stale. Never the overflow breaker, which stands for
+    /// many keys.
+    last: Option<Breaker<K>>,
 }
 
 impl<S, F, K> CircuitBreaker<S, F, K> {
@@ -103,10 +105,15 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let state = match &self.last {
-            Some(last) if self.key_fn.is_key(&req, last.key()) => last.clone(),
+            Some(last) if self.key_fn.is_key(&req, last.key()) => {
+                self.shared.keys.touch(last);
+                last.clone()
+            }
             _ => {
-                let state = self.shared.get_or_insert(self.key_fn.key(&req));
-                self.last = Some(state.clone());
+                let state = self
+                    .shared
+                    .get_or_insert(&self.key_fn.key(&req), Room::Capped);
+                self.last = (!state.is_overflow()).then(|| state.clone());
                 state
             }
         };

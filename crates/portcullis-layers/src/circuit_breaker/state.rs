@@ -1,8 +1,9 @@
 //! The locking around each key's [`Machine`], and the map of keys shared by clones.
 //!
 //! Each key's machine sits in a `std::sync::Mutex` held for a few dozen instructions; the map
-//! of keys is behind an `RwLock` whose write side is only taken for a new key. Nothing here
-//! allocates for a key already seen.
+//! of keys is a [`KeyMap`] (bounded: idle neutral keys are evicted, keys beyond the cap share
+//! an overflow breaker) behind an `RwLock` whose write side is only taken for a new key.
+//! Nothing here allocates for a key already seen.
 //!
 //! The happy path takes no lock and reads no clock: a CLOSED breaker under a
 //! consecutive-failures policy without a slow-call policy, with no failure pending, publishes
@@ -12,11 +13,11 @@
 //! under the mutex ([`KeyState::run`]), which republishes the word before releasing it.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
@@ -25,6 +26,10 @@ use tokio::time::Instant;
 use super::config::{CircuitBreakerConfig, TripPolicy};
 use super::events::{CircuitMetrics, CircuitState, Transition};
 use super::machine::{Input, Machine, Outcome, Permit, Step, Verdict};
+use crate::keyed::{Entry, KeyMap, Kind, Neutral, Room};
+
+/// A key's breaker as the map holds it.
+pub(crate) type Breaker<K> = Arc<Entry<KeyState<K>>>;
 
 /// What every key of one layer shares: name, configuration, event channel.
 pub(crate) struct Common<K> {
@@ -36,7 +41,10 @@ pub(crate) struct Common<K> {
 /// The map of keys, shared by the layer, its services, their clones and handles.
 pub(crate) struct Shared<K> {
     pub(crate) common: Arc<Common<K>>,
-    keys: RwLock<HashMap<K, Arc<KeyState<K>>>>,
+    /// Hashed with SipHash and a random key: a client chooses the keys, and must not be able
+    /// to aim them at one bucket. (The common path skips hashing: a service keeps the last
+    /// key's breaker.)
+    pub(crate) keys: KeyMap<K, KeyState<K>, RandomState>,
 }
 
 impl<K> Shared<K>
@@ -45,38 +53,37 @@ where
 {
     pub(crate) fn new(name: Arc<str>, config: CircuitBreakerConfig) -> Self {
         let (events, _) = broadcast::channel(super::EVENT_CAPACITY);
+        let keys = KeyMap::new(config.keys, super::config::COMPONENT, name.clone());
         Shared {
             common: Arc::new(Common {
                 name,
                 config,
                 events,
             }),
-            keys: RwLock::new(HashMap::new()),
+            keys,
         }
     }
 
-    pub(crate) fn get<Q>(&self, key: &Q) -> Option<Arc<KeyState<K>>>
+    pub(crate) fn get<Q>(&self, key: &Q) -> Option<Breaker<K>>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
-        keys.get(key).cloned()
+        self.keys.get(key)
     }
 
-    pub(crate) fn get_or_insert(&self, key: K) -> Arc<KeyState<K>> {
-        if let Some(state) = self.get(&key) {
-            return state;
-        }
-        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
-        keys.entry(key.clone())
-            .or_insert_with(|| Arc::new(KeyState::new(key, self.common.clone())))
-            .clone()
+    /// `key`'s breaker, marked used: a request's key (`Room::Capped`, which may get the
+    /// overflow breaker) or one the operator names (`Room::Exempt`).
+    pub(crate) fn get_or_insert(&self, key: &K, room: Room) -> Breaker<K> {
+        self.keys.entry(key, room, |kind| {
+            KeyState::new(key.clone(), self.common.clone(), kind == Kind::Overflow)
+        })
     }
 
     pub(crate) fn keys(&self) -> Vec<K> {
-        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
-        keys.keys().cloned().collect()
+        let mut keys = Vec::new();
+        self.keys.for_each(|k, _| keys.push(k.clone()));
+        keys
     }
 }
 
@@ -116,13 +123,15 @@ pub(crate) struct KeyState<K> {
     /// A consecutive-failures policy and no slow-call policy: a success of the current
     /// generation changes nothing when no failure is pending.
     fast_eligible: bool,
+    /// The breaker shared by the keys beyond the cap (`key` is the first of them).
+    overflow: bool,
 }
 
 impl<K> KeyState<K>
 where
     K: Clone + Debug + Send + Sync + 'static,
 {
-    fn new(key: K, common: Arc<Common<K>>) -> Self {
+    fn new(key: K, common: Arc<Common<K>>, overflow: bool) -> Self {
         let config = &common.config;
         let machine = Machine::new(config, Instant::now());
         let fast_eligible = matches!(config.trip, TripPolicy::ConsecutiveFailures { .. })
@@ -134,6 +143,7 @@ where
             // Generation 0, CLOSED, no failure.
             fast: AtomicU64::new(u64::from(fast_eligible)),
             fast_eligible,
+            overflow,
             common,
         }
     }
@@ -260,9 +270,16 @@ where
         });
         drop(machine);
         if let Some(event) = event {
-            log(&event);
+            log(&event, self.overflow);
         }
         verdict
+    }
+}
+
+impl<K> Neutral for KeyState<K> {
+    /// CLOSED with no failure pending: as a new breaker (only its counters differ).
+    fn is_neutral(&self, now: Instant) -> bool {
+        self.machine.try_lock().is_ok_and(|m| m.is_neutral(now))
     }
 }
 
@@ -297,16 +314,24 @@ where
     }
 }
 
-/// Logs a transition, as the seed's logger did: a warning when a breaker opens.
-fn log<K: Debug>(t: &Transition<K>) {
+impl<V: Complete> Complete for Entry<V> {
+    fn complete(&self, permit: &Permit, outcome: Outcome) {
+        (**self).complete(permit, outcome);
+    }
+}
+
+/// Logs a transition, as the seed's logger did: a warning when a breaker opens. `overflow`:
+/// the breaker shared by the keys beyond the cap.
+fn log<K: Debug>(t: &Transition<K>, overflow: bool) {
     if t.to == CircuitState::Open {
         tracing::warn!(
-            breaker = %t.name, key = ?t.key, from = %t.from, to = %t.to, reason = %t.reason,
-            "circuit breaker opened"
+            breaker = %t.name, key = ?t.key, overflow, from = %t.from, to = %t.to,
+            reason = %t.reason, "circuit breaker opened"
         );
     } else {
         tracing::info!(
-            breaker = %t.name, key = ?t.key, from = %t.from, to = %t.to, reason = %t.reason,
+            breaker = %t.name, key = ?t.key, overflow, from = %t.from, to = %t.to,
+            reason = %t.reason,
             "circuit breaker {}", if t.to == CircuitState::Closed { "closed" } else { "half-open" }
         );
     }

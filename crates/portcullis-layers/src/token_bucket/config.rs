@@ -9,8 +9,10 @@ use portcullis_core::config::{MAX_DURATION, millis};
 use portcullis_core::{LimitHint, RateLimitHints};
 use serde::{Deserialize, Serialize};
 
+use crate::keyed::KeyBounds;
+
 /// The component name in this module's [`ConfigError`]s.
-const COMPONENT: &str = "token bucket";
+pub(crate) const COMPONENT: &str = "token bucket";
 
 /// The default longest wait for admission: 30 s.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
@@ -354,6 +356,12 @@ pub struct TokenBucketConfig {
         default = "default_learn_window"
     )]
     pub learn_window: Duration,
+    /// How many keys the in-memory store keeps buckets for, and when an unused one is dropped
+    /// (default 10 000 keys, 10 minutes): keys beyond the cap share one overflow bucket with
+    /// the `default` limits; keys named in `limits` are never counted. See
+    /// [`MemoryStore`](super::MemoryStore) and [`KeyBounds`].
+    #[serde(default)]
+    pub keys: KeyBounds,
 }
 
 fn default_learn() -> bool {
@@ -381,6 +389,7 @@ impl Default for TokenBucketConfig {
             max_pause: DEFAULT_MAX_PAUSE,
             learn_limits: true,
             learn_window: default_learn_window(),
+            keys: KeyBounds::default(),
         }
     }
 }
@@ -425,6 +434,12 @@ impl TokenBucketConfig {
     /// Sets the window a provider's stated limits are per (default a minute).
     pub fn learn_window(mut self, window: Duration) -> Self {
         self.learn_window = window;
+        self
+    }
+
+    /// Sets how many keys get their own buckets, and when an unused one is dropped.
+    pub fn keys(mut self, keys: KeyBounds) -> Self {
+        self.keys = keys;
         self
     }
 
@@ -484,12 +499,20 @@ impl TokenBucketConfig {
                 format!("must be at most a day, got {:?}", self.max_pause),
             ));
         }
-        Ok(())
+        self.keys.validate(COMPONENT)
     }
 
     /// The limits for a key label under a layer name: `name:label`, then `label`, then
     /// `default` (`None`: not limited). Shared stores resolve their keys with it too.
     pub fn resolve(&self, name: &str, label: &str) -> Option<KeyLimits> {
+        self.named(name, label).or(self.default)
+    }
+
+    /// The limits `limits` names for the key (as `name:label` or `label`), if it names it.
+    fn named(&self, name: &str, label: &str) -> Option<KeyLimits> {
+        if self.limits.is_empty() {
+            return None;
+        }
         if !name.is_empty() {
             let mut full = String::with_capacity(name.len() + 1 + label.len());
             full.push_str(name);
@@ -499,7 +522,13 @@ impl TokenBucketConfig {
                 return Some(*l);
             }
         }
-        self.limits.get(label).copied().or(self.default)
+        self.limits.get(label).copied()
+    }
+
+    /// Whether `limits` names the key: such keys are not counted against
+    /// [`keys.max_keys`](Self::keys).
+    pub(crate) fn names(&self, name: &str, label: &str) -> bool {
+        self.named(name, label).is_some()
     }
 }
 

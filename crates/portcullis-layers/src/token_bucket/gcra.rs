@@ -496,6 +496,19 @@ impl KeyState {
         self.limits = limits;
     }
 
+    /// Whether the key is as a new one would be at `now`, but for its limits: every bucket
+    /// full, nothing queued, not paused.
+    pub(crate) fn is_full(&self, now: Nanos) -> bool {
+        self.links.is_empty()
+            && self.paused_until <= now
+            && self.tail.floor <= now
+            && self
+                .buckets
+                .zip(self.tail.tat)
+                .into_iter()
+                .all(|(b, tat)| b.is_none() || tat <= now)
+    }
+
     /// The levels at `now`.
     pub(crate) fn snapshot(&self, now: Nanos) -> Levels {
         let tail = self.tail;

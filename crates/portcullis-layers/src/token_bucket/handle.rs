@@ -38,7 +38,8 @@ impl<St> TokenBucketHandle<St> {
 }
 
 impl<St: BucketStore> TokenBucketHandle<St> {
-    /// The levels of `key`, or `None` for a key never seen.
+    /// The levels of `key`, or `None` for a key with no buckets of its own (never seen, or, in
+    /// the in-memory store, dropped while idle or beyond the cap).
     pub fn level<Q>(&self, key: &Q) -> Option<Levels>
     where
         St::Key: Borrow<Q>,
@@ -47,7 +48,8 @@ impl<St: BucketStore> TokenBucketHandle<St> {
         self.store.levels(key)
     }
 
-    /// The levels of every key seen, labelled `name:label`, sorted by label.
+    /// The levels of every key with buckets of its own (not the in-memory store's overflow
+    /// bucket), labelled `name:label`, sorted by label.
     pub fn levels(&self) -> Vec<(String, Levels)> {
         let mut all: Vec<(String, Levels)> = self
             .store
@@ -59,8 +61,20 @@ impl<St: BucketStore> TokenBucketHandle<St> {
         all
     }
 
+    /// How many keys the store keeps buckets for now ([`BucketStore::key_count`]). For the
+    /// in-memory store: at most [`keys.max_keys`](super::TokenBucketConfig::keys) keys created
+    /// by requests, plus those named in `limits` or given limits here; keys beyond the cap
+    /// share one overflow bucket, not counted; a key unused for `keys.idle_timeout` whose
+    /// buckets are full, unpaused and unreserved is dropped. For monitoring: it takes the
+    /// store's map lock.
+    pub fn key_count(&self) -> usize {
+        self.store.key_count()
+    }
+
     /// Changes the limits of `key` at run time. Its levels carry over (a bucket that shrinks
-    /// below its level is capped); reservations already made keep their slots.
+    /// below its level is capped); reservations already made keep their slots. With the
+    /// in-memory store, the key then keeps its own buckets: never evicted, never the overflow
+    /// bucket.
     pub fn set_limits(
         &self,
         key: impl Into<St::Key>,

@@ -1,12 +1,12 @@
 //! [`MemoryStore`]: the default store, every key's buckets in this process's memory.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -17,20 +17,41 @@ use super::config::{ConfigError, KeyLimits, TokenBucketConfig};
 use super::gcra::{End, KeyState, Nanos, nanos};
 use super::per_bucket::{PerBucket, Remaining};
 use super::store::{Admission, BucketStore, Denied, KeyLabel, Levels, Settlement};
-use crate::key::FxBuildHasher;
+use crate::keyed::{Entry, KeyMap, Kind, Neutral, Room};
 
-type Slot = Arc<Mutex<KeyState>>;
+/// One key's buckets.
+#[derive(Debug)]
+struct Buckets {
+    state: Mutex<KeyState>,
+    /// The store's time origin.
+    origin: Instant,
+    /// Given limits through [`BucketStore::set_limits`] (a handle): kept, never evicted.
+    pinned: AtomicBool,
+}
+
+impl Neutral for Buckets {
+    /// Full, with nothing queued and no pause, and no limits set by hand.
+    fn is_neutral(&self, now: Instant) -> bool {
+        !self.pinned.load(Ordering::Relaxed)
+            && self
+                .state
+                .try_lock()
+                .is_ok_and(|s| s.is_full(nanos(now.saturating_duration_since(self.origin))))
+    }
+}
+
+type Slot = Arc<Entry<Buckets>>;
 
 fn lock(slot: &Slot) -> MutexGuard<'_, KeyState> {
     // A panic while holding the lock cannot leave the plain numbers half-written in a way that
     // matters more than losing the limiter: keep going.
-    slot.lock().unwrap_or_else(PoisonError::into_inner)
+    slot.state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 struct MemShared<K> {
     name: Arc<str>,
     config: TokenBucketConfig,
-    keys: RwLock<HashMap<K, Slot, FxBuildHasher>>,
+    keys: KeyMap<K, Buckets>,
     origin: Instant,
 }
 
@@ -38,10 +59,23 @@ struct MemShared<K> {
 ///
 /// One `std::sync::Mutex` per key, held for a few arithmetic operations (the
 /// [`gcra`](super::gcra) module); a read lock on the key map to find it. A reservation for a key
-/// already seen allocates nothing. Keys are kept for the life of the store (one per model: a
-/// handful).
+/// already seen allocates nothing.
+///
+/// The keys are bounded by [`TokenBucketConfig::keys`] (see [`KeyBounds`]):
+///
+/// - a key unused for `keys.idle_timeout` whose buckets are full, with no reservation live and
+///   no pause, is dropped; it comes back full, with its configured limits (limits it learned
+///   from its provider's headers are learned again from the next response). A key in debt,
+///   paused or with a reservation is never dropped, so dropping cannot reset a limit. A key
+///   given limits through [`set_limits`](BucketStore::set_limits) (the handle) is kept.
+/// - at most `keys.max_keys` keys created by requests; beyond it, new keys share one
+///   **overflow** bucket with the `default` limits (unlimited without a default): its levels,
+///   its pauses and the limits learned for it, which only ever go down there. Keys named in
+///   `limits`, and keys given limits by a handle, are not counted and never share it.
 ///
 /// Cloning shares the state.
+///
+/// [`KeyBounds`]: crate::keyed::KeyBounds
 pub struct MemoryStore<K = Arc<str>> {
     shared: Arc<MemShared<K>>,
 }
@@ -64,11 +98,12 @@ impl<K> Debug for MemoryStore<K> {
 
 impl<K> MemoryStore<K> {
     fn with_origin(name: Arc<str>, config: TokenBucketConfig, origin: Instant) -> Self {
+        let keys = KeyMap::new(config.keys, super::config::COMPONENT, name.clone());
         MemoryStore {
             shared: Arc::new(MemShared {
                 name,
                 config,
-                keys: RwLock::new(HashMap::default()),
+                keys,
                 origin,
             }),
         }
@@ -79,6 +114,14 @@ impl<K> MemoryStore<K> {
         let s = &self.shared;
         MemoryStore::with_origin(s.name.clone(), s.config.clone(), s.origin)
     }
+
+    /// How many keys have their own buckets now: at most
+    /// [`keys.max_keys`](TokenBucketConfig::keys) created by requests, plus the keys named in
+    /// the configuration's `limits` or given limits through a handle. Keys beyond the cap
+    /// share the overflow bucket, not counted here. Takes the map's read lock.
+    pub fn key_count(&self) -> usize {
+        self.shared.keys.len()
+    }
 }
 
 /// A reservation in a [`MemoryStore`]. Dropped without being settled, it keeps its charge.
@@ -87,14 +130,13 @@ pub struct MemoryTicket {
     slot: Slot,
     seq: u64,
     estimate: PerBucket<u64>,
-    origin: Instant,
     open: bool,
 }
 
 impl MemoryTicket {
     fn end(&mut self, end: End) {
         if std::mem::take(&mut self.open) {
-            let now = since(self.origin);
+            let now = since(self.slot.origin);
             lock(&self.slot).end(self.seq, self.estimate, end, now);
         }
     }
@@ -160,31 +202,27 @@ where
         since(self.shared.origin)
     }
 
-    fn existing<Q>(&self, key: &Q) -> Option<Slot>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.shared
-            .keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-            .cloned()
-    }
-
-    fn slot(&self, key: &K) -> Slot {
-        if let Some(s) = self.existing(key) {
-            return s;
+    /// `key`'s buckets, marked used; new ones for a new key (counted against the cap unless
+    /// `room` or the configuration exempts it), or the overflow bucket.
+    fn slot_in(&self, key: &K, room: Room) -> Slot {
+        let shared = &*self.shared;
+        if let Some(slot) = shared.keys.get(key) {
+            shared.keys.touch(&slot);
+            return slot;
         }
         let label = key.label();
-        let limits = self
-            .shared
-            .config
-            .resolve(&self.shared.name, &label)
-            .unwrap_or_else(|| {
-                let key = super::KeyDisplay(&self.shared.name, &label);
-                match self.shared.config.learn_limits {
+        let room = match room {
+            Room::Capped if !shared.config.names(&shared.name, &label) => Room::Capped,
+            _ => Room::Exempt,
+        };
+        shared.keys.entry(key, room, |kind| {
+            let limits = match kind {
+                Kind::Overflow => shared.config.default,
+                Kind::Counted | Kind::Exempt => shared.config.resolve(&shared.name, &label),
+            };
+            let limits = limits.unwrap_or_else(|| {
+                let key = super::KeyDisplay(&shared.name, &label);
+                match shared.config.learn_limits {
                     true => tracing::debug!(
                         %key,
                         "token bucket: no limits configured for this key; not limited until its provider states them"
@@ -196,14 +234,16 @@ where
                 }
                 KeyLimits::unlimited()
             });
-        let now = self.now();
-        self.shared
-            .keys
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(KeyState::new(limits, now))))
-            .clone()
+            Buckets {
+                state: Mutex::new(KeyState::new(limits, self.now())),
+                origin: shared.origin,
+                pinned: AtomicBool::new(false),
+            }
+        })
+    }
+
+    fn slot(&self, key: &K) -> Slot {
+        self.slot_in(key, Room::Capped)
     }
 
     /// Runs `f` on `key`'s state (created if new) at the store's time.
@@ -228,7 +268,6 @@ where
             slot,
             seq,
             estimate,
-            origin: self.shared.origin,
             open: true,
         };
         Ok(Admission { wait, ticket })
@@ -271,10 +310,17 @@ where
         self.with_key(key, |s, now| s.clamp(remaining, now));
     }
 
+    /// Also keeps the key: one given limits by hand is never evicted, and has its own buckets
+    /// even beyond the cap.
     fn set_limits(&self, key: &K, limits: KeyLimits) {
-        self.with_key(key, |s, now| s.set_limits(limits, now));
+        let slot = self.slot_in(key, Room::Exempt);
+        slot.pinned.store(true, Ordering::Relaxed);
+        let now = self.now();
+        lock(&slot).set_limits(limits, now);
     }
 
+    /// The overflow bucket, shared by keys that may state different limits, only lowers its
+    /// limits by those stated.
     fn learn_limits(&self, key: &K, stated: &RateLimitHints) {
         let shared = &self.shared;
         let Some(learned) = shared.config.learned(stated) else {
@@ -288,7 +334,11 @@ where
         }
         s.learned = Some(learned);
         let label = key.label();
-        let limits = shared.config.with_learned(&shared.name, &label, learned);
+        let combined = shared.config.with_learned(&shared.name, &label, learned);
+        let limits = match slot.is_overflow() {
+            true => s.limits().lower(combined),
+            false => combined,
+        };
         if s.limits() != limits {
             tracing::debug!(
                 key = %super::KeyDisplay(&shared.name, &label),
@@ -304,7 +354,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let slot = self.existing(key)?;
+        let slot = self.shared.keys.get(key)?;
         let now = self.now();
         let levels = lock(&slot).snapshot(now);
         Some(levels)
@@ -312,13 +362,19 @@ where
 
     fn snapshot(&self) -> Vec<(K, Levels)> {
         let now = self.now();
-        let keys = self
-            .shared
-            .keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        keys.iter()
-            .map(|(k, slot)| (k.clone(), lock(slot).snapshot(now)))
-            .collect()
+        let mut all = Vec::new();
+        self.shared.keys.for_each(|k, b| {
+            let levels = b
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .snapshot(now);
+            all.push((k.clone(), levels));
+        });
+        all
+    }
+
+    fn key_count(&self) -> usize {
+        MemoryStore::key_count(self)
     }
 }

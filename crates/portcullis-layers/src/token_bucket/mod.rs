@@ -60,6 +60,7 @@ mod per_bucket;
 mod service;
 pub mod store;
 
+pub use crate::keyed::KeyBounds;
 pub use config::{
     ConfigError, DEFAULT_MAX_PAUSE, DEFAULT_MAX_WAIT, KeyLimits, Rate, TokenBucketConfig,
 };

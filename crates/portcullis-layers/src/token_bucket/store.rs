@@ -223,4 +223,11 @@ pub trait BucketStore: Clone + Send + Sync + 'static {
 
     /// A snapshot of every key the store knows.
     fn snapshot(&self) -> Vec<(Self::Key, Levels)>;
+
+    /// How many keys the store keeps state for now. This default counts a
+    /// [`snapshot`](Self::snapshot); [`MemoryStore`](super::MemoryStore) counts its map (bounded
+    /// by [`TokenBucketConfig::keys`](super::TokenBucketConfig::keys)).
+    fn key_count(&self) -> usize {
+        self.snapshot().len()
+    }
 }
