@@ -76,6 +76,7 @@ use portcullis_core::OnFinish as _;
 use portcullis_layers::circuit_breaker::CircuitBreakerHandle;
 use portcullis_layers::token_bucket::{MemoryStore, TokenBucketHandle};
 use portcullis_providers::TransportConfig;
+use reqwest::ResponseBuilderExt as _;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::http::{CallInfo, HttpConfig, HttpLayer, HttpStack, Transport};
@@ -173,6 +174,7 @@ impl Service<HttpRequestFactory> for AsyncOpenAi {
         let max = self.max_request_bytes;
         Box::pin(async move {
             let req = factory.build().await?;
+            let url = req.url().clone();
             let req = to_http(req, max).await?;
             let res = stack.oneshot(req).await?;
             // A transient failure the layers gave up on: the typed error, with its retry_after.
@@ -181,9 +183,13 @@ impl Service<HttpRequestFactory> for AsyncOpenAi {
                     return Err(err.into());
                 }
             }
-            Ok(reqwest::Response::from(
-                res.into_inner().map(reqwest::Body::wrap),
-            ))
+            let (mut parts, body) = res.into_inner().into_parts();
+            // `reqwest::Response::url` is the request's, as from reqwest's own client.
+            if let Ok(with_url) = http::Response::builder().url(url).body(()) {
+                parts.extensions.extend(with_url.into_parts().0.extensions);
+            }
+            let res = http::Response::from_parts(parts, reqwest::Body::wrap(body));
+            Ok(reqwest::Response::from(res))
         })
     }
 }

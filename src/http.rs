@@ -157,8 +157,9 @@ impl Default for HttpConfig {
     }
 }
 
-/// The HTTP-level stack as one tower layer (see the [module docs](self)). Every service it
-/// builds, and every clone of those, shares its breakers, buckets and retry budget.
+/// The HTTP-level stack as one tower layer (see the [module docs](self), whose example runs
+/// it over a mock upstream). Every service it builds, and every clone of those, shares its
+/// breakers, buckets and retry budget.
 #[derive(Clone)]
 pub struct HttpLayer {
     deadline: DeadlineLayer,

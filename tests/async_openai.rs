@@ -327,6 +327,7 @@ async fn other_endpoints_are_keyed_by_their_path() {
         });
         let res = svc.clone().oneshot(factory).await.unwrap();
         assert_eq!(res.status().as_u16(), status, "{path}");
+        assert_eq!(res.url().path(), format!("/v1{path}"), "the request's URL");
         let key = format!("/v1{path}");
         let m = svc
             .breaker()

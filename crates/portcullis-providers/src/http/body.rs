@@ -45,6 +45,36 @@ enum Watch {
 ///
 /// Memory is bounded: SSE events by the decoder's cap, a JSON body is kept for its usage only up
 /// to 4 MiB (beyond, the body still passes, without usage).
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::BodyExt;
+/// use portcullis_providers::http::MeterLayer;
+/// use tower::{Layer, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // An Anthropic stream, read by whoever called: the usage is read on the way.
+/// let events = "event: message_start\ndata: {\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n\
+///               event: message_delta\ndata: {\"usage\":{\"output_tokens\":7}}\n\n\
+///               event: message_stop\ndata: {}\n\n";
+/// let upstream = service_fn(move |_req: http::Request<Bytes>| async move {
+///     let res = http::Response::builder().header("content-type", "text/event-stream");
+///     Ok::<_, std::convert::Infallible>(res.body(http_body_util::Full::new(Bytes::from(events))).unwrap())
+/// });
+/// let res = MeterLayer::new().layer(upstream)
+///     .oneshot(http::Request::post("http://h/v1/messages").body(Bytes::new()).unwrap())
+///     .await
+///     .unwrap();
+/// let mut body = res.into_inner().into_body();
+/// while let Some(frame) = body.frame().await {
+///     frame.unwrap(); // every byte, as the upstream sent it
+/// }
+/// let usage = body.usage().unwrap();
+/// assert_eq!((usage.input_tokens, usage.output_tokens), (10, 7));
+/// assert!(body.is_finished());
+/// # }
+/// ```
 pub struct MeteredBody<B> {
     /// Bytes already read from `inner` (a buffered error body), passed on first.
     prefix: Option<Bytes>,
