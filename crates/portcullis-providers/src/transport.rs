@@ -166,6 +166,76 @@ impl Transport {
     }
 }
 
+/// The transport as a tower service of raw HTTP: the request is sent as it is (method, URI,
+/// headers, body: nothing is added, not even a key), and the response body comes back within
+/// the cap (a [`Limited`] body: going over is an error while reading it). This is the upstream of
+/// the HTTP level ([`crate::http`]) and of a pass-through gateway.
+///
+/// ```
+/// use bytes::Bytes;
+/// use portcullis_providers::{Transport, TransportConfig};
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let transport = Transport::new(TransportConfig::default()).unwrap();
+/// let req = http::Request::get("http://127.0.0.1:9/").body(Bytes::new()).unwrap();
+/// // Nothing listens on the discard port: a typed `Connect` error, never a panic.
+/// let err = transport.oneshot(req).await.unwrap_err();
+/// assert_eq!(err.kind(), portcullis_core::ErrorKind::Connect);
+/// # }
+/// ```
+impl tower_service::Service<Request<Bytes>> for Transport {
+    type Response = Response<Limited<Incoming>>;
+    type Error = LlmError;
+    type Future = SendFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), LlmError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> SendFuture {
+        SendFuture {
+            inner: self.client.request(req.map(Full::new)),
+            max: self.config.max_response_bytes,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of the [`Transport`] as a service: the response head, its body capped.
+    pub struct SendFuture {
+        #[pin]
+        inner: hyper_util::client::legacy::ResponseFuture,
+        max: usize,
+    }
+}
+
+impl fmt::Debug for SendFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendFuture").finish_non_exhaustive()
+    }
+}
+
+impl std::future::Future for SendFuture {
+    type Output = Result<Response<Limited<Incoming>>, LlmError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let max = *this.max;
+        this.inner.poll(cx).map(|r| match r {
+            Ok(res) => Ok(res.map(|body| Limited::new(body, max))),
+            Err(e) => Err(send_error(e.is_connect(), e)),
+        })
+    }
+}
+
 /// Types a failure to send a request by its cause (hyper's error, somewhere in the chain).
 fn send_error(is_connect: bool, e: impl std::error::Error + Send + Sync + 'static) -> LlmError {
     let hyper = {

@@ -20,6 +20,8 @@ use serde::Serialize;
 use serde_json::Value;
 use stacks::StackKind;
 
+#[cfg(feature = "async-openai")]
+mod async_openai;
 mod fleet;
 mod outage;
 mod rate_limit;

@@ -4,13 +4,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis::ProviderStack;
-use portcullis::sim::{Family, FaultRule, Phase, Simulator};
+use portcullis::layers::circuit_breaker::Transition as BreakerTransition;
+use portcullis::sim::{Family, FaultRule, Phase, SimHandle, Simulator};
 use serde::Serialize;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 
+use super::seed::SeedClient;
 use super::stacks::{self, StackKind};
-use super::workload::{self, Outcome};
+use super::workload::{self, Outcome, StackService};
 use super::{Latency, Report, TIME_SCALE, Which, each_stack, latency, svg};
 
 const HEALTHY_BEFORE: Duration = Duration::from_secs(2);
@@ -35,7 +38,9 @@ pub struct Scenario {
 /// One stack's run through the outage.
 #[derive(Debug, Serialize)]
 pub struct Row {
-    name: StackKind,
+    /// The stack (with the `async-openai` feature, also `async-openai defaults` and
+    /// `async-openai + portcullis`, on the primary alone: async-openai has no fallback).
+    name: String,
     requests: usize,
     succeeded: usize,
     failed: usize,
@@ -70,10 +75,29 @@ pub async fn run(
     seed: u64,
 ) -> Result<(Report<Scenario, Row>, Vec<svg::Timeline>), Box<dyn std::error::Error>> {
     let total = HEALTHY_BEFORE + OUTAGE + HEALTHY_AFTER;
-    let (stacks, timelines) = each_stack(Which::Outage, total, |kind| one(kind, seed))
-        .await?
-        .into_iter()
-        .unzip();
+    #[allow(unused_mut)]
+    let (mut stacks, timelines): (Vec<Row>, Vec<svg::Timeline>) =
+        each_stack(Which::Outage, total, |kind| one(kind, seed))
+            .await?
+            .into_iter()
+            .unzip();
+    // async-openai has no fallback: its rows go to the primary alone.
+    #[cfg(feature = "async-openai")]
+    for setup in super::async_openai::Setup::ALL {
+        super::progress(&format!(
+            "drill {}: running {} ({} s)…",
+            Which::Outage,
+            setup.name(),
+            total.as_secs()
+        ));
+        let (primary, secondary) = start_sims(seed).await?;
+        let (svc, breaker) = super::async_openai::service(&primary.openai_base_url(), setup, seed)?;
+        let events = breaker.map(|b| b.subscribe());
+        let run = measure(&primary, &secondary, svc, events, None, seed).await?;
+        stacks.push(run.row(setup.name().to_owned(), &primary, &secondary));
+        primary.shutdown().await;
+        secondary.shutdown().await;
+    }
     let report = Report {
         drill: Which::Outage,
         seed,
@@ -94,8 +118,7 @@ async fn one(
     kind: StackKind,
     seed: u64,
 ) -> Result<(Row, svg::Timeline), Box<dyn std::error::Error>> {
-    let primary = Simulator::builder().seed(seed).start().await?;
-    let secondary = Simulator::builder().seed(seed).start().await?;
+    let (primary, secondary) = start_sims(seed).await?;
     let openai = stacks::openai(&primary.openai_base_url())?;
     let anthropic = stacks::anthropic(&secondary.anthropic_base_url())?;
 
@@ -133,6 +156,52 @@ async fn one(
         }
     };
 
+    let run = measure(
+        &primary,
+        &secondary,
+        svc,
+        breaker_events,
+        seed_client.as_ref(),
+        seed,
+    )
+    .await?;
+    let row = run.row(kind.to_string(), &primary, &secondary);
+    primary.shutdown().await;
+    secondary.shutdown().await;
+    let timeline = svg::Timeline {
+        name: kind,
+        outcomes: run.outcomes,
+        transitions: run.transitions,
+        outage: (HEALTHY_BEFORE, HEALTHY_BEFORE + OUTAGE),
+        total: HEALTHY_BEFORE + OUTAGE + HEALTHY_AFTER,
+    };
+    Ok((row, timeline))
+}
+
+/// The primary and the secondary simulator.
+async fn start_sims(seed: u64) -> Result<(SimHandle, SimHandle), Box<dyn std::error::Error>> {
+    let primary = Simulator::builder().seed(seed).start().await?;
+    let secondary = Simulator::builder().seed(seed).start().await?;
+    Ok((primary, secondary))
+}
+
+/// One run through the outage: every outcome, the primary's breaker transitions, and the
+/// primary's calls during the outage.
+struct Run {
+    outcomes: Vec<Outcome>,
+    transitions: Vec<(Duration, String, String)>,
+    primary_calls_during_outage: u64,
+}
+
+/// Plays the outage on `primary` while the workload goes through `svc`.
+async fn measure(
+    primary: &SimHandle,
+    secondary: &SimHandle,
+    svc: StackService,
+    breaker_events: Option<broadcast::Receiver<BreakerTransition<Arc<str>>>>,
+    seed_client: Option<&SeedClient>,
+    seed: u64,
+) -> Result<Run, Box<dyn std::error::Error>> {
     primary.set_timeline(vec![
         Phase::new(HEALTHY_BEFORE.as_secs_f64(), vec![]),
         Phase::new(
@@ -156,7 +225,7 @@ async fn one(
     });
     let (outcomes, primary_calls_during_outage) = tokio::join!(work, during);
 
-    let transitions: Vec<(Duration, String, String)> = match (breaker_events, &seed_client) {
+    let transitions: Vec<(Duration, String, String)> = match (breaker_events, seed_client) {
         (Some(mut rx), _) => {
             let mut v = Vec::new();
             while let Ok(t) = rx.try_recv() {
@@ -181,56 +250,58 @@ async fn one(
             .collect(),
         _ => Vec::new(),
     };
-
-    let ok = outcomes.iter().filter(|o| o.result.is_ok()).count();
-    let served_by = |o: &Outcome, p: &str| matches!(&o.result, Ok(s) if s.provider == p);
-    let outage_start = HEALTHY_BEFORE;
-    let outage_end = HEALTHY_BEFORE + OUTAGE;
-    let failover_ms = outcomes
-        .iter()
-        .filter(|o| served_by(o, "anthropic") && o.done >= outage_start)
-        .map(|o| o.done - outage_start)
-        .min()
-        .map(|d| d.as_millis() as u64);
-    let recovery_ms = outcomes
-        .iter()
-        .filter(|o| served_by(o, "openai") && o.sent >= outage_end)
-        .map(|o| o.done - outage_end)
-        .min()
-        .map(|d| d.as_millis() as u64);
-    let row = Row {
-        name: kind,
-        requests: outcomes.len(),
-        succeeded: ok,
-        failed: outcomes.len() - ok,
-        success_rate: ratio(ok, outcomes.len()),
-        latency_ms: latency(&outcomes, true),
-        upstream_calls: UpstreamCalls {
-            primary: primary.stats().requests,
-            secondary: secondary.stats().requests,
-        },
-        primary_calls_during_outage,
-        failover_ms,
-        recovery_ms,
-        breaker_transitions: transitions
-            .iter()
-            .map(|(at, from, to)| Transition {
-                at_ms: at.as_millis() as u64,
-                from: from.clone(),
-                to: to.clone(),
-            })
-            .collect(),
-    };
-    primary.shutdown().await;
-    secondary.shutdown().await;
-    let timeline = svg::Timeline {
-        name: kind,
+    Ok(Run {
         outcomes,
         transitions,
-        outage: (outage_start, outage_end),
-        total,
-    };
-    Ok((row, timeline))
+        primary_calls_during_outage,
+    })
+}
+
+impl Run {
+    /// The run's row.
+    fn row(&self, name: String, primary: &SimHandle, secondary: &SimHandle) -> Row {
+        let outcomes = &self.outcomes;
+        let ok = outcomes.iter().filter(|o| o.result.is_ok()).count();
+        let served_by = |o: &Outcome, p: &str| matches!(&o.result, Ok(s) if s.provider == p);
+        let outage_start = HEALTHY_BEFORE;
+        let outage_end = HEALTHY_BEFORE + OUTAGE;
+        let failover_ms = outcomes
+            .iter()
+            .filter(|o| served_by(o, "anthropic") && o.done >= outage_start)
+            .map(|o| o.done - outage_start)
+            .min()
+            .map(|d| d.as_millis() as u64);
+        let recovery_ms = outcomes
+            .iter()
+            .filter(|o| served_by(o, "openai") && o.sent >= outage_end)
+            .map(|o| o.done - outage_end)
+            .min()
+            .map(|d| d.as_millis() as u64);
+        Row {
+            name,
+            requests: outcomes.len(),
+            succeeded: ok,
+            failed: outcomes.len() - ok,
+            success_rate: ratio(ok, outcomes.len()),
+            latency_ms: latency(outcomes, true),
+            upstream_calls: UpstreamCalls {
+                primary: primary.stats().requests,
+                secondary: secondary.stats().requests,
+            },
+            primary_calls_during_outage: self.primary_calls_during_outage,
+            failover_ms,
+            recovery_ms,
+            breaker_transitions: self
+                .transitions
+                .iter()
+                .map(|(at, from, to)| Transition {
+                    at_ms: at.as_millis() as u64,
+                    from: from.clone(),
+                    to: to.clone(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// `a / b`, rounded to four places.
@@ -253,7 +324,7 @@ mod tests {
     #[test]
     fn a_row_serializes_to_the_documented_shape() {
         let row = Row {
-            name: StackKind::Portcullis,
+            name: "portcullis".into(),
             requests: 2,
             succeeded: 2,
             failed: 0,

@@ -6,13 +6,13 @@ use std::time::Duration;
 use portcullis::ErrorKind;
 use portcullis::ProviderStack;
 use portcullis::layers::token_bucket::{KeyLimits, Rate, TokenBucketConfig};
-use portcullis::sim::{Limits, OpenAiLimits, Simulator};
+use portcullis::sim::{Limits, OpenAiLimits, SimHandle, Simulator};
 use serde::Serialize;
 use tower::util::BoxCloneSyncService;
 
 use super::seed::SeedLimits;
 use super::stacks::{self, StackKind};
-use super::workload::{self, Outcome};
+use super::workload::{self, Outcome, StackService};
 use super::{Latency, Report, TIME_SCALE, Which, each_stack, latency, scaled};
 
 /// How long the drill offers load.
@@ -73,7 +73,9 @@ pub struct Scenario {
 #[derive(Debug, Serialize)]
 pub struct Row {
     /// The stack; `learned` is the Portcullis stack with no limits configured, pacing at the
-    /// limits the simulator's headers state.
+    /// limits the simulator's headers state; with the `async-openai` feature, `async-openai
+    /// defaults` and `async-openai + portcullis` are async-openai's client without and with
+    /// `portcullis::async_openai` (which learns the limits too).
     name: String,
     requests: usize,
     succeeded: usize,
@@ -96,6 +98,18 @@ pub async fn run(seed: u64) -> Result<Report<Scenario, Row>, Box<dyn std::error:
         DURATION.as_secs()
     ));
     stacks.push(one(StackKind::Portcullis, seed, Configured::No).await?);
+    #[cfg(feature = "async-openai")]
+    for setup in super::async_openai::Setup::ALL {
+        super::progress(&format!(
+            "drill {}: running {} ({} s)…",
+            Which::RateLimit,
+            setup.name(),
+            DURATION.as_secs()
+        ));
+        let sim = start_sim(seed).await?;
+        let (svc, _) = super::async_openai::service(&sim.openai_base_url(), setup, seed)?;
+        stacks.push(measure(setup.name().to_owned(), sim, svc, seed).await);
+    }
     let minute = scaled(Duration::from_secs(60));
     Ok(Report {
         drill: Which::RateLimit,
@@ -149,11 +163,7 @@ async fn one(
     seed: u64,
     configured: Configured,
 ) -> Result<Row, Box<dyn std::error::Error>> {
-    let sim = Simulator::builder()
-        .seed(seed)
-        .limits(sim_limits())
-        .start()
-        .await?;
+    let sim = start_sim(seed).await?;
     let openai = stacks::openai(&sim.openai_base_url())?;
     let minute = scaled(Duration::from_secs(60));
     let svc = match kind {
@@ -181,6 +191,24 @@ async fn one(
             BoxCloneSyncService::new(stack.completions())
         }
     };
+    let name = match configured {
+        Configured::Yes => kind.to_string(),
+        Configured::No => "learned".to_owned(),
+    };
+    Ok(measure(name, sim, svc, seed).await)
+}
+
+/// The simulator of the drill, enforcing its limits.
+async fn start_sim(seed: u64) -> Result<SimHandle, Box<dyn std::error::Error>> {
+    Ok(Simulator::builder()
+        .seed(seed)
+        .limits(sim_limits())
+        .start()
+        .await?)
+}
+
+/// Runs the workload through `svc` against `sim` (then stops it), and measures the run.
+async fn measure(name: String, sim: SimHandle, svc: StackService, seed: u64) -> Row {
     sim.reset_stats();
     let outcomes = workload::run(svc, RATE, DURATION, |i| {
         workload::request(i, seed, MODEL, MAX_TOKENS)
@@ -193,18 +221,15 @@ async fn one(
         .iter()
         .filter(|o| matches!(o.result, Err(ErrorKind::Throttled | ErrorKind::CircuitOpen)))
         .count();
-    Ok(Row {
-        name: match configured {
-            Configured::Yes => kind.to_string(),
-            Configured::No => "learned".to_owned(),
-        },
+    Row {
+        name,
         requests: outcomes.len(),
         succeeded: ok,
         upstream_429s,
         rejected_locally,
         goodput_ratio: goodput(&outcomes),
         latency_ms: latency(&outcomes, false),
-    })
+    }
 }
 
 /// Tokens served per second over the steady part, over the TPM limit per second.
