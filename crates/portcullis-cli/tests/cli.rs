@@ -341,6 +341,14 @@ fn a_short_soak_leaks_nothing() {
     assert_eq!(r["breaker_in_flight"], 0);
     assert_eq!(r["bucket_reservations"], 0);
     assert_eq!(r["panics"], 0);
+    assert!(
+        r["breaker_keys"].as_u64().unwrap() <= r["key_cap"].as_u64().unwrap(),
+        "{r}"
+    );
+    assert!(
+        r["bucket_keys"].as_u64().unwrap() <= r["key_cap"].as_u64().unwrap(),
+        "{r}"
+    );
     assert!(r["calls"].as_u64().unwrap() > 100, "{r}");
     assert!(r["cancelled"].as_u64().unwrap() > 0, "{r}");
 }

@@ -11,6 +11,7 @@
 //! - breaker permits in flight: 0 (every provider, every key);
 //! - bucket reservations outstanding: 0;
 //! - no panic, in any task;
+//! - the keys each layer holds within its cap (the workload names twice as many models);
 //!
 //! and reports the keys each layer holds and the process's peak and final resident memory.
 //! The exit code is 0 only if every check holds.
@@ -31,12 +32,15 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use portcullis::layers::keyed::DEFAULT_MAX_KEYS;
+
 use super::stacks;
 
 /// The secondary's model.
 const SECONDARY_MODEL: &str = "claude-haiku-4-5";
-/// How many distinct model names the workload uses.
-const MODELS: u64 = 2_000;
+/// How many distinct model names the workload uses: twice the layers' default cap on keys,
+/// so that the cap and its overflow entry are part of the run.
+const MODELS: u64 = 2 * DEFAULT_MAX_KEYS as u64;
 
 /// What the soak ran.
 #[derive(Debug, Serialize)]
@@ -63,10 +67,12 @@ pub struct Outcome {
     pub breaker_in_flight: u64,
     /// Bucket reservations still outstanding at the end: must be 0.
     pub bucket_reservations: u64,
-    /// Keys the breakers hold at the end.
+    /// Keys the breakers hold at the end (the most of any provider): at most the cap.
     pub breaker_keys: usize,
-    /// Keys the buckets hold at the end.
+    /// Keys the buckets hold at the end (the most of any provider): at most the cap.
     pub bucket_keys: usize,
+    /// The layers' cap on keys (their default).
+    pub key_cap: usize,
     /// Panics in any task: must be 0.
     pub panics: u64,
     /// Peak resident memory of the process, MiB.
@@ -222,12 +228,17 @@ pub async fn run(
     // Every call has finished or been dropped: the stack must be back where it started.
     let handles = stack.handles();
     let (breaker_in_flight, bucket_reservations) = leftovers(handles);
-    let breaker_keys = handles.iter().map(|h| h.breaker.keys().len()).sum();
+    let breaker_keys = handles
+        .iter()
+        .map(|h| h.breaker.key_count())
+        .max()
+        .unwrap_or(0);
     let bucket_keys = handles
         .iter()
         .filter_map(|h| h.limiter.as_ref())
-        .map(|l| l.levels().len())
-        .sum();
+        .map(|l| l.key_count())
+        .max()
+        .unwrap_or(0);
     sim.shutdown().await;
     let panics = PANICS.load(Ordering::SeqCst).max(task_panics);
     let (peak_rss_mib, final_rss_mib) = memory();
@@ -240,10 +251,15 @@ pub async fn run(
         bucket_reservations,
         breaker_keys,
         bucket_keys,
+        key_cap: DEFAULT_MAX_KEYS,
         panics,
         peak_rss_mib,
         final_rss_mib,
-        passed: breaker_in_flight == 0 && bucket_reservations == 0 && panics == 0,
+        passed: breaker_in_flight == 0
+            && bucket_reservations == 0
+            && panics == 0
+            && breaker_keys <= DEFAULT_MAX_KEYS
+            && bucket_keys <= DEFAULT_MAX_KEYS,
     };
     Ok(Report {
         drill: "soak",
