@@ -423,6 +423,7 @@ fn stack_config_is_validated() {
     assert!(matches!(
         Stack::from_config(&StackConfig {
             deadline: Duration::from_secs(1),
+            failover: Default::default(),
             providers: vec![]
         }),
         Err(StackError::NoProviders)
