@@ -43,6 +43,29 @@ impl fmt::Display for Error {
     }
 }
 
+impl Error {
+    /// Whether the error is about one key's data (a script error such as `WRONGTYPE`, a reply
+    /// that does not parse) rather than about Redis itself (no connection, a timeout, a server
+    /// that is loading, read-only or refusing).
+    pub fn is_about_one_key(&self) -> bool {
+        use redis::{ErrorKind, ServerErrorKind};
+        match self {
+            Error::Redis(e) if e.is_io_error() || e.is_timeout() => false,
+            Error::Redis(e) if e.is_connection_dropped() || e.is_connection_refusal() => false,
+            Error::Redis(e) => matches!(
+                e.kind(),
+                ErrorKind::Parse
+                    | ErrorKind::UnexpectedReturnType
+                    | ErrorKind::Extension
+                    | ErrorKind::Server(
+                        ServerErrorKind::ResponseError | ServerErrorKind::ExecAbort
+                    )
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {

@@ -52,15 +52,24 @@ pub(crate) struct State {
     pub(crate) tat: PerBucket<i64>,
 }
 
+/// The farthest from the server's `now` a value of a reply may be (two centuries, in µs): the
+/// scripts heal anything beyond it, and a reply is read the same way, so that no value read
+/// back from Redis can overflow the arithmetic or ask for a wait of millennia.
+pub(crate) const BOUND: i64 = 6_300_000_000_000_000;
+
 impl State {
     pub(crate) fn parse(r: &[i64]) -> Result<State, Error> {
         match r {
-            [now, floor, paused, t0, t1, t2, t3] => Ok(State {
-                now: *now,
-                floor: *floor,
-                paused: *paused,
-                tat: PerBucket::from_array([*t0, *t1, *t2, *t3]),
-            }),
+            // The server's clock: µs since the epoch, so positive and far from the limits.
+            [now, floor, paused, t0, t1, t2, t3] if (1..BOUND).contains(now) => {
+                let near = |v: i64| v.clamp(now - BOUND, now + BOUND);
+                Ok(State {
+                    now: *now,
+                    floor: near(*floor),
+                    paused: near(*paused),
+                    tat: PerBucket::from_array([*t0, *t1, *t2, *t3]).map(near),
+                })
+            }
             _ => Err(bad_reply(r)),
         }
     }
@@ -71,7 +80,7 @@ impl State {
 pub(crate) type Reserved = Result<(Duration, i64, State), Denied>;
 
 pub(crate) fn parse_reserve(r: &[i64]) -> Result<Reserved, Error> {
-    let pos = |v: i64| v.max(0) as u64;
+    let pos = |v: i64| v.clamp(0, BOUND) as u64;
     match r {
         [1, cost, capacity] => Ok(Err(Denied::OverCapacity {
             cost: pos(*cost),

@@ -21,7 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::script::{Scripts, State};
+use crate::script::{BOUND, Scripts, State};
 use crate::{Error, FailurePolicy, RedisConfig};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,7 +84,7 @@ impl Entry {
         let waiters = lock(&self.waiters);
         for pair in pairs.chunks_exact(2) {
             if let Some(w) = waiters.get(&pair[0]) {
-                let ahead = (pair[1] - server_now).max(0) as u64;
+                let ahead = pair[1].saturating_sub(server_now).clamp(0, BOUND) as u64;
                 w.move_to(arrived + Duration::from_micros(ahead));
             }
         }
@@ -132,15 +132,16 @@ fn levels_of(limits: KeyLimits, s: &State, now: i64) -> Levels {
         let r = rate?;
         let upu = micros_per_unit(r);
         let cap = r.capacity() as f64;
-        queued = queued.max(tat - (cap * upu).floor() as i64);
-        Some(cap - (tat - now).max(0) as f64 / upu)
+        // (A float to integer cast saturates; the state's values are within `BOUND` of now.)
+        queued = queued.max(tat.saturating_sub((cap * upu).floor() as i64));
+        Some(cap - tat.saturating_sub(now).max(0) as f64 / upu)
     });
     let paused = s.paused.saturating_sub(now);
     Levels::new(
         limits,
         levels,
         (paused > 0).then(|| Duration::from_micros(paused as u64)),
-        Duration::from_micros(queued.saturating_sub(now).max(0) as u64),
+        Duration::from_micros(queued.saturating_sub(now).clamp(0, BOUND) as u64),
     )
 }
 
@@ -152,10 +153,112 @@ pub(crate) fn micros_per_unit(r: Rate) -> f64 {
     1e6 / r.refill_per_sec()
 }
 
+/// Successful probes in a row that bring a store that was off Redis back onto it: one lucky
+/// reply from a Redis that is still flapping does not.
+const RECOVER_AFTER: u32 = 2;
+/// At most one line about Redis going away per this long (its return is logged when its
+/// going was); the next line counts the transitions left unsaid.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// Whether Redis is answering, and when to try it again if not.
+#[derive(Debug)]
 struct Health {
     down: bool,
     retry_at: Instant,
+    /// Successful probes in a row while down.
+    good: u32,
+    /// When a health line was last logged.
+    logged_at: Option<Instant>,
+    /// Transitions (and key errors) not logged since.
+    unlogged: u32,
+    /// Whether the last time the store left Redis was logged: its return then is, too, so
+    /// that every logged outage has its end in the log.
+    said_down: bool,
+}
+
+/// What a health change should log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Say {
+    /// Nothing (inside the log interval): counted for the next line.
+    Nothing,
+    /// A line, with how many went unsaid before it.
+    Line { unsaid: u32 },
+}
+
+impl Health {
+    fn new(now: Instant) -> Self {
+        Health {
+            down: false,
+            retry_at: now,
+            good: 0,
+            logged_at: None,
+            unlogged: 0,
+            said_down: false,
+        }
+    }
+
+    /// Whether this call should go to Redis: always while it is up; while it is down, one call
+    /// per retry interval (the probe), and at once after a probe that succeeded (to confirm).
+    fn gate(&mut self, now: Instant, interval: Duration) -> bool {
+        if !self.down || self.good > 0 {
+            return true;
+        }
+        if now >= self.retry_at {
+            self.retry_at = now + interval;
+            return true;
+        }
+        false
+    }
+
+    /// A round trip succeeded; `Line` when the store is back on Redis and says so.
+    fn succeeded(&mut self, now: Instant) -> Option<Say> {
+        if !self.down {
+            return None;
+        }
+        self.good += 1;
+        if self.good < RECOVER_AFTER {
+            return None;
+        }
+        self.down = false;
+        self.good = 0;
+        if std::mem::take(&mut self.said_down) {
+            self.logged_at = Some(now);
+            return Some(Say::Line {
+                unsaid: std::mem::take(&mut self.unlogged),
+            });
+        }
+        self.unlogged += 1;
+        Some(Say::Nothing)
+    }
+
+    /// Redis failed (down, slow, or refusing): `Line` when the store leaves Redis and says so.
+    fn failed(&mut self, now: Instant, interval: Duration) -> Option<Say> {
+        self.retry_at = now + interval;
+        self.good = 0;
+        if self.down {
+            return None;
+        }
+        self.down = true;
+        let say = self.say(now);
+        self.said_down = say != Say::Nothing;
+        Some(say)
+    }
+
+    /// Whether to log now, at most once per [`LOG_EVERY`].
+    fn say(&mut self, now: Instant) -> Say {
+        match self.logged_at {
+            Some(at) if now.saturating_duration_since(at) < LOG_EVERY => {
+                self.unlogged += 1;
+                Say::Nothing
+            }
+            _ => {
+                self.logged_at = Some(now);
+                Say::Line {
+                    unsaid: std::mem::take(&mut self.unlogged),
+                }
+            }
+        }
+    }
 }
 
 /// Everything the background task shares with the store (no key type).
@@ -171,19 +274,9 @@ pub(crate) struct Remote {
 }
 
 impl Remote {
-    /// Whether this call should go to Redis: always while it is up; while it is down, one call
-    /// per retry interval (the probe).
+    /// Whether this call should go to Redis (see [`Health::gate`]).
     fn gate(&self) -> bool {
-        let mut h = lock(&self.health);
-        if !h.down {
-            return true;
-        }
-        let now = Instant::now();
-        if now >= h.retry_at {
-            h.retry_at = now + self.config.retry_interval;
-            return true;
-        }
-        false
+        lock(&self.health).gate(Instant::now(), self.config.retry_interval)
     }
 
     fn until_retry(&self) -> Duration {
@@ -194,35 +287,51 @@ impl Remote {
     }
 
     fn succeeded(&self) {
-        let mut h = lock(&self.health);
-        if h.down {
-            h.down = false;
+        let say = lock(&self.health).succeeded(Instant::now());
+        if let Some(Say::Line { unsaid }) = say {
             tracing::info!(
                 url = %self.config.url,
+                unsaid,
                 "token bucket: redis answers again; back to the shared buckets"
             );
         }
     }
 
+    /// Records a failed round trip. An error about one key's data (a script error, a reply
+    /// that does not parse) leaves the store on Redis: that call alone falls back, and the
+    /// scripts repair the key on its next call. Anything else (no connection, a timeout, a
+    /// server that refuses) takes the store off Redis until it answers again.
     fn failed(&self, error: &Error) {
-        let mut h = lock(&self.health);
-        h.retry_at = Instant::now() + self.config.retry_interval;
-        if h.down {
-            tracing::debug!(%error, "token bucket: redis still unavailable");
+        let now = Instant::now();
+        if error.is_about_one_key() {
+            let say = lock(&self.health).say(now);
+            if let Say::Line { unsaid } = say {
+                tracing::warn!(
+                    %error,
+                    unsaid,
+                    "token bucket: a redis key gave an error; this call fell back, the key is repaired on its next call"
+                );
+            }
             return;
         }
-        h.down = true;
-        match self.config.failure_policy {
-            FailurePolicy::FailOpen => tracing::warn!(
-                url = %self.config.url,
-                %error,
-                "token bucket: redis unavailable; failing open to local buckets until it answers"
-            ),
-            FailurePolicy::FailClosed => tracing::warn!(
-                url = %self.config.url,
-                %error,
-                "token bucket: redis unavailable; failing closed (refusing) until it answers"
-            ),
+        let say = lock(&self.health).failed(now, self.config.retry_interval);
+        match say {
+            None => tracing::debug!(%error, "token bucket: redis still unavailable"),
+            Some(Say::Nothing) => {}
+            Some(Say::Line { unsaid }) => match self.config.failure_policy {
+                FailurePolicy::FailOpen => tracing::warn!(
+                    url = %self.config.url,
+                    %error,
+                    unsaid,
+                    "token bucket: redis unavailable; failing open to local buckets until it answers"
+                ),
+                FailurePolicy::FailClosed => tracing::warn!(
+                    url = %self.config.url,
+                    %error,
+                    unsaid,
+                    "token bucket: redis unavailable; failing closed (refusing) until it answers"
+                ),
+            },
         }
     }
 
@@ -328,59 +437,94 @@ enum Job {
     Flush(oneshot::Sender<()>),
 }
 
-/// Sends the updates in order, one round trip each, each within the timeout; drops them while
-/// Redis is down (a lost refund errs on the safe side; pauses and clamps also apply locally).
+/// The most reservations forgotten while Redis was away that the worker keeps, to settle on
+/// the next contact (beyond it the charge stays: the safe side).
+const MAX_DEFERRED: usize = 10_000;
+
+/// Sends the updates in order, one round trip each, each within the timeout. While Redis is
+/// down they are dropped (a lost refund errs on the safe side; pauses and clamps also apply
+/// locally), except the settlement of a reservation whose caller gave up before its reply
+/// (the script may have run after all: a slow Redis still runs a script whose reply we
+/// abandoned). Those are kept and sent on the next contact, so that a request that was never
+/// sent is never charged to the shared bucket.
 async fn worker(remote: Arc<Remote>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut deferred: Vec<(Arc<Entry>, Op)> = Vec::new();
     while let Some(job) = rx.recv().await {
         let (entry, op) = match job {
             Job::Flush(done) => {
+                if !deferred.is_empty() && !remote.is_down() {
+                    for (entry, op) in std::mem::take(&mut deferred) {
+                        apply(&remote, &entry, op).await;
+                    }
+                }
                 let _ = done.send(());
                 continue;
             }
             Job::Op(entry, op) => (entry, op),
         };
         if !remote.gate() {
-            tracing::debug!(key = %entry.redis_key, "token bucket: redis down; update dropped");
+            let forgotten = matches!(
+                op,
+                Op::Settle {
+                    ending: Ending::Forgotten,
+                    ..
+                }
+            );
+            if forgotten && deferred.len() < MAX_DEFERRED {
+                deferred.push((entry, op));
+            } else {
+                tracing::debug!(key = %entry.redis_key, "token bucket: redis down; update dropped");
+            }
             continue;
         }
-        let limits = entry.limits();
-        let s = &remote.scripts;
-        match op {
-            Op::Settle {
-                ending,
-                id,
-                estimate,
-                actual,
-            } => {
-                let mut args = vec![ending as i64, id, remote.owner];
-                args.extend(estimate.map(sat));
-                args.extend(actual.map(sat));
-                remote
-                    .update(&entry, &s.settle, limits, |i| ints(i, &args))
-                    .await;
+        apply(&remote, &entry, op).await;
+        if !deferred.is_empty() && !remote.is_down() {
+            for (entry, op) in std::mem::take(&mut deferred) {
+                apply(&remote, &entry, op).await;
             }
-            Op::Pause(d) => {
-                remote
-                    .update(&entry, &s.pause, limits, |i| ints(i, &[micros(d)]))
-                    .await;
-            }
-            Op::ClearPause => {
-                remote
-                    .update(&entry, &s.clear_pause, limits, |i| ints(i, &[]))
-                    .await;
-            }
-            Op::Clamp(rem) => {
-                let args = rem.map(|r| r.map_or(-1, sat)).into_array();
-                remote
-                    .update(&entry, &s.clamp, limits, |i| ints(i, &args))
-                    .await;
-            }
-            Op::SetLimits { old, new } => {
-                // The old limits go as the common arguments, the new ones after them.
-                remote
-                    .update(&entry, &s.set_limits, old, |i| limit_args(i, new))
-                    .await;
-            }
+        }
+    }
+}
+
+/// Sends one update to Redis.
+async fn apply(remote: &Remote, entry: &Entry, op: Op) {
+    let limits = entry.limits();
+    let s = &remote.scripts;
+    match op {
+        Op::Settle {
+            ending,
+            id,
+            estimate,
+            actual,
+        } => {
+            let mut args = vec![ending as i64, id, remote.owner];
+            args.extend(estimate.map(sat));
+            args.extend(actual.map(sat));
+            remote
+                .update(entry, &s.settle, limits, |i| ints(i, &args))
+                .await;
+        }
+        Op::Pause(d) => {
+            remote
+                .update(entry, &s.pause, limits, |i| ints(i, &[micros(d)]))
+                .await;
+        }
+        Op::ClearPause => {
+            remote
+                .update(entry, &s.clear_pause, limits, |i| ints(i, &[]))
+                .await;
+        }
+        Op::Clamp(rem) => {
+            let args = rem.map(|r| r.map_or(-1, sat)).into_array();
+            remote
+                .update(entry, &s.clamp, limits, |i| ints(i, &args))
+                .await;
+        }
+        Op::SetLimits { old, new } => {
+            // The old limits go as the common arguments, the new ones after them.
+            remote
+                .update(entry, &s.set_limits, old, |i| limit_args(i, new))
+                .await;
         }
     }
 }
@@ -643,10 +787,7 @@ where
             conn,
             scripts: Scripts::new(),
             config: redis,
-            health: Mutex::new(Health {
-                down: false,
-                retry_at: Instant::now(),
-            }),
+            health: Mutex::new(Health::new(Instant::now())),
             owner: owner_id(),
             tokens: AtomicI64::new(0),
         });
@@ -974,5 +1115,68 @@ where
         keys.iter()
             .filter_map(|(k, e)| Some((k.clone(), e.levels()?)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_millis(100);
+
+    /// Lines a run of outcomes logs: `true` a good round trip, `false` a failed one, each 50 ms
+    /// apart.
+    fn lines(outcomes: impl IntoIterator<Item = bool>) -> (usize, Health) {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        let mut said = 0;
+        for (i, good) in outcomes.into_iter().enumerate() {
+            let now = t0 + Duration::from_millis(50 * i as u64);
+            let say = match good {
+                true => h.succeeded(now),
+                false => h.failed(now, INTERVAL),
+            };
+            if let Some(Say::Line { .. }) = say {
+                said += 1;
+            }
+        }
+        (said, h)
+    }
+
+    #[test]
+    fn one_good_reply_does_not_end_an_outage() {
+        let (_, h) = lines([false, true]);
+        assert!(h.down);
+        let (_, h) = lines([false, true, true]);
+        assert!(!h.down);
+        let (_, h) = lines([false, true, false, true]);
+        assert!(h.down, "a failure in between starts the count again");
+    }
+
+    #[test]
+    fn a_flapping_redis_logs_a_pair_per_interval_at_most() {
+        // 8 s of a Redis that answers two in three: 160 round trips.
+        let (said, h) = lines((0..160).map(|i| i % 3 != 0));
+        // One outage and its end per 10 s: at most 2 lines.
+        assert!(said <= 2, "{said} lines");
+        assert!(h.unlogged > 0, "the transitions left unsaid are counted");
+        // An outage and its end, alone: both logged.
+        assert_eq!(lines([true, false, false, true, true]).0, 2);
+    }
+
+    #[test]
+    fn while_down_one_probe_per_interval_and_a_confirmation_at_once() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        assert!(h.gate(t0, INTERVAL));
+        h.failed(t0, INTERVAL);
+        assert!(!h.gate(t0 + Duration::from_millis(50), INTERVAL));
+        assert!(h.gate(t0 + INTERVAL, INTERVAL), "the probe");
+        assert!(!h.gate(t0 + INTERVAL, INTERVAL), "one per interval");
+        h.succeeded(t0 + INTERVAL);
+        assert!(
+            h.gate(t0 + INTERVAL, INTERVAL),
+            "a confirmation goes at once"
+        );
     }
 }

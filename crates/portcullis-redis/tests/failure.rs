@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use portcullis_core::ErrorKind;
 use portcullis_core::TokenCost;
-use portcullis_layers::token_bucket::{BucketStore, Denied, TokenBucketLayer};
+use portcullis_layers::token_bucket::{BucketStore, Denied, Settlement, TokenBucketLayer};
 use portcullis_redis::{FailurePolicy, LocalRedis, RedisStore};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
@@ -69,14 +69,14 @@ fn one() -> TokenCost {
     }
 }
 
-/// Reserves until a reservation is made in Redis again, or panics after 3 s.
+/// Reserves until the store is back on Redis (it takes two good round trips in a row), or
+/// panics after 3 s.
 async fn until_shared(store: &RedisStore) {
     let k: Arc<str> = Arc::from("m");
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         if let Ok(a) = store.reserve(&k, one(), Duration::ZERO).await {
-            if a.ticket.is_shared() {
-                assert!(!store.is_degraded());
+            if a.ticket.is_shared() && !store.is_degraded() {
                 return;
             }
         }
@@ -184,6 +184,57 @@ async fn a_hung_redis_costs_at_most_the_timeout(server) {
     tokio::time::timeout(BOUND, store.flush()).await.unwrap();
     signal("-CONT");
     until_shared(&store).await;
+}
+
+/// A reservation whose reply came too late (the script ran after the client gave up) is
+/// refunded on the next contact: a request that was never sent is never charged.
+#[tokio::test]
+async fn an_abandoned_reservation_is_refunded_on_the_next_contact(server) {
+    let pid = server.local().pid().to_string();
+    let store = RedisStore::new(
+        "t",
+        config(limits((100, 0.001), (10_000, 0.1))),
+        redis_config(&server)
+            .timeout(Duration::from_millis(50))
+            .retry_interval(Duration::from_millis(50))
+            .failure_policy(FailurePolicy::FailClosed),
+    )
+    .unwrap();
+    let k: Arc<str> = Arc::from("m");
+    let a = store.reserve(&k, one(), Duration::ZERO).await.unwrap();
+    store.settle(a.ticket, Settlement::Cancelled);
+    store.flush().await;
+    let full = store.fetch_levels(&k).await.unwrap().requests().unwrap();
+
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig}");
+    };
+    // Redis stops answering: the reservation's reply is abandoned after the timeout, but the
+    // script is queued and runs when Redis resumes.
+    signal("-STOP");
+    let r = store.reserve(&k, one(), Duration::ZERO).await;
+    assert!(matches!(r, Err(Denied::Throttled { .. })), "{r:?}");
+    signal("-CONT");
+    // Back on Redis (two good round trips), then the deferred settlement goes out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(a) = store.reserve(&k, one(), Duration::ZERO).await {
+            let shared = a.ticket.is_shared();
+            store.settle(a.ticket, Settlement::Cancelled);
+            if shared && !store.is_degraded() {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no reconnection");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.flush().await;
+    let after = store.fetch_levels(&k).await.unwrap().requests().unwrap();
+    assert!(
+        (after - full).abs() < 0.5,
+        "the abandoned reservation still holds a request: {full} before, {after} after"
+    );
 }
 
 /// Redis down at startup: the store builds (it connects lazily), `ping` says so, and the

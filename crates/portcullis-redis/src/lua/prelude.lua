@@ -14,6 +14,24 @@
 local key = KEYS[1]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+-- A key of another type (overwritten by hand or by another program) is replaced: it would
+-- fail every call to it with WRONGTYPE, and never expire.
+local kind = redis.call('TYPE', key)
+kind = kind.ok or kind
+if kind ~= 'hash' and kind ~= 'none' then
+  redis.log(redis.LOG_WARNING, 'portcullis: ' .. key .. ' held a ' .. kind .. ', not a hash; replaced')
+  redis.call('DEL', key)
+end
+-- Values read back are input like any other: a field that is not a finite number within two
+-- centuries of now (nan, inf, 1e400, garbage) takes its fresh value, and is written back so.
+local BOUND = 6.3e15
+local function sane(v, fresh)
+  local n = tonumber(v)
+  if n == nil or n ~= n or n < now - BOUND or n > now + BOUND then
+    return fresh
+  end
+  return n
+end
 local margin = tonumber(ARGV[1])
 local cap, upu = {}, {}
 for i = 1, 4 do
@@ -24,14 +42,14 @@ local s = redis.call('HMGET', key, 't1', 't2', 't3', 't4', 'floor', 'b1', 'b2', 
   'paused', 'seq', 'last')
 local tail, base = {t = {}}, {t = {}}
 for i = 1, 4 do
-  tail.t[i] = tonumber(s[i]) or now
-  base.t[i] = tonumber(s[5 + i]) or now
+  tail.t[i] = sane(s[i], now)
+  base.t[i] = sane(s[5 + i], now)
 end
-tail.floor = tonumber(s[5]) or now
-base.floor = tonumber(s[10]) or now
-local paused = tonumber(s[11]) or 0
-local seq = tonumber(s[12]) or now
-local last = tonumber(s[13]) or 0
+tail.floor = sane(s[5], now)
+base.floor = sane(s[10], now)
+local paused = sane(s[11], 0)
+local seq = sane(s[12], now)
+local last = sane(s[13], 0)
 
 -- Time to refill `units`, rounded up (charging more is the safe side).
 local function refill(i, units)
@@ -90,10 +108,18 @@ local function slot(p, cost, release)
   return at
 end
 
+-- A link, or nil when its field is corrupt (not 18 finite numbers within bounds).
 local function decode(sq, v)
   local n = {}
   for x in string.gmatch(v, '[^,]+') do
-    n[#n + 1] = tonumber(x)
+    local num = tonumber(x)
+    if num == nil or num ~= num or num < -BOUND - now or num > BOUND + now then
+      return nil
+    end
+    n[#n + 1] = num
+  end
+  if sq == nil or #n ~= 18 then
+    return nil
   end
   return {seq = sq, release = n[1], at = n[2], owner = n[3], token = n[4], frozen = n[5],
     cost = {n[6], n[7], n[8], n[9]},
@@ -116,7 +142,13 @@ local function load_links()
   local links = {}
   for j = 1, #all, 2 do
     if string.byte(all[j], 1) == 76 then -- 'L'
-      links[#links + 1] = decode(tonumber(string.sub(all[j], 2)), all[j + 1])
+      local l = decode(tonumber(string.sub(all[j], 2)), all[j + 1])
+      if l then
+        links[#links + 1] = l
+      else
+        -- A corrupt link is dropped: its charge stays in the chain's tail.
+        redis.call('HDEL', key, all[j])
+      end
     end
   end
   table.sort(links, function(x, y) return x.seq < y.seq end)
@@ -127,8 +159,8 @@ end
 local function push(st)
   if last ~= 0 then
     local v = redis.call('HGET', key, 'L' .. int(last))
-    if v then
-      local l = decode(last, v)
+    local l = v and decode(last, v)
+    if l then
       l.after = compose(l.after, st)
       store_link(l)
     else
