@@ -539,3 +539,46 @@ async fn dropping_the_future_releases_permits_and_reservations() {
     assert_eq!(reservations(), 0);
     assert_eq!(in_flight(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_response_that_stands_for_a_failure_fails_over_as_its_error_would() {
+    type HttpSvc =
+        BoxCloneService<http::Request<()>, http::Response<()>, portcullis_core::BoxError>;
+    let log = Log::default();
+    let answering = |name: &'static str, status: u16| {
+        let log = log.clone();
+        HttpSvc::new(tower::service_fn(move |_r: http::Request<()>| {
+            log.lock().unwrap().push((name, Instant::now()));
+            let res = http::Response::builder().status(status).body(()).unwrap();
+            async move { Ok(res) }
+        }))
+    };
+    let no_jitter = || {
+        StandardPolicy::builder()
+            .jitter(Jitter::None)
+            .no_budget()
+            .build()
+            .unwrap()
+    };
+    let get = || http::Request::get("/v1/x").body(()).unwrap();
+    // An `Ok` 503 from the primary goes to the fallback at once.
+    let svc = Fallback::new(vec![
+        Entry::new("a", answering("a", 503)).retry(no_jitter()),
+        Entry::new("b", answering("b", 200)).retry(no_jitter()),
+    ])
+    .unwrap();
+    let start = Instant::now();
+    assert_eq!(svc.oneshot(get()).await.unwrap().status(), 200);
+    assert_eq!(schedule(&log, start), [("a", 0), ("b", 0)]);
+    // Every entry answering 503: the backoff as for errors, then the last response as it is.
+    log.lock().unwrap().clear();
+    let svc = Fallback::new(vec![
+        Entry::new("a", answering("a", 503)).retry(no_jitter()),
+        Entry::new("b", answering("b", 503)).retry(no_jitter()),
+    ])
+    .unwrap();
+    let start = Instant::now();
+    assert_eq!(svc.oneshot(get()).await.unwrap().status(), 503);
+    let times: Vec<u64> = schedule(&log, start).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(times, [0, 0, 1000, 1000, 3000, 3000, 7000, 7000]);
+}
