@@ -417,6 +417,18 @@ fn stack_config_is_validated() {
         Err(StackError::Provider(..))
     ));
 
+    // The failover order: failing over first unless the file says otherwise.
+    use portcullis::FailoverPolicy;
+    assert_eq!(bad.failover, FailoverPolicy::FailoverFirst);
+    let old: StackConfig =
+        serde_json::from_str(r#"{"failover": "retry_each_then_fallback", "providers": []}"#)
+            .unwrap();
+    assert_eq!(old.failover, FailoverPolicy::RetryEachThenFallback);
+    assert!(
+        serde_json::from_str::<StackConfig>(r#"{"failover": "sideways", "providers": []}"#)
+            .is_err()
+    );
+
     let err =
         serde_json::from_str::<StackConfig>(r#"{"providers": [], "dedline_ms": 5}"#).unwrap_err();
     assert!(err.to_string().contains("dedline_ms"), "{err}");
