@@ -21,6 +21,7 @@ pub mod stack;
 pub use portcullis_core as core;
 pub use portcullis_core::*;
 pub use portcullis_layers as layers;
+pub use portcullis_layers::FailoverPolicy;
 pub use portcullis_providers as providers;
 #[cfg(feature = "sim")]
 pub use portcullis_sim as sim;

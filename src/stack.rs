@@ -3,22 +3,41 @@
 //! Outermost first:
 //!
 //! 1. **deadline** ([`DeadlineLayer`]): stamps the overall deadline on the request;
-//! 2. **fallback** ([`Fallback`]): the providers in order, primary first;
+//! 2. **fallback** ([`Fallback`]): the providers in order, primary first, each with its retry
+//!    policy (from [`ProviderStack::retry`]) and a gate read from its breaker and bucket;
 //! 3. per provider:
-//!    1. **retry** ([`RetryLayer`]),
-//!    2. **circuit breaker** ([`CircuitBreakerLayer`]),
-//!    3. **token bucket** ([`TokenBucketLayer`]): the configured limits, else those the
+//!    1. **circuit breaker** ([`CircuitBreakerLayer`]),
+//!    2. **token bucket** ([`TokenBucketLayer`]): the configured limits, else those the
 //!       provider's responses state (learned from its rate-limit headers),
-//!    4. **attempt timeout** ([`TimeoutLayer`]) (and, for streams, an idle limit),
-//!    5. the provider.
+//!    3. **attempt timeout** ([`TimeoutLayer`]) (and, for streams, an idle limit),
+//!    4. the provider.
 //!
 //! Why this order:
 //!
-//! - every attempt is a breaker sample, and an open breaker stops the retries at once (its
-//!   refusal is not retryable) and sends the request to the next provider;
+//! - every attempt is a breaker sample, and an open breaker keeps the call off its provider (it
+//!   is passed over, and the call goes to the next provider);
 //! - the limiter charges every attempt, because providers charge every attempt;
 //! - an open breaker burns no quota: a refused call never reaches the bucket;
 //! - an attempt timeout counts as a breaker failure.
+//!
+//! # Failing over first
+//!
+//! The retries live in the fallback, not inside each provider, so that a healthy fallback never
+//! waits on the primary's backoff ([`FailoverPolicy::FailoverFirst`], the default): when an
+//! attempt fails in a way that allows a fallback, the next provider that can take the call now
+//! (its breaker admits it, its bucket is not paused by a 429 nor queued past its `max_wait`)
+//! is tried at once. A backoff sleep, or a wait for a `Retry-After`, happens only when no
+//! provider can take the call now; then the providers are tried in order again. A primary that
+//! answered 429 with `Retry-After` is passed over until then (its bucket's pause, cut to
+//! `max_pause`). The deadline bounds the whole call; in this mode the providers' retry
+//! policies draw from one retry budget, the primary's (a provider whose retry settings have
+//! `budget: None` has none).
+//!
+//! [`FailoverPolicy::RetryEachThenFallback`] ([`StackBuilder::failover`], `"failover"` in
+//! [`StackConfig`]) keeps the older order, LiteLLM's: each provider is retried by its own
+//! policy, with its own budget, before the next one is tried. With the seed's retry (3 retries,
+//! 1 s doubling backoff), a dead primary then delays its first calls' failover by seconds: see
+//! the README's `drill failover` table.
 //!
 //! # The seed's order
 //!
@@ -60,7 +79,8 @@ use portcullis_core::{
 use portcullis_layers::circuit_breaker::{
     self, CircuitBreakerConfig, CircuitBreakerHandle, Window,
 };
-use portcullis_layers::retry::{RetryConfig, StandardPolicy};
+use portcullis_layers::fallback::FailoverPolicy;
+use portcullis_layers::retry::{RetryBudget, RetryConfig, StandardPolicy};
 use portcullis_layers::timeout::{
     Deadline, DeadlineLayer, StreamIdle, StreamIdleLayer, Timeout, TimeoutLayer,
 };
@@ -68,8 +88,7 @@ use portcullis_layers::token_bucket::{
     BucketStore, MemoryStore, TokenBucketConfig, TokenBucketHandle,
 };
 use portcullis_layers::{
-    ByModel, CircuitBreaker, CircuitBreakerLayer, Entry, Fallback, Retry, RetryLayer, TokenBucket,
-    TokenBucketLayer,
+    ByModel, CircuitBreaker, CircuitBreakerLayer, Entry, Fallback, TokenBucket, TokenBucketLayer,
 };
 use portcullis_providers::{
     AnthropicProvider, AnthropicStream, ApiKey, OpenAiProvider, OpenAiStream,
@@ -90,19 +109,18 @@ pub type Provider = Either<OpenAiProvider, AnthropicProvider>;
 /// One of the built-in providers, as a streaming service.
 pub type ProviderStream = Either<OpenAiStream, AnthropicStream>;
 
-/// The per-provider chain: retry → breaker → (bucket, its state in `St`) → attempt timeout → `S`.
-pub type ProviderChain<S, St = MemoryStore> = Retry<
-    StandardPolicy,
-    CircuitBreaker<Either<TokenBucket<Timeout<S>, ByModel, ChatCost, St>, Timeout<S>>>,
->;
+/// The per-provider chain: breaker → (bucket, its state in `St`) → attempt timeout → `S`. Its
+/// retries are the fallback's ([`Entry::retry`]).
+pub type ProviderChain<S, St = MemoryStore> =
+    CircuitBreaker<Either<TokenBucket<Timeout<S>, ByModel, ChatCost, St>, Timeout<S>>>;
 
 /// The completion service a [`Stack`] yields.
 pub type Completions<S = Provider, St = MemoryStore> =
-    Deadline<Fallback<ProviderChain<S, St>, ChatRequest>>;
+    Deadline<Fallback<ProviderChain<S, St>, ChatRequest, StandardPolicy>>;
 
 /// The streaming service a [`Stack`] yields.
 pub type Streams<S = ProviderStream, St = MemoryStore> =
-    Deadline<Fallback<ProviderChain<StreamIdle<S>, St>, ChatRequest>>;
+    Deadline<Fallback<ProviderChain<StreamIdle<S>, St>, ChatRequest, StandardPolicy>>;
 
 /// Builds a provider's bucket store from the provider's name and its limits (the default:
 /// [`MemoryStore::new`]; see [`ProviderStack::store`]).
@@ -231,10 +249,9 @@ impl<S, Q> ProviderStack<S, Q> {
     /// limits (a token bucket per model paces at the limits the provider's responses state), a
     /// 30 s attempt timeout, and a 30 s idle limit for streams.
     ///
-    /// With a fallback behind it, the retries of the first calls to a dead primary delay their
-    /// failover (about 1 + 2 + 4 s at most with the seed's backoff, until the breaker opens and
-    /// later calls fail over at once). Lower `base_delay_ms` / `max_retries` when failover latency
-    /// matters more than riding out short blips on the primary.
+    /// With a fallback behind it, a failure of this provider goes to the fallback at once
+    /// ([`FailoverPolicy::FailoverFirst`]); its retries (and their backoff) are spent only when
+    /// no provider can take the call now.
     pub fn new(name: impl Into<Cow<'static, str>>, complete: S, stream: Q) -> Self {
         ProviderStack {
             name: name.into(),
@@ -302,7 +319,8 @@ impl<S, Q, St> ProviderStack<S, Q, St> {
         self
     }
 
-    /// Sets the retry settings.
+    /// Sets the retry settings: how often and after what backoff this provider is tried again
+    /// within one call.
     pub fn retry(mut self, config: RetryConfig) -> Self {
         self.retry = config;
         self
@@ -387,6 +405,7 @@ impl<S, Q, St> ProviderStack<S, Q, St> {
 #[derive(Debug, Clone)]
 pub struct StackBuilder<S, Q, St = MemoryStore> {
     deadline: Duration,
+    failover: FailoverPolicy,
     providers: Vec<ProviderStack<S, Q, St>>,
 }
 
@@ -404,6 +423,29 @@ pub struct ProviderHandles<St = MemoryStore> {
     /// Its token buckets (always present: with no configured limits they learn the
     /// provider's).
     pub limiter: Option<TokenBucketHandle<St>>,
+}
+
+impl<St: BucketStore<Key = Arc<str>>> ProviderHandles<St> {
+    /// How long until this provider could take `req` (zero: now), the later of its breaker's
+    /// and its bucket's answers, for the model it is asked for: the stack's fallback passes a
+    /// provider over while this is not zero and another provider's is.
+    pub fn availability(&self, req: &ChatRequest) -> Duration {
+        let key: &str = self.model.as_deref().unwrap_or(&req.model);
+        let bucket = self
+            .limiter
+            .as_ref()
+            .map_or(Duration::ZERO, |l| l.availability(key));
+        self.breaker.availability(key).max(bucket)
+    }
+
+    /// [`availability`](Self::availability) as a fallback entry's gate.
+    fn gate(&self) -> impl Fn(&ChatRequest) -> Duration + Clone + Send + Sync + 'static
+    where
+        St: Clone + Send + Sync,
+    {
+        let handles = self.clone();
+        move |req: &ChatRequest| handles.availability(req)
+    }
 }
 
 /// The recommended stack over one or more providers. See the [module docs](self).
@@ -444,13 +486,16 @@ impl Stack {
     pub fn builder<S, Q, St>() -> StackBuilder<S, Q, St> {
         StackBuilder {
             deadline: DEFAULT_DEADLINE,
+            failover: FailoverPolicy::default(),
             providers: Vec::new(),
         }
     }
 
     /// Builds a stack of the built-in providers from a configuration.
     pub fn from_config(config: &StackConfig) -> Result<Stack, StackError> {
-        let mut builder = Stack::builder().deadline(config.deadline);
+        let mut builder = Stack::builder()
+            .deadline(config.deadline)
+            .failover(config.failover);
         for p in &config.providers {
             let err = |e| StackError::Provider(p.name.clone(), e);
             let key = match &p.api_key_env {
@@ -512,6 +557,13 @@ where
         self
     }
 
+    /// Sets the order in which a call spends its attempts across the providers (default
+    /// [`FailoverPolicy::FailoverFirst`]; see the [module docs](self)).
+    pub fn failover(mut self, failover: FailoverPolicy) -> Self {
+        self.failover = failover;
+        self
+    }
+
     /// Adds a provider; the first one added is the primary.
     pub fn provider(mut self, provider: ProviderStack<S, Q, St>) -> Self {
         self.providers.push(provider);
@@ -528,38 +580,49 @@ where
         let mut complete_entries = Vec::new();
         let mut stream_entries = Vec::new();
         let mut handles = Vec::new();
+        // Failing over first, one budget counts the retries of every provider: the primary's.
+        let budget = match (self.failover, &self.providers[0].retry.budget) {
+            (FailoverPolicy::FailoverFirst, Some(b)) => {
+                Some(Arc::new(RetryBudget::new(b).map_err(|e| {
+                    StackError::Config(Some(self.providers[0].name.to_string()), e)
+                })?))
+            }
+            _ => None,
+        };
         for p in self.providers {
             p.validate(self.deadline)?;
             let name = p.name.to_string();
             if handles.iter().any(|h: &ProviderHandles<St>| h.name == name) {
                 return Err(StackError::DuplicateName(name));
             }
-            let policy = p
-                .retry
-                .build()
-                .map_err(|e| StackError::Config(Some(name.clone()), e))?;
-            let retry = RetryLayer::new(policy);
-            let breaker = CircuitBreakerLayer::new(name.clone(), p.breaker.clone())
-                .map_err(|e| StackError::Config(Some(name.clone()), e))?;
+            let config = |e| StackError::Config(Some(name.clone()), e);
+            let policy = match (&budget, &p.retry.budget) {
+                (Some(shared), Some(_)) => p.retry.builder().shared_budget(shared.clone()),
+                _ => p.retry.builder(),
+            };
+            let policy = Arc::new(policy.build().map_err(config)?);
+            let breaker =
+                CircuitBreakerLayer::new(name.clone(), p.breaker.clone()).map_err(config)?;
             // Every provider paces: by its configured limits, else by those its responses
             // state (learned; `TokenBucketConfig::learn_limits`).
             let l = p.limits.clone().unwrap_or_default();
-            l.validate()
-                .map_err(|e| StackError::Config(Some(name.clone()), e))?;
+            l.validate().map_err(config)?;
             let store =
                 (p.store)(&name, l.clone()).map_err(|e| StackError::Store(name.clone(), e))?;
             let bucket = Some(
                 TokenBucketLayer::from_store(name.clone(), store, l.max_wait)
                     .max_pause(l.max_pause),
             );
-            handles.push(ProviderHandles {
+            let handle = ProviderHandles {
                 name: name.clone(),
                 model: p.model.as_deref().map(Arc::from),
                 breaker: breaker.handle(),
                 limiter: bucket.as_ref().map(|b| b.handle()),
-            });
+            };
+            let gate = handle.gate();
+            handles.push(handle);
             let complete = TimeoutLayer::new(p.attempt_timeout).layer(p.complete);
-            let complete = compose(&retry, &breaker, bucket.as_ref(), complete);
+            let complete = compose(&breaker, bucket.as_ref(), complete);
             let idle = StreamIdleLayer::new(p.stream_idle);
             let idle = match p.stream_total {
                 Some(total) => idle.total(total),
@@ -567,22 +630,23 @@ where
             };
             let stream = idle.layer(p.stream);
             let stream = TimeoutLayer::new(p.attempt_timeout).layer(stream);
-            let stream = compose(&retry, &breaker, bucket.as_ref(), stream);
-            let mut ce = Entry::new(p.name.clone(), complete).larger_context(p.larger_context);
-            let mut se = Entry::new(p.name.clone(), stream).larger_context(p.larger_context);
-            if let Some(m) = &p.model {
-                ce = ce.model(m);
-                se = se.model(m);
-            }
-            complete_entries.push(ce);
-            stream_entries.push(se);
+            let stream = compose(&breaker, bucket.as_ref(), stream);
+            let (larger, model) = (p.larger_context, p.model.as_deref());
+            let entry = Entry::new(p.name.clone(), complete).gate(gate.clone());
+            complete_entries.push(configure(entry, larger, model, policy.clone()));
+            let entry = Entry::new(p.name.clone(), stream).gate(gate);
+            stream_entries.push(configure(entry, larger, model, policy));
         }
         if handles.iter().any(|h| h.limiter.is_some()) {
             portcullis_core::ChatCost::warm_up();
         }
         let deadline = DeadlineLayer::new(self.deadline);
-        let completions = Fallback::new(complete_entries).map_err(|_| StackError::NoProviders)?;
-        let streams = Fallback::new(stream_entries).map_err(|_| StackError::NoProviders)?;
+        let completions = Fallback::new(complete_entries)
+            .map_err(|_| StackError::NoProviders)?
+            .failover(self.failover);
+        let streams = Fallback::new(stream_entries)
+            .map_err(|_| StackError::NoProviders)?
+            .failover(self.failover);
         Ok(Stack {
             completions: deadline.layer(completions),
             streams: deadline.layer(streams),
@@ -591,9 +655,22 @@ where
     }
 }
 
-/// Puts retry → breaker → (bucket) over an attempt-timed service: one provider's chain.
+/// One provider's fallback entry, for its complete-call or its streaming chain.
+fn configure<T>(
+    entry: Entry<T, ChatRequest>,
+    larger_context: bool,
+    model: Option<&str>,
+    policy: Arc<StandardPolicy>,
+) -> Entry<T, ChatRequest, StandardPolicy> {
+    let entry = entry.larger_context(larger_context).retry_shared(policy);
+    match model {
+        Some(m) => entry.model(m),
+        None => entry,
+    }
+}
+
+/// Puts breaker → (bucket) over an attempt-timed service: one provider's chain.
 pub fn compose<T, St: Clone>(
-    retry: &RetryLayer<StandardPolicy>,
     breaker: &CircuitBreakerLayer,
     bucket: Option<&TokenBucketLayer<ByModel, ChatCost, St>>,
     timed: Timeout<T>,
@@ -602,7 +679,7 @@ pub fn compose<T, St: Clone>(
         Some(b) => Either::Left(b.layer(timed)),
         None => Either::Right(timed),
     };
-    retry.layer(breaker.layer(inner))
+    breaker.layer(inner)
 }
 
 impl<S: Clone, Q: Clone, St: Clone> Stack<S, Q, St> {
@@ -657,6 +734,10 @@ pub struct StackConfig {
     /// The overall deadline (`deadline_ms` in files; default 150 s).
     #[serde(rename = "deadline_ms", with = "millis", default = "default_deadline")]
     pub deadline: Duration,
+    /// How a call spends its attempts across the providers: `"failover_first"` (the default)
+    /// or `"retry_each_then_fallback"`.
+    #[serde(default)]
+    pub failover: FailoverPolicy,
     /// The providers, primary first.
     pub providers: Vec<ProviderConfig>,
 }

@@ -417,12 +417,25 @@ fn stack_config_is_validated() {
         Err(StackError::Provider(..))
     ));
 
+    // The failover order: failing over first unless the file says otherwise.
+    use portcullis::FailoverPolicy;
+    assert_eq!(bad.failover, FailoverPolicy::FailoverFirst);
+    let old: StackConfig =
+        serde_json::from_str(r#"{"failover": "retry_each_then_fallback", "providers": []}"#)
+            .unwrap();
+    assert_eq!(old.failover, FailoverPolicy::RetryEachThenFallback);
+    assert!(
+        serde_json::from_str::<StackConfig>(r#"{"failover": "sideways", "providers": []}"#)
+            .is_err()
+    );
+
     let err =
         serde_json::from_str::<StackConfig>(r#"{"providers": [], "dedline_ms": 5}"#).unwrap_err();
     assert!(err.to_string().contains("dedline_ms"), "{err}");
     assert!(matches!(
         Stack::from_config(&StackConfig {
             deadline: Duration::from_secs(1),
+            failover: Default::default(),
             providers: vec![]
         }),
         Err(StackError::NoProviders)
@@ -536,4 +549,60 @@ async fn an_unconfigured_stack_paces_at_the_limits_its_provider_states() {
         )),
         "{outcomes:?}"
     );
+}
+
+/// The library's defaults on paused time (the simulator's clock is tokio's): a dead primary's
+/// first call is answered by the fallback at once, for 503, 529 and 429 with any Retry-After;
+/// the old order stays available and waits out the primary's retries.
+#[tokio::test(start_paused = true)]
+async fn the_default_stack_fails_over_first() {
+    use portcullis::FailoverPolicy;
+    let faults = [
+        FaultRule::status(503),
+        FaultRule::new(FaultKind::Overloaded),
+        FaultRule::new(FaultKind::RateLimit).retry_after_secs(1),
+        FaultRule::new(FaultKind::RateLimit).retry_after_secs(20),
+        FaultRule::new(FaultKind::RateLimit).retry_after_secs(120),
+    ];
+    for fault in faults {
+        for order in [
+            FailoverPolicy::FailoverFirst,
+            FailoverPolicy::RetryEachThenFallback,
+        ] {
+            let sim = Simulator::builder()
+                .fault(fault.clone().family(Family::Openai))
+                .start()
+                .await
+                .unwrap();
+            let openai = OpenAiProvider::builder()
+                .base_url(sim.openai_base_url())
+                .api_key(key())
+                .build()
+                .unwrap();
+            let anthropic = AnthropicProvider::builder()
+                .base_url(sim.anthropic_base_url())
+                .api_key(key())
+                .build()
+                .unwrap();
+            let stack = Stack::builder()
+                .failover(order)
+                .provider(ProviderStack::openai(openai))
+                .provider(ProviderStack::anthropic(anthropic).model("claude-haiku-4-5"))
+                .build()
+                .unwrap();
+            let start = Instant::now();
+            let res = stack.completions().oneshot(req(0, 20)).await.unwrap();
+            assert_eq!(res.provider, "anthropic");
+            let took = start.elapsed();
+            match order {
+                FailoverPolicy::FailoverFirst => {
+                    assert!(took <= Duration::from_millis(50), "{fault:?}: {took:?}")
+                }
+                // A Retry-After above the retry cap (60 s) is not waited on in either order.
+                _ if fault.retry_after_secs == Some(120) => assert!(took.is_zero()),
+                _ => assert!(took >= Duration::from_millis(500), "{fault:?}: {took:?}"),
+            }
+            sim.shutdown().await;
+        }
+    }
 }

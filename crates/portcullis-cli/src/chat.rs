@@ -1,5 +1,6 @@
 //! `portcullis chat`: one prompt through the recommended [`Stack`] (the simulator when no key
-//! is set): deadline → fallback → per provider retry → breaker → bucket → attempt timeout.
+//! is set): deadline → fallback (failing over first, each provider retried by its policy) →
+//! per provider breaker → bucket → attempt timeout.
 //!
 //! The seed's defaults: a 30 s attempt timeout, 3 retries with jittered backoff (1 s, 2 s,
 //! 4 s at most), a 30 s idle limit between stream chunks. The whole call is bounded by a

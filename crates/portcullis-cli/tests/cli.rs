@@ -352,3 +352,37 @@ fn a_short_soak_leaks_nothing() {
     assert!(r["calls"].as_u64().unwrap() > 100, "{r}");
     assert!(r["cancelled"].as_u64().unwrap() > 0, "{r}");
 }
+
+#[test]
+fn the_failover_drill_meets_its_targets_with_the_default_stack() {
+    let out = portcullis()
+        .args(["drill", "failover", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["stacks"].as_array().unwrap();
+    assert_eq!(rows.len(), 6 * 3, "six faults, three stacks");
+    for row in rows {
+        let first = row["first_call_ms"].as_f64().unwrap();
+        match (
+            row["name"].as_str().unwrap(),
+            row["fault"].as_str().unwrap(),
+        ) {
+            ("failover_first", fault) => {
+                let targets = row["targets"].as_object().unwrap();
+                assert!(targets.values().all(|t| t == true), "{row}");
+                let attempt = if fault == "hang" { 30_000.0 } else { 0.0 };
+                assert!(first <= attempt + 50.0, "{row}");
+            }
+            // The old order waits out the primary's backoff before its first failover.
+            ("retry_each", "status503" | "status529") => assert!(first >= 100.0, "{row}"),
+            _ => assert!(row["targets"].is_null(), "{row}"),
+        }
+    }
+}

@@ -33,7 +33,7 @@ pub use key::{ByModel, KeyClosure, KeyFn, SingleKey};
 pub use keyed::KeyBounds;
 
 pub use circuit_breaker::{CircuitBreaker, CircuitBreakerLayer};
-pub use fallback::{Entry, Fallback, FallbackLayer};
+pub use fallback::{Entry, FailoverPolicy, Fallback, FallbackLayer};
 pub use retry::{Retry, RetryLayer};
 pub use timeout::{Deadline, DeadlineLayer, StreamIdleLayer, Timeout, TimeoutLayer};
 pub use token_bucket::{TokenBucket, TokenBucketLayer};

@@ -22,6 +22,7 @@ use stacks::StackKind;
 
 #[cfg(feature = "async-openai")]
 mod async_openai;
+mod failover;
 mod fleet;
 mod outage;
 mod rate_limit;
@@ -52,7 +53,10 @@ pub enum Which {
     RateLimit,
     /// The primary answers 503 to everything; no fallback.
     Storm,
-    /// All three, one after another.
+    /// The primary fails (503, 529, 429 with Retry-After 1/20/120 s, hangs) while a fallback is
+    /// healthy: the library's default settings, on paused time; targets checked.
+    Failover,
+    /// All four, one after another.
     All,
     /// N client instances share one provider's limits: local buckets vs one Redis.
     Fleet,
@@ -233,10 +237,16 @@ pub async fn run(args: DrillArgs) -> ExitCode {
         return run_soak(&args).await;
     }
     let which: &[Which] = match args.which {
-        Which::All => &[Which::Outage, Which::RateLimit, Which::Storm],
+        Which::All => &[
+            Which::Outage,
+            Which::RateLimit,
+            Which::Storm,
+            Which::Failover,
+        ],
         Which::Outage => &[Which::Outage],
         Which::RateLimit => &[Which::RateLimit],
         Which::Storm => &[Which::Storm],
+        Which::Failover => &[Which::Failover],
         Which::Fleet | Which::Soak => &[],
     };
     if args.svg.is_some() && !which.contains(&Which::Outage) {
@@ -244,8 +254,28 @@ pub async fn run(args: DrillArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     let mut reports = Vec::new();
+    let mut missed = false;
     for w in which {
         let mut timelines = Vec::new();
+        if *w == Which::Failover {
+            match failover::run(args.seed).await {
+                Ok(r) => {
+                    missed |= !r.stacks.iter().all(failover::Row::passed);
+                    if !args.json {
+                        failover::print(&r);
+                    }
+                    match to_value(&r) {
+                        Ok(v) => reports.push(v),
+                        Err(e) => eprintln!("error: drill failover: {e}"),
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: drill failover: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            continue;
+        }
         let result = match w {
             Which::Outage => outage::run(args.seed).await.and_then(|(r, t)| {
                 timelines = t;
@@ -253,7 +283,9 @@ pub async fn run(args: DrillArgs) -> ExitCode {
             }),
             Which::RateLimit => rate_limit::run(args.seed).await.and_then(|r| to_value(&r)),
             Which::Storm => storm::run(args.seed).await.and_then(|r| to_value(&r)),
-            Which::All | Which::Fleet | Which::Soak => unreachable!("expanded above"),
+            Which::All | Which::Failover | Which::Fleet | Which::Soak => {
+                unreachable!("expanded or run above")
+            }
         };
         match result {
             Ok(r) => {
@@ -280,9 +312,13 @@ pub async fn run(args: DrillArgs) -> ExitCode {
     if args.json {
         if args.which == Which::All {
             print_json(&Value::Array(reports));
-        } else {
+        } else if !reports.is_empty() {
             print_json(&reports.remove(0));
         }
+    }
+    if missed {
+        eprintln!("error: drill failover: the default stack missed a target (see above)");
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }

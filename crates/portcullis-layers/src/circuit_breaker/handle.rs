@@ -57,6 +57,34 @@ where
             .unwrap_or(CircuitState::Closed)
     }
 
+    /// How long until `key`'s breaker would admit a call: zero if it would now (CLOSED, a key
+    /// never seen, or a free HALF_OPEN probe slot), else the time left OPEN or until the oldest
+    /// probe's permit expires. Nothing is taken or counted: this is the breaker's answer to a
+    /// fallback's "can this entry take the call now?" ([`fallback::choose`]). While CLOSED it
+    /// costs one atomic load.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use portcullis_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let handle = CircuitBreakerLayer::new("openai", CircuitBreakerConfig::default()).unwrap().handle();
+    /// assert_eq!(handle.availability("gpt-4o-mini"), Duration::ZERO);
+    /// handle.force_open("gpt-4o-mini");
+    /// assert!(handle.availability("gpt-4o-mini") > Duration::ZERO);
+    /// # }
+    /// ```
+    ///
+    /// [`fallback::choose`]: crate::fallback::choose
+    pub fn availability<Q>(&self, key: &Q) -> std::time::Duration
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.on(key, KeyState::availability).unwrap_or_default()
+    }
+
     /// A snapshot of `key`'s breaker, or `None` for a key with no breaker of its own.
     pub fn metrics<Q>(&self, key: &Q) -> Option<CircuitMetrics>
     where

@@ -23,6 +23,9 @@ pub(crate) enum Input {
     Complete(Permit, Outcome),
     /// Time passes: a query of the state or the metrics.
     Observe,
+    /// Would a call be admitted now? Like [`Input::Observe`], it only moves time on: nothing is
+    /// taken or counted.
+    Peek,
     /// Open until forced closed or reset.
     ForceOpen,
     /// Close, clearing the windows.
@@ -80,6 +83,8 @@ pub(crate) enum Verdict {
         /// The current run of failures in a row.
         consecutive_failures: u32,
     },
+    /// [`Input::Peek`]: `None` if a call would be admitted now, else how long until one may be.
+    Peeked(Option<Duration>),
     /// [`Input::Reset`]: zero the counters.
     Reset,
     /// Nothing to count ([`Input::ForceOpen`], [`Input::ForceClosed`]).
@@ -208,6 +213,10 @@ impl Machine {
                     consecutive_failures: self.consecutive_failures,
                 },
             ),
+            Input::Peek => {
+                let change = self.recover(now);
+                (change, Verdict::Peeked(self.vacancy(config, now).err()))
+            }
             Input::Complete(permit, outcome) => self.complete(config, permit, outcome, now),
             Input::ForceOpen => {
                 let change = match self.phase {
@@ -245,27 +254,43 @@ impl Machine {
         }
     }
 
-    fn admit(&mut self, config: &CircuitBreakerConfig, now: Instant) -> Verdict {
-        let probe = match self.phase {
-            Phase::Closed => None,
-            Phase::Open { until } => {
-                return Verdict::Rejected(until.map_or(config.recovery_timeout, |u| {
-                    u.saturating_duration_since(now)
-                }));
-            }
+    /// Where a call would be admitted now: `Ok(None)` while CLOSED, `Ok(Some(slot))` for a free
+    /// HALF_OPEN probe slot, else how long until one may be.
+    fn vacancy(
+        &self,
+        config: &CircuitBreakerConfig,
+        now: Instant,
+    ) -> Result<Option<usize>, Duration> {
+        match self.phase {
+            Phase::Closed => Ok(None),
+            Phase::Open { until } => Err(until.map_or(config.recovery_timeout, |u| {
+                u.saturating_duration_since(now)
+            })),
             Phase::HalfOpen { .. } => {
                 let wait = config.max_probe_wait;
                 let free = self
                     .probes
                     .iter()
                     .position(|s| s.since.is_none_or(|since| since + wait <= now));
-                let Some(slot) = free else {
-                    // Every probe is in flight: refuse until the oldest permit expires.
-                    let oldest = self.probes.iter().filter_map(|s| s.since).min();
-                    return Verdict::Rejected(oldest.map_or(Duration::ZERO, |oldest| {
-                        (oldest + wait).saturating_duration_since(now)
-                    }));
-                };
+                match free {
+                    Some(slot) => Ok(Some(slot)),
+                    // Every probe is in flight: refused until the oldest permit expires.
+                    None => {
+                        let oldest = self.probes.iter().filter_map(|s| s.since).min();
+                        Err(oldest.map_or(Duration::ZERO, |oldest| {
+                            (oldest + wait).saturating_duration_since(now)
+                        }))
+                    }
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, config: &CircuitBreakerConfig, now: Instant) -> Verdict {
+        let probe = match self.vacancy(config, now) {
+            Err(retry_after) => return Verdict::Rejected(retry_after),
+            Ok(None) => None,
+            Ok(Some(slot)) => {
                 let ticket = self.next_ticket;
                 self.next_ticket += 1;
                 self.probes[slot] = Slot {

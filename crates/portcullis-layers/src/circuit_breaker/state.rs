@@ -172,6 +172,18 @@ where
         }
     }
 
+    /// `Duration::ZERO` if a call would be admitted now, else how long until one may be;
+    /// nothing is taken or counted. The happy path is one atomic load.
+    pub(crate) fn availability(&self, now: Instant) -> Duration {
+        if self.fast.load(Ordering::Acquire) & 1 == 1 {
+            return Duration::ZERO;
+        }
+        match self.run(Input::Peek, now) {
+            Verdict::Peeked(wait) => wait.unwrap_or(Duration::ZERO),
+            other => unreachable!("a peek answered {other:?}"),
+        }
+    }
+
     /// The state now; like a call, it moves an OPEN breaker whose recovery timeout elapsed to
     /// HALF_OPEN.
     pub(crate) fn state(&self, now: Instant) -> CircuitState {
@@ -248,7 +260,7 @@ where
                     counter.store(0, Ordering::Relaxed);
                 }
             }
-            Verdict::Observed { .. } | Verdict::Done => {}
+            Verdict::Observed { .. } | Verdict::Peeked(_) | Verdict::Done => {}
         }
         let word = match machine.quiet() {
             Some(generation) if self.fast_eligible => generation << 1 | 1,

@@ -4,15 +4,19 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
+use super::choose::FailoverPolicy;
 use super::service::{Entry, Fallback};
 
 /// Puts a wrapped service first in a chain of fallbacks.
 ///
 /// `FallbackLayer::new("openai", secondaries).layer(primary)` is
 /// `Fallback::new([Entry::new("openai", primary), secondaries...])`.
+///
+/// The wrapped service's entry has no gate and no retry policy of its own.
 pub struct FallbackLayer<S, Req> {
     name: Cow<'static, str>,
     rest: Arc<[Entry<S, Req>]>,
+    order: FailoverPolicy,
 }
 
 impl<S, Req> Clone for FallbackLayer<S, Req> {
@@ -20,6 +24,7 @@ impl<S, Req> Clone for FallbackLayer<S, Req> {
         FallbackLayer {
             name: self.name.clone(),
             rest: self.rest.clone(),
+            order: self.order,
         }
     }
 }
@@ -29,6 +34,7 @@ impl<S, Req> fmt::Debug for FallbackLayer<S, Req> {
         f.debug_struct("FallbackLayer")
             .field("name", &self.name)
             .field("rest", &self.rest)
+            .field("order", &self.order)
             .finish()
     }
 }
@@ -39,7 +45,15 @@ impl<S, Req> FallbackLayer<S, Req> {
         FallbackLayer {
             name: name.into(),
             rest: rest.into(),
+            order: FailoverPolicy::default(),
         }
+    }
+
+    /// Sets the order in which attempts are spent after a failure (default
+    /// [`FailoverPolicy::FailoverFirst`]).
+    pub fn failover(mut self, order: FailoverPolicy) -> Self {
+        self.order = order;
+        self
     }
 }
 
@@ -53,6 +67,7 @@ impl<S: Clone, Req> Layer<S> for FallbackLayer<S, Req> {
         Fallback {
             primary,
             chain: entries.into(),
+            order: self.order,
         }
     }
 }

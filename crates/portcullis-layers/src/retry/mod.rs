@@ -39,5 +39,5 @@ pub use budget::RetryBudget;
 pub use config::{BudgetConfig, ConfigError, RetryConfig};
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;
-pub use policy::{Attempt, Decision, Policy, StandardPolicy, StandardPolicyBuilder};
+pub use policy::{Attempt, Decision, NoRetry, Policy, StandardPolicy, StandardPolicyBuilder};
 pub use service::Retry;

@@ -170,6 +170,29 @@ impl<'a, Req> Attempt<'a, Req> {
     }
 }
 
+/// A policy that never retries: every outcome is returned as it is. A
+/// [`Fallback`](crate::fallback::Fallback) entry without a policy of its own uses it, so that
+/// each of its failures moves the call on (or ends it).
+///
+/// ```
+/// use portcullis_layers::retry::{Attempt, Decision, NoRetry, Policy};
+///
+/// let err: Result<&String, &String> = Err(&"down".to_string());
+/// assert_eq!(Policy::<&str, String, String>::decide(&NoRetry, &Attempt::new(&"hi", 1), err), Decision::Accept);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct NoRetry;
+
+impl<Req, Res, E> Policy<Req, Res, E> for NoRetry {
+    fn accepts(&self, _response: &Res) -> bool {
+        true
+    }
+
+    fn decide(&self, _attempt: &Attempt<'_, Req>, _outcome: Result<&Res, &E>) -> Decision {
+        Decision::Accept
+    }
+}
+
 /// The standard policy: the shared classification table, capped exponential backoff with
 /// jitter, `Retry-After`, a retry budget and the deadline.
 ///
@@ -448,6 +471,13 @@ impl StandardPolicyBuilder {
 impl RetryConfig {
     /// Validates this configuration and builds the policy it describes.
     pub fn build(&self) -> Result<StandardPolicy, ConfigError> {
+        self.builder().build()
+    }
+
+    /// A builder holding this configuration, to refine before it builds, e.g. to share one
+    /// budget between the policies of several providers
+    /// ([`shared_budget`](StandardPolicyBuilder::shared_budget)).
+    pub fn builder(&self) -> StandardPolicyBuilder {
         let mut builder = StandardPolicy::builder()
             .max_retries(self.max_retries)
             .base_delay(self.base_delay)
@@ -462,6 +492,6 @@ impl RetryConfig {
         if let Some(seed) = self.seed {
             builder = builder.seed(seed);
         }
-        builder.build()
+        builder
     }
 }

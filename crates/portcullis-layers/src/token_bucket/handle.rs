@@ -19,11 +19,16 @@ use super::store::{BucketStore, KeyLabel, Levels};
 pub struct TokenBucketHandle<St> {
     store: St,
     name: Arc<str>,
+    max_wait: Duration,
 }
 
 impl<St> TokenBucketHandle<St> {
-    pub(crate) fn new(store: St, name: Arc<str>) -> Self {
-        TokenBucketHandle { store, name }
+    pub(crate) fn new(store: St, name: Arc<str>, max_wait: Duration) -> Self {
+        TokenBucketHandle {
+            store,
+            name,
+            max_wait,
+        }
     }
 
     /// The store.
@@ -46,6 +51,39 @@ impl<St: BucketStore> TokenBucketHandle<St> {
         Q: Hash + Eq + ?Sized,
     {
         self.store.levels(key)
+    }
+
+    /// How long until `key` could take a call: zero if it can now, else the pause a provider's
+    /// 429 put on it (a paused key is not waited on when another entry can take the call), or
+    /// its queue when that is longer than the layer's `max_wait`. Nothing is reserved: this is
+    /// the bucket's answer to a fallback's "can this entry take the call now?"
+    /// ([`fallback::choose`](crate::fallback::choose)). A key never seen can.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use portcullis_layers::token_bucket::{TokenBucketConfig, TokenBucketLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let handle = TokenBucketLayer::new("openai", TokenBucketConfig::new()).unwrap().handle();
+    /// assert_eq!(handle.availability("gpt-4o-mini"), Duration::ZERO);
+    /// handle.pause("gpt-4o-mini", Duration::from_secs(20)); // as a 429 with retry-after: 20 would
+    /// assert_eq!(handle.availability("gpt-4o-mini"), Duration::from_secs(20));
+    /// # }
+    /// ```
+    pub fn availability<Q>(&self, key: &Q) -> Duration
+    where
+        St::Key: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.store.levels(key) {
+            None => Duration::ZERO,
+            Some(l) => match l.paused_for {
+                Some(pause) => pause,
+                None if l.queued_for > self.max_wait => l.queued_for,
+                None => Duration::ZERO,
+            },
+        }
     }
 
     /// The levels of every key with buckets of its own (not the in-memory store's overflow

@@ -183,7 +183,11 @@ impl<KF, C, St> TokenBucketLayer<KF, C, St> {
     where
         St: Clone,
     {
-        TokenBucketHandle::new(self.store.clone(), self.settings.name.clone())
+        TokenBucketHandle::new(
+            self.store.clone(),
+            self.settings.name.clone(),
+            self.settings.max_wait,
+        )
     }
 }
 
