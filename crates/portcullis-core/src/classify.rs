@@ -499,7 +499,7 @@ impl ErrorKind {
     /// | StreamInterrupted | no | yes | no | no |
     /// | ContextLengthExceeded | no | no | to a larger context | no |
     /// | InvalidRequest, Authentication, PermissionDenied, NotFound, RequestTooLarge, ResponseTooLarge, Configuration | no | no | no | no |
-    /// | CircuitOpen, Throttled | no | no | yes | no |
+    /// | CircuitOpen, Throttled, Unsupported | no | no | yes | no |
     /// | DeadlineExceeded | no | no | no | no |
     pub const fn classification(self) -> Classification {
         use ErrorKind::*;
@@ -535,7 +535,7 @@ impl ErrorKind {
             },
             InvalidRequest | Authentication | PermissionDenied | NotFound | RequestTooLarge
             | ResponseTooLarge | Configuration | DeadlineExceeded => Classification::PERMANENT,
-            CircuitOpen | Throttled => Classification::REFUSED_LOCALLY,
+            CircuitOpen | Throttled | Unsupported => Classification::REFUSED_LOCALLY,
         }
     }
 

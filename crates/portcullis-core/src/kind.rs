@@ -47,6 +47,10 @@ pub enum ErrorKind {
     Throttled,
     /// Local refusal: the overall deadline passed.
     DeadlineExceeded,
+    /// Local refusal, before sending: this provider cannot carry what the request holds (a
+    /// feature it lacks, content it cannot translate, an image over its size limit). Not
+    /// retried; fails over, since another provider may take it.
+    Unsupported,
 }
 
 impl ErrorKind {
@@ -72,6 +76,7 @@ impl ErrorKind {
             ErrorKind::CircuitOpen => "circuit_open",
             ErrorKind::Throttled => "throttled",
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::Unsupported => "unsupported",
         }
     }
 }

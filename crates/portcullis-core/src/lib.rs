@@ -2,8 +2,10 @@
 //!
 //! The vocabulary every Portcullis crate shares:
 //!
-//! - the chat types: [`ChatRequest`], [`ChatMessage`], [`CompletionOptions`],
-//!   [`CompletionResult`], [`Usage`], [`FinishReason`], [`StreamChunk`], [`ChatStream`];
+//! - the chat types: [`ChatRequest`], [`ChatMessage`] of [`Part`]s, [`CompletionOptions`]
+//!   with [`Tool`]s, [`ToolChoice`], [`ResponseFormat`] and [`Reasoning`],
+//!   [`CompletionResult`] with its [`ToolCall`]s, [`Usage`], [`FinishReason`], [`StreamChunk`],
+//!   [`ChatStream`] (the [`content`] module has the parts and the tools);
 //! - one typed error, [`LlmError`], with an [`ErrorKind`] per row of the classification table,
 //!   and [`ErrorKind::from_wire`], the one place that maps statuses and provider error types;
 //! - the layers' own refusals, in one type, [`Refusal`]: [`CircuitOpen`], [`Throttled`],
@@ -17,6 +19,7 @@
 
 pub mod classify;
 pub mod config;
+pub mod content;
 pub mod error;
 pub mod hints;
 pub mod kind;
@@ -29,6 +32,10 @@ pub use classify::{
     Classification, Classify, Failover, Finish, Finished, OnFinish, Replay, RequestInfo,
 };
 pub use config::ConfigError;
+pub use content::{
+    CacheControl, ImageDetail, InvalidArguments, InvalidTool, MediaSource, Part, Reasoning,
+    ReasoningEffort, Tool, ToolCall, ToolChoice,
+};
 pub use error::{BoxError, LlmError};
 pub use hints::{LimitHint, RateLimitHints};
 pub use kind::ErrorKind;
@@ -37,7 +44,10 @@ pub use refusal::{
     RetryStop, Throttled,
 };
 pub use request::{ChatMessage, ChatRequest, CompletionOptions, ResponseFormat, Role};
-pub use response::{ChatStream, CompletionResult, FinishReason, StreamChunk, StreamMeta, Usage};
+pub use response::{
+    ChatStream, CompletionResult, FinishReason, StreamChunk, StreamMeta, ThinkingDelta,
+    ToolCallDelta, Usage,
+};
 pub use tokens::{
     AnthropicEstimator, ChatCost, CostOf, Encoding, OpenAiTokenizer, TokenCost, TokenEstimator,
     estimator_for_model,

@@ -1,10 +1,14 @@
 //! The request side of the vocabulary: [`ChatRequest`], [`ChatMessage`], [`CompletionOptions`].
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+
+use crate::content::{Part, Reasoning, Tool, ToolCall, ToolChoice};
 
 /// Who wrote a [`ChatMessage`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -16,31 +20,48 @@ pub enum Role {
     User,
     /// The model (for example, an earlier turn, or a prefill).
     Assistant,
+    /// Tool results answering an assistant's tool calls ([`Part::ToolResult`]s). OpenAI sends
+    /// one `role: "tool"` message per result; Anthropic a user turn of `tool_result` blocks.
+    Tool,
 }
 
 impl Role {
-    /// The wire name: `system`, `user` or `assistant`.
+    /// The wire name: `system`, `user`, `assistant` or `tool`.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
 
-/// One message of a conversation.
+/// One message of a conversation: a role and a list of [`Part`]s.
 ///
-/// `#[non_exhaustive]` leaves room for tool calls and multi-part content; build one with
-/// [`ChatMessage::new`], [`ChatMessage::system`], [`ChatMessage::user`] or
-/// [`ChatMessage::assistant`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A plain-text message is one text part; serialized, its `content` is then a plain string.
+///
+/// ```
+/// use portcullis_core::{ChatMessage, Part, ToolCall};
+///
+/// let ask = ChatMessage::user("What is the weather in Paris?");
+/// assert_eq!(ask.text(), "What is the weather in Paris?");
+/// let call = ChatMessage::assistant_parts(vec![Part::ToolCall(ToolCall::new(
+///     "call_1", "get_weather", r#"{"city":"Paris"}"#,
+/// ))]);
+/// let answer = ChatMessage::tool_result("call_1", "18 °C, sunny");
+/// assert_eq!(call.tool_calls().next().unwrap().name, "get_weather");
+/// assert_eq!(serde_json::to_value(&ask).unwrap()["content"], "What is the weather in Paris?");
+/// # let _ = answer;
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ChatMessage {
     /// Who wrote it.
     pub role: Role,
-    /// Its text.
-    pub content: String,
+    /// Its parts, in order.
+    #[serde(with = "content_serde")]
+    pub content: Vec<Part>,
 }
 
 impl ChatMessage {
@@ -48,8 +69,12 @@ impl ChatMessage {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
         ChatMessage {
             role,
-            content: content.into(),
+            content: vec![Part::text(content)],
         }
+    }
+    /// A message with the given role and parts.
+    pub fn with_parts(role: Role, content: Vec<Part>) -> Self {
+        ChatMessage { role, content }
     }
     /// A system message.
     pub fn system(content: impl Into<String>) -> Self {
@@ -59,39 +84,170 @@ impl ChatMessage {
     pub fn user(content: impl Into<String>) -> Self {
         Self::new(Role::User, content)
     }
+    /// A user message of several parts (text and images, for example).
+    pub fn user_parts(content: Vec<Part>) -> Self {
+        Self::with_parts(Role::User, content)
+    }
     /// An assistant message.
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new(Role::Assistant, content)
     }
+    /// An assistant message of several parts (thinking, text, tool calls).
+    pub fn assistant_parts(content: Vec<Part>) -> Self {
+        Self::with_parts(Role::Assistant, content)
+    }
+    /// A tool message answering the call `call_id` with text.
+    pub fn tool_result(call_id: impl Into<String>, text: impl Into<String>) -> Self {
+        Self::with_parts(Role::Tool, vec![Part::tool_result(call_id, text)])
+    }
+
+    /// The text parts joined (no separator). Borrowed when there is one text part.
+    pub fn text(&self) -> Cow<'_, str> {
+        let mut texts = self.content.iter().filter_map(Part::as_text);
+        match (texts.next(), texts.next()) {
+            (None, _) => Cow::Borrowed(""),
+            (Some(one), None) => Cow::Borrowed(one),
+            (Some(a), Some(b)) => {
+                let mut s = String::from(a);
+                s.push_str(b);
+                texts.for_each(|t| s.push_str(t));
+                Cow::Owned(s)
+            }
+        }
+    }
+
+    /// The tool calls of an assistant message.
+    pub fn tool_calls(&self) -> impl Iterator<Item = &ToolCall> {
+        self.content.iter().filter_map(|p| match p {
+            Part::ToolCall(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    /// Every piece of text a tokenizer would see in this message: text, tool-call names and
+    /// arguments, tool-result text, thinking.
+    pub fn texts(&self) -> impl Iterator<Item = &str> + Clone {
+        fn of(p: &Part) -> [&str; 2] {
+            match p {
+                Part::Text { text, .. } => [text, ""],
+                Part::ToolCall(c) => [&c.name, &c.arguments],
+                Part::Thinking { thinking, .. } => [thinking, ""],
+                _ => ["", ""],
+            }
+        }
+        self.content.iter().flat_map(|p| {
+            let nested: &[Part] = match p {
+                Part::ToolResult { content, .. } => content,
+                _ => &[],
+            };
+            of(p)
+                .into_iter()
+                .chain(nested.iter().flat_map(of))
+                .filter(|t| !t.is_empty())
+        })
+    }
+}
+
+/// `content` as a plain string when the message is one uncached text part, as a list of parts
+/// otherwise; either shape reads back.
+mod content_serde {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Part;
+
+    pub(super) fn serialize<S: Serializer>(parts: &[Part], s: S) -> Result<S::Ok, S::Error> {
+        match parts {
+            [
+                Part::Text {
+                    text,
+                    cache_control: None,
+                },
+            ] => s.serialize_str(text),
+            _ => parts.serialize(s),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Text(String),
+        Parts(Vec<Part>),
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Part>, D::Error> {
+        Ok(match Either::deserialize(d)? {
+            Either::Text(t) => vec![Part::text(t)],
+            Either::Parts(p) => p,
+        })
+    }
 }
 
 /// The shape the model must answer in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ResponseFormat {
     /// Free text (the default).
     #[default]
     Text,
     /// A JSON object (OpenAI `response_format: {"type":"json_object"}`).
     JsonObject,
+    /// JSON that validates against a schema (OpenAI `json_schema`; on Anthropic a forced tool
+    /// whose input is the schema, see the README).
+    JsonSchema {
+        /// The schema's name (`^[a-zA-Z0-9_-]{1,64}$`).
+        name: Arc<str>,
+        /// The JSON Schema. Shared: cloning a request copies none of it.
+        schema: Arc<serde_json::Value>,
+        /// Ask for exact adherence (OpenAI `strict`).
+        #[serde(default)]
+        strict: bool,
+    },
+}
+
+impl ResponseFormat {
+    /// JSON following `schema`, strictly.
+    pub fn json_schema(name: impl AsRef<str>, schema: serde_json::Value) -> Self {
+        ResponseFormat::JsonSchema {
+            name: Arc::from(name.as_ref()),
+            schema: Arc::new(schema),
+            strict: true,
+        }
+    }
 }
 
 /// Sampling and length options. Defaults follow the seed: temperature 0, 1000 max tokens.
+///
+/// Everything that can be large sits behind an `Arc`, so cloning options copies no tool, schema
+/// or stop sequence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
 pub struct CompletionOptions {
-    /// Sampling temperature (default 0).
+    /// Sampling temperature (default 0). Not sent with reasoning on Anthropic, which refuses it.
     pub temperature: f32,
-    /// The most tokens the model may write (default 1000). Token buckets pre-charge it.
+    /// The most tokens the model may write (default 1000), thinking included. Token buckets
+    /// pre-charge it.
     pub max_tokens: u32,
-    /// Text or JSON object.
+    /// Text, JSON object, or JSON following a schema.
     pub response_format: ResponseFormat,
     /// Sequences that end generation. Behind an `Arc` so that cloning a request is cheap.
     pub stop_sequences: Arc<[String]>,
     /// A per-attempt timeout for this request, overriding the timeout layer's own.
     #[serde(with = "crate::config::opt_millis")]
     pub timeout: Option<Duration>,
+    /// The tools the model may call.
+    pub tools: Arc<[Tool]>,
+    /// Which tool it must call (`None`: the provider's default, `auto` when tools are offered).
+    pub tool_choice: Option<ToolChoice>,
+    /// Whether it may call several tools in one turn (`None`: the provider's default, yes).
+    pub parallel_tool_calls: Option<bool>,
+    /// Reasoning effort or thinking budget.
+    pub reasoning: Option<Reasoning>,
+    /// Extra top-level JSON fields per provider name (`"openai"`, `"anthropic"`, or your own
+    /// wire's), merged into that provider's request body last, over the fields Portcullis
+    /// writes: the escape hatch for anything not modelled here.
+    pub extra: Arc<BTreeMap<String, serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl Default for CompletionOptions {
@@ -102,7 +258,19 @@ impl Default for CompletionOptions {
             response_format: ResponseFormat::Text,
             stop_sequences: Arc::from(Vec::new()),
             timeout: None,
+            tools: Arc::from(Vec::new()),
+            tool_choice: None,
+            parallel_tool_calls: None,
+            reasoning: None,
+            extra: Arc::default(),
         }
+    }
+}
+
+impl CompletionOptions {
+    /// The extra fields for `provider` (see [`CompletionOptions::extra`]).
+    pub fn extra_for(&self, provider: &str) -> Option<&serde_json::Map<String, serde_json::Value>> {
+        self.extra.get(provider)
     }
 }
 
@@ -174,6 +342,44 @@ impl ChatRequest {
     /// Sets the response format.
     pub fn response_format(mut self, f: ResponseFormat) -> Self {
         self.options.response_format = f;
+        self
+    }
+
+    /// Sets the tools the model may call.
+    pub fn tools(mut self, tools: impl Into<Arc<[Tool]>>) -> Self {
+        self.options.tools = tools.into();
+        self
+    }
+
+    /// Sets which tool the model must call.
+    pub fn tool_choice(mut self, choice: ToolChoice) -> Self {
+        self.options.tool_choice = Some(choice);
+        self
+    }
+
+    /// Allows or forbids several tool calls in one turn.
+    pub fn parallel_tool_calls(mut self, allow: bool) -> Self {
+        self.options.parallel_tool_calls = Some(allow);
+        self
+    }
+
+    /// Sets the reasoning effort or thinking budget.
+    pub fn reasoning(mut self, reasoning: Reasoning) -> Self {
+        self.options.reasoning = Some(reasoning);
+        self
+    }
+
+    /// Adds an extra top-level JSON field to `provider`'s request body.
+    pub fn extra(
+        mut self,
+        provider: impl Into<String>,
+        field: impl Into<String>,
+        value: serde_json::Value,
+    ) -> Self {
+        Arc::make_mut(&mut self.options.extra)
+            .entry(provider.into())
+            .or_default()
+            .insert(field.into(), value);
         self
     }
 

@@ -12,18 +12,35 @@ use futures_core::Stream;
 use serde::{Deserialize, Serialize};
 
 use crate::classify::{Classify, Finish, OnFinish};
+use crate::content::{Part, ToolCall};
+use crate::request::ChatMessage;
 use crate::error::LlmError;
 use crate::hints::RateLimitHints;
 
-/// Token counts a provider reports for one call.
+/// Token counts a provider reports for one call, provider-neutral.
+///
+/// `input_tokens` counts every prompt token, cached or not (OpenAI's `prompt_tokens`;
+/// Anthropic's `input_tokens + cache_read_input_tokens + cache_creation_input_tokens`), and
+/// `output_tokens` every generated one, reasoning included. The cache and reasoning counts are
+/// parts of those, so `total_tokens` is what the provider bills in tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Usage {
-    /// Prompt tokens.
+    /// Prompt tokens, cached ones included.
     pub input_tokens: u64,
-    /// Generated tokens.
+    /// Generated tokens, reasoning included.
     pub output_tokens: u64,
     /// Their sum, as the provider reported it (or computed when it reports none).
     pub total_tokens: u64,
+    /// Of `input_tokens`, those read from the prompt cache (OpenAI
+    /// `prompt_tokens_details.cached_tokens`, Anthropic `cache_read_input_tokens`).
+    pub cached_input_tokens: u64,
+    /// Of `input_tokens`, those written to the prompt cache (Anthropic
+    /// `cache_creation_input_tokens`).
+    pub cache_creation_input_tokens: u64,
+    /// Of `output_tokens`, those spent reasoning (OpenAI
+    /// `completion_tokens_details.reasoning_tokens`; Anthropic reports none apart).
+    pub reasoning_tokens: u64,
 }
 
 impl Usage {
@@ -32,8 +49,22 @@ impl Usage {
         Usage {
             input_tokens,
             output_tokens,
-            total_tokens: input_tokens + output_tokens,
+            total_tokens: input_tokens.saturating_add(output_tokens),
+            ..Usage::default()
         }
+    }
+
+    /// Sets the cache counts (parts of `input_tokens`).
+    pub fn with_cache(mut self, read: u64, created: u64) -> Self {
+        self.cached_input_tokens = read;
+        self.cache_creation_input_tokens = created;
+        self
+    }
+
+    /// Sets the reasoning count (part of `output_tokens`).
+    pub fn with_reasoning(mut self, reasoning: u64) -> Self {
+        self.reasoning_tokens = reasoning;
+        self
     }
 }
 
@@ -83,11 +114,21 @@ impl Serialize for FinishReason {
 }
 
 /// A finished, non-streaming completion.
+///
+/// The answer's text is in `content`; its tool calls, its reasoning and any content block this
+/// library does not model are beside it. [`CompletionResult::message`] turns it back into the
+/// assistant turn to send in the next request of a conversation.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct CompletionResult {
-    /// The generated text.
+    /// The generated text (every text block, joined).
     pub content: String,
+    /// The tools the model called, in order.
+    pub tool_calls: Vec<ToolCall>,
+    /// Thinking and redacted-thinking parts, with their signatures, in order.
+    pub reasoning: Vec<Part>,
+    /// Content blocks this library does not model, kept as [`Part::Raw`].
+    pub other: Vec<Part>,
     /// Reported token usage.
     pub usage: Usage,
     /// The model the provider actually resolved (e.g. `gpt-4o-mini-2024-07-18`).
@@ -114,6 +155,9 @@ impl CompletionResult {
     ) -> Self {
         CompletionResult {
             content: content.into(),
+            tool_calls: Vec::new(),
+            reasoning: Vec::new(),
+            other: Vec::new(),
             usage: Usage::default(),
             model: model.into(),
             finish_reason: FinishReason::Stop,
@@ -135,25 +179,108 @@ impl CompletionResult {
         self.finish_reason = reason;
         self
     }
+
+    /// Sets the tool calls.
+    pub fn with_tool_calls(mut self, calls: Vec<ToolCall>) -> Self {
+        self.tool_calls = calls;
+        self
+    }
+
+    /// The assistant turn this answer is, to send back in the conversation: reasoning first
+    /// (unchanged, as Anthropic requires), then the text, then the tool calls, then the blocks
+    /// kept raw.
+    pub fn message(&self) -> ChatMessage {
+        let mut parts = self.reasoning.clone();
+        if !self.content.is_empty() {
+            parts.push(Part::text(self.content.clone()));
+        }
+        parts.extend(self.tool_calls.iter().cloned().map(Part::ToolCall));
+        parts.extend(self.other.iter().cloned());
+        ChatMessage::assistant_parts(parts)
+    }
+}
+
+/// A fragment of a tool call in a stream. The first fragment of a call carries its `id` and
+/// `name`; every fragment may carry a piece of the arguments' JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ToolCallDelta {
+    /// Which call of the answer (0, 1, … in the order the calls started).
+    pub index: usize,
+    /// The call's id (on its first fragment).
+    pub id: Option<String>,
+    /// The tool's name (on its first fragment).
+    pub name: Option<String>,
+    /// A piece of the arguments' JSON.
+    pub arguments: String,
+}
+
+impl ToolCallDelta {
+    /// A fragment of call `index`.
+    pub fn new(index: usize, id: Option<String>, name: Option<String>, arguments: String) -> Self {
+        ToolCallDelta {
+            index,
+            id,
+            name,
+            arguments,
+        }
+    }
+}
+
+/// A fragment of a reasoning block in a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ThinkingDelta {
+    /// More thinking text for block `index` (0, 1, … among the answer's reasoning blocks).
+    Text {
+        /// Which reasoning block.
+        index: usize,
+        /// The text.
+        text: String,
+    },
+    /// The signature of block `index` (Anthropic sends it whole, after the text).
+    Signature {
+        /// Which reasoning block.
+        index: usize,
+        /// The signature.
+        signature: String,
+    },
+    /// A whole redacted-thinking block.
+    Redacted {
+        /// Which reasoning block.
+        index: usize,
+        /// The opaque data.
+        data: String,
+    },
 }
 
 /// One piece of a streamed completion.
 ///
-/// Content chunks carry a `delta`; the last chunk carries the `finish_reason` and, when the
-/// provider reports it, the final `usage`.
+/// Content chunks carry text in `delta`, tool-call fragments in `tool_calls`, or a reasoning
+/// fragment in `thinking`; the last chunk carries the `finish_reason`, the final `usage` when
+/// the provider reports it, and the whole answer assembled in `message`.
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct StreamChunk {
     /// New text.
     pub delta: String,
+    /// Tool-call fragments.
+    pub tool_calls: Vec<ToolCallDelta>,
+    /// A reasoning fragment.
+    pub thinking: Option<ThinkingDelta>,
+    /// Content blocks this library does not model, whole, as [`Part::Raw`].
+    pub other: Vec<Part>,
     /// Set on the final chunk.
     pub finish_reason: Option<FinishReason>,
     /// Set on the final chunk (cumulative usage for the whole call).
     pub usage: Option<Usage>,
+    /// Set on the final chunk by [`ChatStream`]: the answer assembled from every chunk (text,
+    /// tool calls with whole arguments, reasoning with signatures, usage, finish reason).
+    pub message: Option<Box<CompletionResult>>,
 }
 
 impl StreamChunk {
-    /// A content chunk.
+    /// A text chunk.
     pub fn delta(text: impl Into<String>) -> Self {
         StreamChunk {
             delta: text.into(),
@@ -161,12 +288,124 @@ impl StreamChunk {
         }
     }
 
+    /// A tool-call fragment.
+    pub fn tool_call(delta: ToolCallDelta) -> Self {
+        StreamChunk {
+            tool_calls: vec![delta],
+            ..Default::default()
+        }
+    }
+
+    /// A reasoning fragment.
+    pub fn thinking(delta: ThinkingDelta) -> Self {
+        StreamChunk {
+            thinking: Some(delta),
+            ..Default::default()
+        }
+    }
+
     /// The final chunk.
     pub fn finish(reason: FinishReason, usage: Option<Usage>) -> Self {
         StreamChunk {
-            delta: String::new(),
             finish_reason: Some(reason),
             usage,
+            ..Default::default()
+        }
+    }
+
+    /// Whether this chunk carries content for the caller (text, a tool-call fragment,
+    /// reasoning, or a raw block): the first such chunk is a stream's commit point.
+    pub fn has_content(&self) -> bool {
+        !self.delta.is_empty()
+            || !self.tool_calls.is_empty()
+            || self.thinking.is_some()
+            || !self.other.is_empty()
+    }
+}
+
+/// Builds a [`CompletionResult`] from a stream's chunks.
+#[derive(Debug, Default)]
+struct Assembler {
+    content: String,
+    calls: Vec<ToolCall>,
+    reasoning: Vec<Part>,
+    other: Vec<Part>,
+    finish: Option<FinishReason>,
+    usage: Option<Usage>,
+}
+
+impl Assembler {
+    fn add(&mut self, chunk: &StreamChunk) {
+        self.content.push_str(&chunk.delta);
+        for d in &chunk.tool_calls {
+            if self.calls.len() <= d.index {
+                // Indices are small and dense in practice; a gap is filled with empty calls
+                // rather than trusting an index to size an allocation.
+                let want = (d.index + 1).min(self.calls.len() + 64);
+                self.calls.resize(want, ToolCall::new("", "", ""));
+            }
+            if let Some(c) = self.calls.get_mut(d.index) {
+                if let Some(id) = &d.id {
+                    c.id.clone_from(id);
+                }
+                if let Some(name) = &d.name {
+                    c.name.clone_from(name);
+                }
+                c.arguments.push_str(&d.arguments);
+            }
+        }
+        if let Some(t) = &chunk.thinking {
+            let index = match t {
+                ThinkingDelta::Text { index, .. }
+                | ThinkingDelta::Signature { index, .. }
+                | ThinkingDelta::Redacted { index, .. } => *index,
+            };
+            while self.reasoning.len() <= index && self.reasoning.len() < index.min(1 << 16) + 1 {
+                self.reasoning.push(Part::Thinking {
+                    thinking: String::new(),
+                    signature: None,
+                });
+            }
+            if let Some(block) = self.reasoning.get_mut(index) {
+                match (t, block) {
+                    (ThinkingDelta::Text { text, .. }, Part::Thinking { thinking, .. }) => {
+                        thinking.push_str(text)
+                    }
+                    (ThinkingDelta::Signature { signature: s, .. }, Part::Thinking { signature, .. }) => {
+                        *signature = Some(s.clone())
+                    }
+                    (ThinkingDelta::Redacted { data, .. }, block) => {
+                        *block = Part::RedactedThinking { data: data.clone() }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.other.extend(chunk.other.iter().cloned());
+        if chunk.finish_reason.is_some() {
+            self.finish.clone_from(&chunk.finish_reason);
+        }
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+    }
+
+    fn result(&mut self, meta: &StreamMeta) -> CompletionResult {
+        CompletionResult {
+            content: std::mem::take(&mut self.content),
+            tool_calls: std::mem::take(&mut self.calls),
+            reasoning: std::mem::take(&mut self.reasoning),
+            other: std::mem::take(&mut self.other),
+            usage: self.usage.unwrap_or_default(),
+            model: meta.model.clone(),
+            finish_reason: self
+                .finish
+                .take()
+                .unwrap_or(FinishReason::Other(String::new())),
+            latency: Duration::ZERO,
+            provider: meta.provider.clone(),
+            request_id: meta.request_id.clone(),
+            rate_limits: Some(Box::new(meta.rate_limits.clone())),
         }
     }
 }
@@ -216,6 +455,7 @@ pub struct ChatStream {
     usage: Option<Usage>,
     hooks: Vec<Hook>,
     done: bool,
+    assembler: Assembler,
 }
 
 impl fmt::Debug for ChatStream {
@@ -241,6 +481,7 @@ impl ChatStream {
             usage: None,
             hooks: Vec::new(),
             done: false,
+            assembler: Assembler::default(),
         }
     }
 
@@ -264,31 +505,21 @@ impl ChatStream {
         self.usage
     }
 
-    /// Reads the whole stream into a [`CompletionResult`] (latency is left at zero).
+    /// Reads the whole stream into a [`CompletionResult`] (latency is left at zero): the
+    /// assembled answer of its final chunk.
     pub async fn collect(mut self) -> Result<CompletionResult, LlmError> {
-        let mut content = String::new();
-        let mut finish = None;
-        let mut usage = None;
+        let mut last = None;
         while let Some(item) = std::future::poll_fn(|cx| Pin::new(&mut self).poll_next(cx)).await {
             let chunk = item?;
-            content.push_str(&chunk.delta);
-            if chunk.finish_reason.is_some() {
-                finish = chunk.finish_reason;
-            }
-            if chunk.usage.is_some() {
-                usage = chunk.usage;
+            if let Some(m) = chunk.message {
+                last = Some(*m);
             }
         }
-        Ok(CompletionResult {
-            content,
-            usage: usage.unwrap_or_default(),
-            model: self.meta.model.clone(),
-            finish_reason: finish.unwrap_or(FinishReason::Other(String::new())),
-            latency: Duration::ZERO,
-            provider: self.meta.provider.clone(),
-            request_id: self.meta.request_id.clone(),
-            rate_limits: Some(Box::new(self.meta.rate_limits.clone())),
-        })
+        // A stream that ended without a final chunk: what arrived, finish reason unknown.
+        Ok(last.unwrap_or_else(|| {
+            let meta = self.meta.clone();
+            self.assembler.result(&meta)
+        }))
     }
 
     /// Ends the stream with an [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) error when no
@@ -339,11 +570,16 @@ impl Stream for ChatStream {
         if self.done {
             return Poll::Ready(None);
         }
-        let item = std::task::ready!(self.inner.as_mut().poll_next(cx));
-        match &item {
+        let mut item = std::task::ready!(self.inner.as_mut().poll_next(cx));
+        match &mut item {
             Some(Ok(chunk)) => {
                 if chunk.usage.is_some() {
                     self.usage = chunk.usage;
+                }
+                let this = &mut *self;
+                this.assembler.add(chunk);
+                if chunk.finish_reason.is_some() && chunk.message.is_none() {
+                    chunk.message = Some(Box::new(this.assembler.result(&this.meta)));
                 }
             }
             Some(Err(e)) => {

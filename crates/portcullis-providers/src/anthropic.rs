@@ -140,7 +140,7 @@ impl Wire for Anthropic {
             system: (!system.is_empty()).then(|| {
                 system
                     .iter()
-                    .map(|m| m.content.as_str())
+                    .map(|m| m.text())
                     .collect::<Vec<_>>()
                     .join(
                         "
@@ -283,7 +283,7 @@ impl EventParser for MessageParser {
                 need_start()?;
                 let d: BlockDelta = parse(&ev.data)?;
                 match (d.delta.kind.as_str(), d.delta.text) {
-                    ("text_delta", Some(t)) if !t.is_empty() => Ok(Step::Content(t)),
+                    ("text_delta", Some(t)) if !t.is_empty() => Ok(Step::Content(StreamChunk::delta(t))),
                     ("text_delta", None) => Err(malformed("text_delta without `text`")),
                     _ => Ok(Step::Skip),
                 }

@@ -286,9 +286,9 @@ impl<W: Wire> Stream for EventStream<W> {
             };
             let item = match step {
                 Ok(Step::Skip) => continue,
-                Ok(Step::Content(text)) => {
+                Ok(Step::Content(chunk)) => {
                     *this.committed = true;
-                    Ok(StreamChunk::delta(text))
+                    Ok(chunk)
                 }
                 Ok(Step::End(chunk)) => {
                     *this.done = true;

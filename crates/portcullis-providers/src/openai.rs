@@ -102,6 +102,7 @@ impl From<WireUsage> for Usage {
             input_tokens: u.prompt_tokens,
             output_tokens: u.completion_tokens,
             total_tokens: u.total_tokens,
+            ..Usage::default()
         }
     }
 }
@@ -162,6 +163,7 @@ impl Wire for OpenAi {
                 ResponseFormat::JsonObject => Some(Format {
                     kind: "json_object",
                 }),
+                _ => None,
             },
             stream,
             stream_options: stream.then_some(StreamOptions {
@@ -279,7 +281,7 @@ impl EventParser for ChunkParser {
         Ok(if text.is_empty() {
             Step::Skip
         } else {
-            Step::Content(text)
+            Step::Content(StreamChunk::delta(text))
         })
     }
 }

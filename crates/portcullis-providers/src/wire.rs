@@ -42,7 +42,7 @@
 //!     // `parse_error` ({"error":{"type","code","message"}}) keep their defaults.
 //!
 //!     fn request_body(&self, req: &ChatRequest, stream: bool) -> Result<Vec<u8>, LlmError> {
-//!         let prompt: Vec<&str> = req.messages.iter().map(|m| m.content.as_str()).collect();
+//!         let prompt: Vec<String> = req.messages.iter().map(|m| m.text().into_owned()).collect();
 //!         wire::json_body(&serde_json::json!({ "prompt": prompt.join("\n"), "stream": stream }))
 //!     }
 //!
@@ -68,7 +68,7 @@
 //!         } else if a.text.is_empty() {
 //!             Step::Skip
 //!         } else {
-//!             Step::Content(a.text)
+//!             Step::Content(StreamChunk::delta(a.text))
 //!         })
 //!     }
 //!
@@ -200,8 +200,10 @@ pub trait Wire: Clone + Send + Sync + 'static {
 pub enum Step {
     /// Nothing for the caller (a ping, a block start, a role-only delta, usage kept for the end).
     Skip,
-    /// New content. The first one is the commit point: the streaming call resolves there.
-    Content(String),
+    /// New content for the caller: text, a tool-call fragment, a reasoning fragment (a chunk
+    /// whose [`StreamChunk::has_content`] is true). The first one is the commit point: the
+    /// streaming call resolves there.
+    Content(StreamChunk),
     /// The end of the answer: the final chunk, with the finish reason and the usage.
     End(StreamChunk),
     /// An error event inside a 2xx stream. Before the commit point it fails the call; after
@@ -250,14 +252,14 @@ pub fn json_body(body: &impl Serialize) -> Result<Vec<u8>, LlmError> {
 #[derive(Serialize)]
 pub(crate) struct Message<'a> {
     role: &'static str,
-    content: &'a str,
+    content: std::borrow::Cow<'a, str>,
 }
 
 impl<'a> From<&'a ChatMessage> for Message<'a> {
     fn from(m: &'a ChatMessage) -> Self {
         Message {
             role: m.role.as_str(),
-            content: &m.content,
+            content: m.text(),
         }
     }
 }

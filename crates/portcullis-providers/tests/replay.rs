@@ -21,6 +21,7 @@ fn usage(i: u64, o: u64, t: u64) -> Option<Usage> {
         input_tokens: i,
         output_tokens: o,
         total_tokens: t,
+        ..Usage::default()
     })
 }
 

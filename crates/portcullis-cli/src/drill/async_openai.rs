@@ -104,11 +104,18 @@ fn adapter_config(seed: u64) -> adapter::Config {
 /// The drill's request in async-openai's types.
 fn request(req: &ChatRequest) -> Result<CreateChatCompletionRequest, LlmError> {
     let invalid = |e: OpenAIError| LlmError::new(ErrorKind::InvalidRequest, e.to_string());
+    if req.messages.iter().any(|m| m.role == Role::Tool) {
+        // The drill's conversations are text only.
+        return Err(LlmError::new(
+            ErrorKind::Unsupported,
+            "the async-openai drill sends text messages only",
+        ));
+    }
     let messages = req
         .messages
         .iter()
         .map(|m| -> Result<ChatCompletionRequestMessage, OpenAIError> {
-            let text = m.content.clone();
+            let text = m.text().into_owned();
             Ok(match m.role {
                 Role::System => ChatCompletionRequestSystemMessageArgs::default()
                     .content(text)
@@ -118,7 +125,7 @@ fn request(req: &ChatRequest) -> Result<CreateChatCompletionRequest, LlmError> {
                     .content(text)
                     .build()?
                     .into(),
-                Role::User => ChatCompletionRequestUserMessageArgs::default()
+                Role::User | Role::Tool => ChatCompletionRequestUserMessageArgs::default()
                     .content(text)
                     .build()?
                     .into(),

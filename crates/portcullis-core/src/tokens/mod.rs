@@ -52,7 +52,7 @@ pub use sample::{EXACT_LIMIT, SAMPLE_BYTES, SAMPLE_MARGIN, SAMPLES};
 ///         (text.len() as u64).div_ceil(4)
 ///     }
 ///     fn count_messages(&self, messages: &[ChatMessage]) -> u64 {
-///         messages.iter().map(|m| 4 + self.count_text(&m.content)).sum()
+///         messages.iter().map(|m| 4 + self.count_text(&m.text())).sum()
 ///     }
 /// }
 ///
@@ -160,7 +160,7 @@ impl OpenAiTokenizer {
 
 impl TokenEstimator for OpenAiTokenizer {
     fn count_text(&self, text: &str) -> u64 {
-        sample::sum_tokens(&[text], |t| *t, self.exact_limit, self.encoding, |n| n)
+        sample::sum_tokens(std::iter::once(text), self.exact_limit, self.encoding, |n| n)
     }
 
     fn count_messages(&self, messages: &[ChatMessage]) -> u64 {
@@ -169,8 +169,7 @@ impl TokenEstimator for OpenAiTokenizer {
             .map(|m| OPENAI_PER_MESSAGE + self.encoding.count_exact(m.role.as_str()))
             .sum();
         let content = sample::sum_tokens(
-            messages,
-            |m| &*m.content,
+            messages.iter().flat_map(ChatMessage::texts),
             self.exact_limit,
             self.encoding,
             |n| n,
@@ -221,7 +220,7 @@ impl Default for AnthropicEstimator {
 impl TokenEstimator for AnthropicEstimator {
     fn count_text(&self, text: &str) -> u64 {
         let b = self.base;
-        sample::sum_tokens(&[text], |t| *t, b.exact_limit, b.encoding, Self::scale)
+        sample::sum_tokens(std::iter::once(text), b.exact_limit, b.encoding, Self::scale)
     }
 
     fn count_messages(&self, messages: &[ChatMessage]) -> u64 {
@@ -229,8 +228,7 @@ impl TokenEstimator for AnthropicEstimator {
         Self::BASE_OVERHEAD
             + Self::PER_MESSAGE * messages.len() as u64
             + sample::sum_tokens(
-                messages,
-                |m| &*m.content,
+                messages.iter().flat_map(ChatMessage::texts),
                 b.exact_limit,
                 b.encoding,
                 Self::scale,

@@ -16,25 +16,20 @@ pub const SAMPLE_MARGIN: f64 = 1.1;
 /// `exact_limit` bytes; otherwise each text's tokens are its length times the token density of
 /// [`SAMPLES`] windows spread evenly over all of them (raised by [`SAMPLE_MARGIN`]), never more
 /// than its length in bytes.
-pub(crate) fn sum_tokens<'a, I>(
-    items: &'a [I],
-    text: impl Fn(&'a I) -> &'a str,
+pub(crate) fn sum_tokens<'a>(
+    texts: impl Iterator<Item = &'a str> + Clone,
     exact_limit: usize,
     encoding: Encoding,
     scale: impl Fn(u64) -> u64,
 ) -> u64 {
-    let total: usize = items.iter().map(|i| text(i).len()).sum();
+    let total: usize = texts.clone().map(str::len).sum();
     if total <= exact_limit {
-        return items
-            .iter()
-            .map(|i| scale(encoding.count_exact(text(i))))
-            .sum();
+        return texts.map(|t| scale(encoding.count_exact(t))).sum();
     }
-    let density = sampled_density(items.iter().map(&text), total, encoding);
-    items
-        .iter()
-        .map(|i| {
-            let len = text(i).len() as u64;
+    let density = sampled_density(texts.clone(), total, encoding);
+    texts
+        .map(|t| {
+            let len = t.len() as u64;
             let est = ((len as f64) * density).ceil() as u64;
             scale(est.min(len))
         })
@@ -87,7 +82,7 @@ mod tests {
     use super::*;
 
     fn est(text: &str) -> u64 {
-        sum_tokens(&[text], |t| *t, EXACT_LIMIT, Encoding::O200k, |n| n)
+        sum_tokens(std::iter::once(text), EXACT_LIMIT, Encoding::O200k, |n| n)
     }
 
     fn repeat(parts: &[&str], bytes: usize) -> String {
@@ -143,7 +138,7 @@ mod tests {
             .collect();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let exact: u64 = refs.iter().map(|t| Encoding::O200k.count_exact(t)).sum();
-        let e = sum_tokens(&refs, |t| *t, EXACT_LIMIT, Encoding::O200k, |n| n);
+        let e = sum_tokens(refs.iter().copied(), EXACT_LIMIT, Encoding::O200k, |n| n);
         assert!(
             e >= exact && (e as f64) <= exact as f64 * 1.25,
             "{e} vs {exact}"
