@@ -317,7 +317,11 @@ pub struct ToolCall {
 
 impl ToolCall {
     /// A call of `name` with `arguments` (a JSON string).
-    pub fn new(id: impl Into<String>, name: impl Into<String>, arguments: impl Into<String>) -> Self {
+    pub fn new(
+        id: impl Into<String>,
+        name: impl Into<String>,
+        arguments: impl Into<String>,
+    ) -> Self {
         ToolCall {
             id: id.into(),
             name: name.into(),

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::classify::{Classify, Finish, OnFinish};
 use crate::content::{Part, ToolCall};
-use crate::request::ChatMessage;
 use crate::error::LlmError;
 use crate::hints::RateLimitHints;
+use crate::request::ChatMessage;
 
 /// Token counts a provider reports for one call, provider-neutral.
 ///
@@ -371,9 +371,10 @@ impl Assembler {
                     (ThinkingDelta::Text { text, .. }, Part::Thinking { thinking, .. }) => {
                         thinking.push_str(text)
                     }
-                    (ThinkingDelta::Signature { signature: s, .. }, Part::Thinking { signature, .. }) => {
-                        *signature = Some(s.clone())
-                    }
+                    (
+                        ThinkingDelta::Signature { signature: s, .. },
+                        Part::Thinking { signature, .. },
+                    ) => *signature = Some(s.clone()),
                     (ThinkingDelta::Redacted { data, .. }, block) => {
                         *block = Part::RedactedThinking { data: data.clone() }
                     }

@@ -16,7 +16,8 @@ use http_body_util::{Full, Limited};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use portcullis_core::{
-    ChatStream, CompletionResult, ErrorKind, LlmError, RateLimitHints, StreamChunk, StreamMeta,
+    ChatRequest, ChatStream, CompletionResult, ErrorKind, LlmError, RateLimitHints, StreamChunk,
+    StreamMeta,
 };
 use tokio::time::Instant;
 
@@ -177,18 +178,18 @@ async fn send<W: Wire>(
 /// One complete call: send, map the status, read and parse the body.
 pub(crate) async fn complete<W: Wire>(
     ep: Arc<Endpoint<W>>,
-    model: Arc<str>,
+    req: ChatRequest,
     body: Result<Vec<u8>, LlmError>,
 ) -> Result<CompletionResult, LlmError> {
     let start = Instant::now();
-    let (parts, body) = send(&ep, &model, body?, false).await?;
+    let (parts, body) = send(&ep, &req.model, body?, false).await?;
     let request_id = ep.request_id(&parts.headers);
     let bytes = ep
         .transport
         .read(body)
         .await
         .map_err(|e| ep.finish_error(e, request_id.as_deref()))?;
-    let mut r = ep.wire.parse_response(&bytes).map_err(|e| {
+    let mut r = ep.wire.parse_response(&req, &bytes).map_err(|e| {
         // A 2xx whose body is the provider's error envelope is that error, typed by its `type`
         // and `code` as an error event in a stream is, not a parse failure. Only tried once
         // the body failed to parse as an answer, so an answer is parsed once.
@@ -216,10 +217,11 @@ pub(crate) async fn complete<W: Wire>(
 /// content chunk, or the end of a stream with no content), or the error before it.
 pub(crate) async fn stream<W: Wire>(
     ep: Arc<Endpoint<W>>,
-    model: Arc<str>,
+    req: ChatRequest,
     body: Result<Vec<u8>, LlmError>,
 ) -> Result<ChatStream, LlmError> {
-    let (parts, body) = send(&ep, &model, body?, true).await?;
+    let parser = ep.wire.event_parser(&req);
+    let (parts, body) = send(&ep, &req.model, body?, true).await?;
     let request_id = ep.request_id(&parts.headers);
     let decoder = SseDecoder::with_limits(
         ep.transport.config().max_event_bytes,
@@ -227,7 +229,7 @@ pub(crate) async fn stream<W: Wire>(
     );
     let mut events = EventStream {
         sse: SseStream::new(ep.transport.limit(body), decoder),
-        parser: ep.wire.event_parser(),
+        parser,
         first: None,
         committed: false,
         done: false,

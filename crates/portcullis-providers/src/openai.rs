@@ -2,14 +2,20 @@
 //! provider over it, [`OpenAiProvider`] (a [`CompletionResult`]) and [`OpenAiStream`] (a
 //! [`ChatStream`](portcullis_core::ChatStream)).
 
+use std::borrow::Cow;
+
 use portcullis_core::{
-    ChatRequest, CompletionResult, FinishReason, LlmError, OPENAI, ResponseFormat, StreamChunk,
-    Usage,
+    ChatMessage, ChatRequest, CompletionResult, FinishReason, LlmError, MediaSource, OPENAI, Part,
+    ResponseFormat, Role, StreamChunk, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use crate::sse::SseEvent;
-use crate::wire::{ErrorBody, EventParser, Message, Step, Wire, from_json, json_body, malformed};
+use crate::wire::{
+    ErrorBody, EventParser, Step, Wire, body_with_extra, check_size, from_json, malformed,
+    unsupported,
+};
 use crate::{Builder, Provider, StreamingProvider};
 
 /// The default base URL (as in the official SDKs, it includes `/v1`).
@@ -48,34 +54,261 @@ impl Builder<OpenAi> {
     }
 }
 
+/// The largest inline image OpenAI takes (its documented 20 MB per image), refused before
+/// sending.
+pub const MAX_IMAGE_BYTES: usize = 20 * 1024 * 1024;
+
 #[derive(Serialize)]
 struct Body<'a> {
     model: &'a str,
-    messages: Vec<Message<'a>>,
-    temperature: f32,
+    messages: Vec<Msg<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_completion_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    response_format: Option<Format>,
+    tool_choice: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_effort: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<Value>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
 }
 
+/// One message of `messages`. `content` is a string for plain text (the cheap path), a list
+/// of parts otherwise, and `null` on an assistant message that only calls tools.
 #[derive(Serialize)]
-struct Format {
-    #[serde(rename = "type")]
-    kind: &'static str,
+struct Msg<'a> {
+    role: &'static str,
+    content: Option<Content<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Content<'a> {
+    Text(Cow<'a, str>),
+    Parts(Vec<Value>),
 }
 
 #[derive(Serialize)]
 struct StreamOptions {
     include_usage: bool,
+}
+
+/// The `data:` URL of an inline source, or the URL itself.
+fn url_of(source: &MediaSource) -> Cow<'_, str> {
+    match source {
+        MediaSource::Url { url } => Cow::Borrowed(url),
+        MediaSource::Base64 { media_type, data } => {
+            Cow::Owned(format!("data:{media_type};base64,{data}"))
+        }
+        _ => Cow::Borrowed(""),
+    }
+}
+
+/// Maps the content parts of a user or system message (text, images, PDFs) to OpenAI parts.
+fn user_parts(parts: &[&Part]) -> Result<Vec<Value>, LlmError> {
+    let mut out = Vec::with_capacity(parts.len());
+    for part in parts {
+        out.push(match part {
+            Part::Text { text, .. } => json!({"type": "text", "text": text}),
+            Part::Image { source, detail, .. } => {
+                check_size(OPENAI, "an image", source, MAX_IMAGE_BYTES)?;
+                let mut image = json!({"url": url_of(source)});
+                if let Some(d) = detail {
+                    image["detail"] = json!(d);
+                }
+                json!({"type": "image_url", "image_url": image})
+            }
+            Part::Document { source, title, .. } => {
+                let Some((media_type, _)) = source.inline() else {
+                    return Err(unsupported(OPENAI, "a document by URL (send its bytes)"));
+                };
+                if media_type != "application/pdf" {
+                    return Err(unsupported(OPENAI, format_args!("a {media_type} document")));
+                }
+                let name = title.as_deref().unwrap_or("document.pdf");
+                json!({"type": "file", "file": {"filename": name, "file_data": url_of(source)}})
+            }
+            Part::Raw { provider, value } if provider == OPENAI => value.clone(),
+            other => {
+                return Err(unsupported(
+                    OPENAI,
+                    format_args!("{} in this message", kind(other)),
+                ));
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// A part's name in errors.
+fn kind(part: &Part) -> &'static str {
+    match part {
+        Part::Text { .. } => "text",
+        Part::Image { .. } => "an image",
+        Part::Document { .. } => "a document",
+        Part::ToolCall(_) => "a tool call",
+        Part::ToolResult { .. } => "a tool result",
+        Part::Thinking { .. } | Part::RedactedThinking { .. } => "thinking",
+        Part::Raw { .. } => "a raw block from another provider",
+        _ => "an unknown part",
+    }
+}
+
+/// The text of a tool result: OpenAI's tool messages take text only. An error result is sent
+/// as its text prefixed with `Error: ` (OpenAI has no error flag).
+fn tool_result_text<'a>(content: &'a [Part], is_error: bool) -> Result<Cow<'a, str>, LlmError> {
+    let mut text = Cow::Borrowed("");
+    for part in content {
+        match part {
+            Part::Text { text: t, .. } if text.is_empty() => text = Cow::Borrowed(t),
+            Part::Text { text: t, .. } => text.to_mut().push_str(t),
+            other => {
+                return Err(unsupported(
+                    OPENAI,
+                    format_args!("{} in a tool result", kind(other)),
+                ));
+            }
+        }
+    }
+    if is_error {
+        text = Cow::Owned(format!("Error: {text}"));
+    }
+    Ok(text)
+}
+
+/// Maps one neutral message to one or more OpenAI messages: each tool result is a `tool`
+/// message of its own; thinking is dropped (OpenAI keeps its reasoning on its side and takes
+/// none back; Anthropic's signed thinking means nothing to it).
+fn push_messages<'a>(m: &'a ChatMessage, out: &mut Vec<Msg<'a>>) -> Result<(), LlmError> {
+    let plain = matches!(m.content.as_slice(), [Part::Text { .. }]);
+    if plain || m.content.is_empty() {
+        out.push(Msg {
+            role: m.role.as_str(),
+            content: Some(Content::Text(m.text())),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        });
+        return Ok(());
+    }
+    let mut rest: Vec<&Part> = Vec::new();
+    let mut calls = Vec::new();
+    for part in &m.content {
+        match part {
+            Part::ToolResult {
+                call_id,
+                content,
+                is_error,
+                ..
+            } => out.push(Msg {
+                role: "tool",
+                content: Some(Content::Text(tool_result_text(content, *is_error)?)),
+                tool_calls: Vec::new(),
+                tool_call_id: Some(call_id),
+            }),
+            Part::ToolCall(c) if m.role == Role::Assistant => calls.push(json!({
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            })),
+            Part::Thinking { .. } | Part::RedactedThinking { .. } => {}
+            other => rest.push(other),
+        }
+    }
+    match m.role {
+        Role::Assistant => {
+            let mut text = String::new();
+            for part in rest {
+                match part {
+                    Part::Text { text: t, .. } => text.push_str(t),
+                    other => {
+                        return Err(unsupported(
+                            OPENAI,
+                            format_args!("{} in an assistant message", kind(other)),
+                        ));
+                    }
+                }
+            }
+            if text.is_empty() && calls.is_empty() {
+                return Ok(());
+            }
+            out.push(Msg {
+                role: "assistant",
+                content: (!text.is_empty()).then_some(Content::Text(Cow::Owned(text))),
+                tool_calls: calls,
+                tool_call_id: None,
+            });
+        }
+        Role::System => {
+            if rest.iter().any(|p| !matches!(p, Part::Text { .. })) {
+                return Err(unsupported(OPENAI, "non-text parts in a system message"));
+            }
+            out.push(Msg {
+                role: "system",
+                content: Some(Content::Text(m.text())),
+                tool_calls: Vec::new(),
+                tool_call_id: None,
+            });
+        }
+        _ if rest.is_empty() => {}
+        _ => out.push(Msg {
+            role: "user",
+            content: Some(Content::Parts(user_parts(&rest)?)),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }),
+    }
+    Ok(())
+}
+
+fn tool_def(t: &Tool) -> Value {
+    let mut f = json!({"name": t.name, "parameters": t.parameters});
+    if let Some(d) = &t.description {
+        f["description"] = json!(d);
+    }
+    if t.strict {
+        f["strict"] = json!(true);
+    }
+    json!({"type": "function", "function": f})
+}
+
+fn tool_choice(c: &ToolChoice) -> Value {
+    match c {
+        ToolChoice::None => json!("none"),
+        ToolChoice::Required => json!("required"),
+        ToolChoice::Tool(name) => json!({"type": "function", "function": {"name": name}}),
+        _ => json!("auto"),
+    }
+}
+
+fn response_format(f: &ResponseFormat) -> Option<Value> {
+    match f {
+        ResponseFormat::JsonObject => Some(json!({"type": "json_object"})),
+        ResponseFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        } => Some(json!({"type": "json_schema", "json_schema": {
+            "name": &**name, "schema": &**schema, "strict": strict,
+        }})),
+        _ => None,
+    }
 }
 
 /// Maps `finish_reason`; unknown values are kept raw.
@@ -94,16 +327,38 @@ struct WireUsage {
     prompt_tokens: u64,
     completion_tokens: u64,
     total_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
 }
 
 impl From<WireUsage> for Usage {
+    /// `prompt_tokens` includes the cached tokens and `completion_tokens` the reasoning tokens,
+    /// as [`Usage`] counts them.
     fn from(u: WireUsage) -> Usage {
+        let cached = u.prompt_tokens_details.and_then(|d| d.cached_tokens);
+        let reasoning = u.completion_tokens_details.and_then(|d| d.reasoning_tokens);
         Usage {
             input_tokens: u.prompt_tokens,
             output_tokens: u.completion_tokens,
             total_tokens: u.total_tokens,
             ..Usage::default()
         }
+        .with_cache(cached.unwrap_or(0), 0)
+        .with_reasoning(reasoning.unwrap_or(0))
     }
 }
 
@@ -116,8 +371,11 @@ struct Completion {
 
 #[derive(Deserialize)]
 struct Choice {
+    #[serde(default)]
+    index: u32,
     message: ResponseMessage,
-    finish_reason: String,
+    #[serde(default)]
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -126,6 +384,44 @@ struct ResponseMessage {
     content: Option<String>,
     #[serde(default)]
     refusal: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+struct WireCall {
+    id: String,
+    function: WireFunction,
+}
+
+#[derive(Deserialize)]
+struct WireFunction {
+    name: String,
+    #[serde(default)]
+    arguments: String,
+}
+
+/// A `function` tool call becomes a [`ToolCall`] (its arguments kept as the raw string the model
+/// wrote); any other type (`custom`, added later) is kept whole as [`Part::Raw`].
+fn read_calls(calls: Vec<Value>, r: &mut CompletionResult) -> Result<(), LlmError> {
+    for call in calls {
+        if call
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("function")
+            == "function"
+        {
+            let c: WireCall = serde_json::from_value(call).map_err(malformed)?;
+            r.tool_calls
+                .push(ToolCall::new(c.id, c.function.name, c.function.arguments));
+        } else {
+            r.other.push(Part::Raw {
+                provider: Cow::Borrowed(OPENAI),
+                value: call,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Wire for OpenAi {
@@ -147,54 +443,71 @@ impl Wire for OpenAi {
         "/chat/completions"
     }
 
-    /// The JSON body of `POST /chat/completions`.
+    /// The JSON body of `POST /chat/completions`. With reasoning on, `temperature` is not sent
+    /// (reasoning models refuse it) and `max_completion_tokens` grows by the thinking budget:
+    /// OpenAI counts reasoning inside it, while [`CompletionOptions::max_tokens`] bounds the
+    /// visible answer. Extra fields for `"openai"` are merged last.
+    ///
+    /// [`CompletionOptions::max_tokens`]: portcullis_core::CompletionOptions::max_tokens
     fn request_body(&self, req: &ChatRequest, stream: bool) -> Result<Vec<u8>, LlmError> {
         let o = &req.options;
-        let max = Some(o.max_tokens);
+        let reasoning = o.reasoning.as_ref();
+        let max = Some(
+            o.max_tokens
+                .saturating_add(reasoning.map_or(0, |r| r.budget_or_default())),
+        );
+        let mut messages = Vec::with_capacity(req.messages.len());
+        for m in req.messages.iter() {
+            push_messages(m, &mut messages)?;
+        }
+        let has_tools = !o.tools.is_empty();
         let body = Body {
             model: &req.model,
-            messages: req.messages.iter().map(Message::from).collect(),
-            temperature: o.temperature,
+            messages,
+            temperature: reasoning.is_none().then_some(o.temperature),
             max_completion_tokens: max.filter(|_| !self.legacy_max_tokens),
             max_tokens: max.filter(|_| self.legacy_max_tokens),
             stop: &o.stop_sequences,
-            response_format: match o.response_format {
-                ResponseFormat::Text => None,
-                ResponseFormat::JsonObject => Some(Format {
-                    kind: "json_object",
-                }),
-                _ => None,
-            },
+            tools: o.tools.iter().map(tool_def).collect(),
+            tool_choice: o.tool_choice.as_ref().map(tool_choice),
+            parallel_tool_calls: o.parallel_tool_calls.filter(|_| has_tools),
+            reasoning_effort: reasoning.map(|r| r.effort_or_default().as_str()),
+            response_format: response_format(&o.response_format),
             stream,
             stream_options: stream.then_some(StreamOptions {
                 include_usage: true,
             }),
         };
-        json_body(&body)
+        body_with_extra(req, OPENAI, &body)
     }
 
-    /// Parses a complete `chat.completion` body. A refusal becomes [`FinishReason::Refusal`] with
-    /// the refusal text as content.
-    fn parse_response(&self, body: &[u8]) -> Result<CompletionResult, LlmError> {
+    /// Parses a complete `chat.completion` body: choice 0's text, tool calls and usage. A
+    /// refusal becomes [`FinishReason::Refusal`] with the refusal text as content.
+    fn parse_response(&self, _: &ChatRequest, body: &[u8]) -> Result<CompletionResult, LlmError> {
         let c: Completion = from_json(body)?;
         let choice = c
             .choices
             .into_iter()
-            .next()
-            .ok_or_else(|| malformed("no choices"))?;
+            .find(|ch| ch.index == 0)
+            .ok_or_else(|| malformed("no choice 0"))?;
+        let raw_reason = choice
+            .finish_reason
+            .ok_or_else(|| malformed("`finish_reason` is null"))?;
         let (content, finish_reason) = match choice.message.refusal.filter(|r| !r.is_empty()) {
             Some(refusal) => (refusal, FinishReason::Refusal),
             None => (
                 choice.message.content.unwrap_or_default(),
-                finish_reason(&choice.finish_reason),
+                finish_reason(&raw_reason),
             ),
         };
-        Ok(CompletionResult::new(OPENAI, c.model, content)
+        let mut r = CompletionResult::new(OPENAI, c.model, content)
             .with_usage(c.usage.into())
-            .with_finish_reason(finish_reason))
+            .with_finish_reason(finish_reason);
+        read_calls(choice.message.tool_calls, &mut r)?;
+        Ok(r)
     }
 
-    fn event_parser(&self) -> ChunkParser {
+    fn event_parser(&self, _: &ChatRequest) -> ChunkParser {
         ChunkParser::default()
     }
 }
@@ -213,6 +526,8 @@ struct Chunk {
 
 #[derive(Deserialize)]
 struct ChunkChoice {
+    #[serde(default)]
+    index: u32,
     delta: Delta,
     #[serde(default)]
     finish_reason: Option<String>,
@@ -224,9 +539,29 @@ struct Delta {
     content: Option<String>,
     #[serde(default)]
     refusal: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<CallDelta>>,
 }
 
-/// The [`OpenAi`] stream's state: `chat.completion.chunk`s until `data: [DONE]`.
+#[derive(Deserialize)]
+struct CallDelta {
+    index: usize,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+/// The [`OpenAi`] stream's state: `chat.completion.chunk`s until `data: [DONE]`. Only choice 0
+/// is read: with `n > 1`, the other choices' chunks are skipped.
 #[derive(Debug, Default)]
 pub struct ChunkParser {
     model: String,
@@ -267,21 +602,31 @@ impl EventParser for ChunkParser {
         if let Some(u) = chunk.usage {
             self.usage = Some(u.into());
         }
-        let Some(choice) = choices.into_iter().next() else {
+        let Some(choice) = choices.into_iter().find(|c| c.index == 0) else {
             return Ok(Step::Skip);
         };
         if let Some(r) = choice.finish_reason {
             self.finish = Some(finish_reason(&r));
         }
-        let mut text = choice.delta.content.unwrap_or_default();
+        let mut out = StreamChunk::delta(choice.delta.content.unwrap_or_default());
         if let Some(refusal) = choice.delta.refusal.filter(|r| !r.is_empty()) {
             self.refused = true;
-            text.push_str(&refusal);
+            out.delta.push_str(&refusal);
         }
-        Ok(if text.is_empty() {
-            Step::Skip
+        for call in choice.delta.tool_calls.into_iter().flatten() {
+            let (name, arguments) = match call.function {
+                Some(f) => (f.name, f.arguments.unwrap_or_default()),
+                None => (None, String::new()),
+            };
+            if call.id.is_some() || name.is_some() || !arguments.is_empty() {
+                out.tool_calls
+                    .push(ToolCallDelta::new(call.index, call.id, name, arguments));
+            }
+        }
+        Ok(if out.has_content() {
+            Step::Content(out)
         } else {
-            Step::Content(StreamChunk::delta(text))
+            Step::Skip
         })
     }
 }

@@ -77,7 +77,7 @@ impl<W: Wire> Provider<W> {
     /// One complete call (what `Service::call` does).
     pub fn complete(&self, req: ChatRequest) -> ResponseFuture<CompletionResult> {
         let body = self.ep.wire.request_body(&req, false);
-        ResponseFuture::new(call::complete(self.ep.clone(), req.model, body))
+        ResponseFuture::new(call::complete(self.ep.clone(), req, body))
     }
 
     /// One streaming call (what [`StreamingProvider`]'s `Service::call` does). The final chunk
@@ -140,5 +140,5 @@ impl<W: Wire> Service<ChatRequest> for StreamingProvider<W> {
 
 fn stream<W: Wire>(ep: &Arc<Endpoint<W>>, req: ChatRequest) -> ResponseFuture<ChatStream> {
     let body = ep.wire.request_body(&req, true);
-    ResponseFuture::new(call::stream(ep.clone(), req.model, body))
+    ResponseFuture::new(call::stream(ep.clone(), req, body))
 }

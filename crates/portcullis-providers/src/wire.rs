@@ -46,13 +46,13 @@
 //!         wire::json_body(&serde_json::json!({ "prompt": prompt.join("\n"), "stream": stream }))
 //!     }
 //!
-//!     fn parse_response(&self, body: &[u8]) -> Result<CompletionResult, LlmError> {
+//!     fn parse_response(&self, _: &ChatRequest, body: &[u8]) -> Result<CompletionResult, LlmError> {
 //!         let a: Answer = wire::from_json(body)?;
 //!         Ok(CompletionResult::new(self.name(), "toy-1", a.text)
 //!             .with_usage(Usage::new(a.input, a.output)))
 //!     }
 //!
-//!     fn event_parser(&self) -> ToyEvents { ToyEvents }
+//!     fn event_parser(&self, _: &ChatRequest) -> ToyEvents { ToyEvents }
 //! }
 //!
 //! struct ToyEvents;
@@ -86,7 +86,7 @@ use std::fmt;
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
 use portcullis_core::{
-    ChatMessage, ChatRequest, CompletionResult, ErrorKind, LlmError, StreamChunk,
+    ChatRequest, CompletionResult, ErrorKind, LlmError, MediaSource, StreamChunk,
 };
 use serde::{Deserialize, Serialize};
 
@@ -130,11 +130,11 @@ use crate::sse::SseEvent;
 ///     fn request_body(&self, req: &ChatRequest, stream: bool) -> Result<Vec<u8>, LlmError> {
 ///         self.openai.request_body(req, stream)
 ///     }
-///     fn parse_response(&self, body: &[u8]) -> Result<CompletionResult, LlmError> {
-///         self.openai.parse_response(body)
+///     fn parse_response(&self, req: &ChatRequest, body: &[u8]) -> Result<CompletionResult, LlmError> {
+///         self.openai.parse_response(req, body)
 ///     }
-///     fn event_parser(&self) -> Self::Parser {
-///         self.openai.event_parser()
+///     fn event_parser(&self, req: &ChatRequest) -> Self::Parser {
+///         self.openai.event_parser(req)
 ///     }
 /// }
 ///
@@ -176,13 +176,14 @@ pub trait Wire: Clone + Send + Sync + 'static {
     /// The JSON request body, asking for a stream when `stream` is true (see [`json_body`]).
     fn request_body(&self, req: &ChatRequest, stream: bool) -> Result<Vec<u8>, LlmError>;
 
-    /// Reads a complete (2xx) answer: its content, usage, model and finish reason. The call
-    /// then sets `provider`, `latency`, `request_id` and `rate_limits`. A body that is not the
-    /// documented shape is a [`Protocol`](ErrorKind::Protocol) error (see [`malformed`]).
-    fn parse_response(&self, body: &[u8]) -> Result<CompletionResult, LlmError>;
+    /// Reads a complete (2xx) answer to `req`: its content, tool calls, reasoning, usage, model
+    /// and finish reason. The call then sets `provider`, `latency`, `request_id` and
+    /// `rate_limits`. A body that is not the documented shape is a
+    /// [`Protocol`](ErrorKind::Protocol) error (see [`malformed`]).
+    fn parse_response(&self, req: &ChatRequest, body: &[u8]) -> Result<CompletionResult, LlmError>;
 
-    /// A fresh parser for one streamed answer.
-    fn event_parser(&self) -> Self::Parser;
+    /// A fresh parser for one streamed answer to `req`.
+    fn event_parser(&self, req: &ChatRequest) -> Self::Parser;
 
     /// Reads the error object of a non-2xx answer; `None` when the body is not one, and the
     /// error is typed from the status alone. The result goes through
@@ -248,18 +249,54 @@ pub fn json_body(body: &impl Serialize) -> Result<Vec<u8>, LlmError> {
     })
 }
 
-/// A `{"role","content"}` message, as OpenAI and Anthropic both spell it.
-#[derive(Serialize)]
-pub(crate) struct Message<'a> {
-    role: &'static str,
-    content: std::borrow::Cow<'a, str>,
+/// An [`Unsupported`](ErrorKind::Unsupported) error: the request carries something this API
+/// cannot take (`{provider} cannot carry {what}`). It is returned before anything is sent, and
+/// [`FallbackLayer`](https://docs.rs/portcullis-layers) moves on to its next entry.
+pub fn unsupported(provider: &str, what: impl fmt::Display) -> LlmError {
+    LlmError::new(
+        ErrorKind::Unsupported,
+        format!("{provider} cannot carry {what}"),
+    )
 }
 
-impl<'a> From<&'a ChatMessage> for Message<'a> {
-    fn from(m: &'a ChatMessage) -> Self {
-        Message {
-            role: m.role.as_str(),
-            content: m.text(),
+/// Merges the caller's extra fields for `provider` ([`ChatRequest::extra`]) into a body: they
+/// win over the fields the wire wrote. Only requests that carry extras pay for the round trip
+/// through a [`serde_json::Value`].
+pub(crate) fn body_with_extra(
+    req: &ChatRequest,
+    provider: &str,
+    body: &impl Serialize,
+) -> Result<Vec<u8>, LlmError> {
+    let Some(extra) = req.options.extra_for(provider).filter(|e| !e.is_empty()) else {
+        return json_body(body);
+    };
+    let mut value = serde_json::to_value(body).map_err(|e| {
+        LlmError::new(
+            ErrorKind::InvalidRequest,
+            "the request could not be serialized",
+        )
+        .with_source(e)
+    })?;
+    if let Some(map) = value.as_object_mut() {
+        for (k, v) in extra {
+            map.insert(k.clone(), v.clone());
         }
+    }
+    json_body(&value)
+}
+
+/// The bytes limit of one inline image or document, checked before sending.
+pub(crate) fn check_size(
+    provider: &str,
+    what: &str,
+    source: &MediaSource,
+    limit: usize,
+) -> Result<(), LlmError> {
+    match source.decoded_len() {
+        Some(n) if n > limit => Err(unsupported(
+            provider,
+            format_args!("{what} of {n} bytes (its limit is {limit})"),
+        )),
+        _ => Ok(()),
     }
 }

@@ -5,7 +5,9 @@ mod common;
 
 use common::{CANARY, Canned, Server, fixture, request};
 use futures_util::StreamExt;
-use portcullis_core::{ANTHROPIC, ChatStream, ErrorKind, FinishReason, OPENAI, Usage};
+use portcullis_core::{
+    ANTHROPIC, ChatStream, CompletionResult, ErrorKind, FinishReason, OPENAI, Usage,
+};
 use tower::{Service, ServiceExt};
 
 struct Expect {
@@ -14,6 +16,8 @@ struct Expect {
     finish: FinishReason,
     usage: Option<Usage>,
     model: &'static str,
+    /// Tool calls: id, name, arguments (whole).
+    calls: &'static [(&'static str, &'static str, &'static str)],
 }
 
 fn usage(i: u64, o: u64, t: u64) -> Option<Usage> {
@@ -34,6 +38,7 @@ fn openai_streams() -> Vec<Expect> {
             finish: FinishReason::Stop,
             usage: None, // recorded without stream_options: no usage key at all
             model: "gpt-5-nano-2025-08-07",
+            calls: &[],
         },
         Expect {
             file: "openai/openai-python_stream_finish_length.sse",
@@ -41,6 +46,7 @@ fn openai_streams() -> Vec<Expect> {
             finish: FinishReason::Length,
             usage: usage(79, 1, 80),
             model: m,
+            calls: &[],
         },
         Expect {
             file: "openai/openai-python_stream_parallel_tool_calls.sse",
@@ -48,6 +54,18 @@ fn openai_streams() -> Vec<Expect> {
             finish: FinishReason::ToolCalls,
             usage: usage(149, 60, 209),
             model: m,
+            calls: &[
+                (
+                    "call_JMW1whyEaYG438VE1OIflxA2",
+                    "GetWeatherArgs",
+                    r#"{"city": "Edinburgh", "country": "GB", "units": "c"}"#,
+                ),
+                (
+                    "call_DNYTawLBoN8fj3KN6qU9N1Ou",
+                    "get_stock_price",
+                    r#"{"ticker": "AAPL", "exchange": "NASDAQ"}"#,
+                ),
+            ],
         },
         Expect {
             file: "openai/openai-python_stream_refusal_delta.sse",
@@ -55,6 +73,7 @@ fn openai_streams() -> Vec<Expect> {
             finish: FinishReason::Refusal,
             usage: usage(79, 11, 90),
             model: m,
+            calls: &[],
         },
         Expect {
             file: "openai/openai-python_stream_stop_with_usage_chunk.sse",
@@ -62,6 +81,7 @@ fn openai_streams() -> Vec<Expect> {
             finish: FinishReason::Stop,
             usage: usage(14, 30, 44),
             model: m,
+            calls: &[],
         },
         Expect {
             file: "openai/openai-python_stream_tool_call.sse",
@@ -69,6 +89,11 @@ fn openai_streams() -> Vec<Expect> {
             finish: FinishReason::ToolCalls,
             usage: usage(76, 24, 100),
             model: m,
+            calls: &[(
+                "call_c91SqDXlYFuETYv8mUHzz6pp",
+                "GetWeatherArgs",
+                r#"{"city":"Edinburgh","country":"UK","units":"c"}"#,
+            )],
         },
     ]
 }
@@ -81,6 +106,7 @@ fn anthropic_streams() -> Vec<Expect> {
             finish: FinishReason::Stop,
             usage: usage(11, 6, 17),
             model: "claude-3-opus-latest",
+            calls: &[],
         },
         Expect {
             file: "anthropic/anthropic-sdk-python_refusal_response.sse",
@@ -88,6 +114,7 @@ fn anthropic_streams() -> Vec<Expect> {
             finish: FinishReason::Refusal,
             usage: usage(20, 0, 20),
             model: "claude-opus-4-7",
+            calls: &[],
         },
         Expect {
             file: "anthropic/anthropic-sdk-python_tool_use_response.sse",
@@ -95,6 +122,11 @@ fn anthropic_streams() -> Vec<Expect> {
             finish: FinishReason::ToolCalls,
             usage: usage(377, 65, 442),
             model: "claude-sonnet-4-20250514",
+            calls: &[(
+                "toolu_01NRLabsLyVHZPKxbKvkfSMn",
+                "get_weather",
+                r#"{"location": "Paris"}"#,
+            )],
         },
         Expect {
             file: "anthropic/llm-anthropic_stream_stop_sequence.sse",
@@ -102,6 +134,7 @@ fn anthropic_streams() -> Vec<Expect> {
             finish: FinishReason::Stop,
             usage: usage(16, 28, 44),
             model: "claude-haiku-4-5-20251001",
+            calls: &[],
         },
         Expect {
             file: "anthropic/llm-anthropic_stream_text.sse",
@@ -109,6 +142,7 @@ fn anthropic_streams() -> Vec<Expect> {
             finish: FinishReason::Stop,
             usage: usage(17, 10, 27),
             model: "claude-sonnet-4-5-20250929",
+            calls: &[],
         },
         Expect {
             file: "anthropic/llm-anthropic_stream_tool_use.sse",
@@ -116,34 +150,66 @@ fn anthropic_streams() -> Vec<Expect> {
             finish: FinishReason::ToolCalls,
             usage: usage(542, 62, 604),
             model: "claude-haiku-4-5-20251001",
+            // Empty input (`partial_json: ""` only) is the empty object.
+            calls: &[
+                (
+                    "toolu_01LtHJmixrs9NcWQkK8hu8hj",
+                    "pelican_name_generator",
+                    "{}",
+                ),
+                (
+                    "toolu_01N8a4jWyf116qKTMqKKmjyt",
+                    "pelican_name_generator",
+                    "{}",
+                ),
+            ],
         },
     ]
 }
 
 /// Reads a stream to the end, checking its shape: content chunks, then exactly one final chunk
-/// (the last item) with the finish reason and usage.
-async fn drain(mut s: ChatStream) -> (String, FinishReason, Option<Usage>) {
+/// (the last item) with the finish reason, the usage and the assembled message, which must
+/// agree with the chunks.
+async fn drain(mut s: ChatStream) -> (String, FinishReason, Option<Usage>, CompletionResult) {
     let mut content = String::new();
     let mut finish = None;
     let mut usage = None;
+    let mut message = None;
     let mut first = true;
+    let mut ids = Vec::new();
     while let Some(item) = s.next().await {
         let c = item.expect("no error in a recording");
         assert!(finish.is_none(), "nothing after the final chunk");
         if first && c.finish_reason.is_none() {
             assert!(
-                !c.delta.is_empty(),
+                c.has_content(),
                 "the first item is content (the commit point)"
             );
         }
         first = false;
         content.push_str(&c.delta);
+        ids.extend(c.tool_calls.iter().filter_map(|d| d.id.clone()));
         if c.finish_reason.is_some() {
             finish = c.finish_reason;
             usage = c.usage;
+            message = c.message;
         }
     }
-    (content, finish.expect("a final chunk"), usage)
+    let message = *message.expect("the final chunk carries the assembled message");
+    assert_eq!(message.content, content, "assembled text = the deltas");
+    let assembled: Vec<_> = message.tool_calls.iter().map(|c| c.id.clone()).collect();
+    assert_eq!(
+        assembled, ids,
+        "one assembled call per started call, in order"
+    );
+    (content, finish.expect("a final chunk"), usage, message)
+}
+
+fn calls_of(r: &CompletionResult) -> Vec<(&str, &str, &str)> {
+    r.tool_calls
+        .iter()
+        .map(|c| (c.id.as_str(), c.name.as_str(), c.arguments.as_str()))
+        .collect()
 }
 
 async fn replay_streams(server: &Server, cases: Vec<Expect>, provider: &str) {
@@ -163,10 +229,20 @@ async fn replay_streams(server: &Server, cases: Vec<Expect>, provider: &str) {
             assert_eq!(s.meta().model, e.model, "{}", e.file);
             assert_eq!(s.meta().provider, provider);
             assert_eq!(s.meta().request_id, f.request_id, "{}", e.file);
-            let (content, finish, usage) = drain(s).await;
+            let (content, finish, usage, message) = drain(s).await;
             assert_eq!(content, e.content, "{}", e.file);
             assert_eq!(finish, e.finish, "{}", e.file);
             assert_eq!(usage, e.usage, "{}", e.file);
+            assert_eq!(
+                calls_of(&message),
+                e.calls,
+                "{} (chunks of {chunk})",
+                e.file
+            );
+            assert_eq!(message.finish_reason, e.finish, "{}", e.file);
+            for call in &message.tool_calls {
+                assert!(call.arguments_json().unwrap().is_object(), "{}", e.file);
+            }
         }
     }
 }
@@ -197,16 +273,22 @@ async fn openai_complete_replay() {
             "openai/ai-gateway_chat_basic.json",
             "Hi there! How can I help you today? I can explain concepts, answer questions, help with writing or editing, brainstorm ideas, assist with coding or math, plan tasks, and more. Tell me what you\u{2019}d like to do.",
             FinishReason::Stop,
-            usage(8, 377, 385),
+            usage(8, 377, 385).map(|u| u.with_reasoning(320)),
+            &[][..],
         ),
         (
             "openai/ai-gateway_tool_calls.json",
             "",
             FinishReason::ToolCalls,
-            usage(162, 219, 381),
+            usage(162, 219, 381).map(|u| u.with_reasoning(192)),
+            &[(
+                "call_Xc4Aiih37EUJvqjoZlu4Vdoi",
+                "get_current_weather",
+                r#"{"location":"San Francisco, CA"}"#,
+            )][..],
         ),
     ];
-    for (file, content, finish, u) in cases {
+    for (file, content, finish, u, calls) in cases {
         let f = fixture(file);
         server.set(f.canned());
         let r = server
@@ -216,7 +298,8 @@ async fn openai_complete_replay() {
             .unwrap();
         assert_eq!(r.content, content);
         assert_eq!(r.finish_reason, finish);
-        assert_eq!(Some(r.usage), u);
+        assert_eq!(Some(r.usage), u, "{file}");
+        assert_eq!(calls_of(&r), calls, "{file}");
         assert_eq!(r.model, "gpt-5-nano-2025-08-07");
         assert_eq!(r.provider, OPENAI);
         assert_eq!(r.request_id, f.request_id);

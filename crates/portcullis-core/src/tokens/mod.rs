@@ -160,7 +160,12 @@ impl OpenAiTokenizer {
 
 impl TokenEstimator for OpenAiTokenizer {
     fn count_text(&self, text: &str) -> u64 {
-        sample::sum_tokens(std::iter::once(text), self.exact_limit, self.encoding, |n| n)
+        sample::sum_tokens(
+            std::iter::once(text),
+            self.exact_limit,
+            self.encoding,
+            |n| n,
+        )
     }
 
     fn count_messages(&self, messages: &[ChatMessage]) -> u64 {
@@ -220,7 +225,12 @@ impl Default for AnthropicEstimator {
 impl TokenEstimator for AnthropicEstimator {
     fn count_text(&self, text: &str) -> u64 {
         let b = self.base;
-        sample::sum_tokens(std::iter::once(text), b.exact_limit, b.encoding, Self::scale)
+        sample::sum_tokens(
+            std::iter::once(text),
+            b.exact_limit,
+            b.encoding,
+            Self::scale,
+        )
     }
 
     fn count_messages(&self, messages: &[ChatMessage]) -> u64 {
