@@ -474,6 +474,13 @@ impl Tool {
         self
     }
 
+    /// Sets an Anthropic prompt-cache breakpoint after this tool's definition (the tools before
+    /// it are cached with it).
+    pub fn cached(mut self, cache: CacheControl) -> Self {
+        self.cache_control = Some(cache);
+        self
+    }
+
     /// Checks the name and that the parameters are an object schema.
     pub fn validate(&self) -> Result<(), InvalidTool> {
         let bad = |reason| {

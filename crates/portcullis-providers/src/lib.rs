@@ -64,7 +64,9 @@ pub mod sse;
 pub mod transport;
 pub mod wire;
 
-pub use anthropic::{Anthropic, AnthropicBuilder, AnthropicProvider, AnthropicStream};
+pub use anthropic::{
+    Anthropic, AnthropicBuilder, AnthropicProvider, AnthropicStream, StructuredOutput,
+};
 pub use builder::Builder;
 pub use call::ResponseFuture;
 pub use error_body::ErrorBody;
