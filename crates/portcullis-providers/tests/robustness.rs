@@ -43,12 +43,14 @@ async fn stream(server: &Server, name: &str, body: Bytes) -> Result<CompletionRe
     let mut out = String::new();
     let mut finish = None;
     let mut usage = None;
+    let mut message = None;
     while let Some(item) = s.next().await {
         match item {
             Ok(c) => {
                 out.push_str(&c.delta);
                 finish = c.finish_reason.or(finish);
                 usage = c.usage.or(usage);
+                message = c.message.or(message);
             }
             Err(e) => {
                 assert_eq!(
@@ -64,6 +66,12 @@ async fn stream(server: &Server, name: &str, body: Bytes) -> Result<CompletionRe
     let mut r = CompletionResult::new("x", s.meta().model.clone(), out);
     r.finish_reason = finish.expect("a complete stream has a finish reason");
     r.usage = usage.unwrap_or_default();
+    // Tool calls, reasoning and raw blocks from the assembled message; its text must agree.
+    let m = message.expect("the final chunk carries the assembled message");
+    assert_eq!(m.content, r.content);
+    r.tool_calls = m.tool_calls;
+    r.reasoning = m.reasoning;
+    r.other = m.other;
     Ok(r)
 }
 
@@ -102,6 +110,7 @@ async fn run(server: &Server, name: &str, body: Bytes) -> Result<CompletionResul
 fn same(a: &CompletionResult, b: &CompletionResult) -> bool {
     (&a.content, &a.finish_reason, a.usage, &a.model)
         == (&b.content, &b.finish_reason, b.usage, &b.model)
+        && (&a.tool_calls, &a.reasoning, &a.other) == (&b.tool_calls, &b.reasoning, &b.other)
 }
 
 proptest! {
