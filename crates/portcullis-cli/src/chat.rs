@@ -18,9 +18,10 @@ use portcullis::layers::retry::RetryConfig;
 use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
 use portcullis::sim::{SimHandle, Simulator};
 use portcullis::{
-    ChatMessage, ChatRequest, CompletionResult, ErrorKind, LlmError, ProviderStack, Stack,
+    ChatMessage, ChatRequest, CompletionResult, ErrorKind, LlmError, Part, ProviderStack,
+    ResponseFormat, Stack, Tool, ToolCall, ToolChoice,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 use tower::ServiceExt;
 
 /// Which API to call.
@@ -83,6 +84,22 @@ pub struct ChatArgs {
     /// else the embedded simulator).
     #[arg(long, value_enum)]
     fallback: Option<ProviderKind>,
+    /// Tools the model may call: a JSON file with a list of OpenAI-style definitions
+    /// (`{"type":"function","function":{"name","description","parameters","strict"}}`, or
+    /// the inner object alone). They work for both providers.
+    #[arg(long, value_name = "FILE")]
+    tools: Option<std::path::PathBuf>,
+    /// Whether the model must call a tool: auto, none, required, or a tool's name.
+    #[arg(long, value_name = "CHOICE", requires = "tools")]
+    tool_choice: Option<String>,
+    /// An image to send with the prompt: a PNG, JPEG, GIF or WebP file, or an http(s) or
+    /// data: URL. May be repeated.
+    #[arg(long, value_name = "PATH_OR_URL")]
+    image: Vec<String>,
+    /// Ask for JSON that matches a schema: a JSON file with OpenAI's `json_schema` object
+    /// (`{"name","schema","strict"}`) or a bare JSON Schema.
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<std::path::PathBuf>,
     /// The prompt.
     prompt: String,
 }
@@ -244,8 +261,30 @@ async fn chat(args: &ChatArgs) -> Result<(), LlmError> {
     if let Some(s) = &args.system {
         messages.push(ChatMessage::system(s.clone()));
     }
-    messages.push(ChatMessage::user(args.prompt.clone()));
-    let req = ChatRequest::new(model, messages).max_tokens(args.max_tokens);
+    if args.image.is_empty() {
+        messages.push(ChatMessage::user(args.prompt.clone()));
+    } else {
+        let mut parts = vec![Part::text(args.prompt.clone())];
+        for image in &args.image {
+            parts.push(image_part(image)?);
+        }
+        messages.push(ChatMessage::user_parts(parts));
+    }
+    let mut req = ChatRequest::new(model, messages).max_tokens(args.max_tokens);
+    if let Some(path) = &args.tools {
+        req = req.tools(read_tools(path)?);
+    }
+    if let Some(choice) = &args.tool_choice {
+        req = req.tool_choice(match choice.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            name => ToolChoice::Tool(name.to_owned()),
+        });
+    }
+    if let Some(path) = &args.json_schema {
+        req = req.response_format(read_schema(path)?);
+    }
     let start = tokio::time::Instant::now();
 
     let result = if args.stream {
@@ -267,9 +306,15 @@ async fn chat(args: &ChatArgs) -> Result<(), LlmError> {
             if let Some(u) = chunk.usage {
                 out.usage = u;
             }
+            // The final chunk carries the whole answer: tool calls with whole arguments.
+            if let Some(m) = chunk.message {
+                out.tool_calls = m.tool_calls;
+                out.reasoning = m.reasoning;
+            }
         }
         if !args.json {
             println!();
+            print_calls(&out);
         }
         out.latency = start.elapsed();
         out
@@ -277,6 +322,7 @@ async fn chat(args: &ChatArgs) -> Result<(), LlmError> {
         let out = stack.completions().oneshot(req).await?;
         if !args.json {
             println!("{}", out.content);
+            print_calls(&out);
         }
         out
     };
@@ -286,10 +332,115 @@ async fn chat(args: &ChatArgs) -> Result<(), LlmError> {
     Ok(())
 }
 
+/// Prints each tool call on a line of its own: `tool call <id>: <name>(<arguments>)`.
+fn print_calls(r: &CompletionResult) {
+    for c in &r.tool_calls {
+        println!("tool call {}: {}({})", c.id, c.name, c.arguments);
+    }
+}
+
+/// A typed error for a bad option value.
+fn bad_option(option: &str, what: impl std::fmt::Display) -> LlmError {
+    LlmError::new(ErrorKind::InvalidRequest, format!("{option}: {what}"))
+}
+
+/// Reads a JSON file for `option`.
+fn read_json(option: &str, path: &std::path::Path) -> Result<Value, LlmError> {
+    let text = std::fs::read(path)
+        .map_err(|e| bad_option(option, format_args!("{}: {e}", path.display())))?;
+    serde_json::from_slice(&text)
+        .map_err(|e| bad_option(option, format_args!("{}: {e}", path.display())))
+}
+
+/// `--tools FILE`: a list of OpenAI-style definitions, each checked ([`Tool::new`]).
+fn read_tools(path: &std::path::Path) -> Result<Vec<Tool>, LlmError> {
+    let Value::Array(defs) = read_json("--tools", path)? else {
+        return Err(bad_option(
+            "--tools",
+            "the file must hold a JSON list of tools",
+        ));
+    };
+    defs.iter()
+        .enumerate()
+        .map(|(i, def)| {
+            let f = def.get("function").unwrap_or(def);
+            let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
+            let description = f
+                .get("description")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let parameters = f
+                .get("parameters")
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+            let strict = f.get("strict").and_then(Value::as_bool).unwrap_or(false);
+            Tool::new(name, description, parameters)
+                .map(|t| t.strict(strict))
+                .map_err(|e| bad_option("--tools", format_args!("tool {i}: {e}")))
+        })
+        .collect()
+}
+
+/// `--json-schema FILE`: OpenAI's `{"name","schema","strict"}` object, or a bare schema
+/// (named `response`, strict).
+fn read_schema(path: &std::path::Path) -> Result<ResponseFormat, LlmError> {
+    let v = read_json("--json-schema", path)?;
+    let (name, schema, strict) = match v.get("schema") {
+        Some(schema) if v.get("name").is_some() => (
+            v["name"].as_str().unwrap_or("response").to_owned(),
+            schema.clone(),
+            v.get("strict").and_then(Value::as_bool).unwrap_or(true),
+        ),
+        _ => ("response".to_owned(), v, true),
+    };
+    if schema.get("type").and_then(Value::as_str) != Some("object") {
+        return Err(bad_option(
+            "--json-schema",
+            "the schema must be an object schema (\"type\": \"object\")",
+        ));
+    }
+    Ok(ResponseFormat::JsonSchema {
+        name: name.into(),
+        schema: schema.into(),
+        strict,
+    })
+}
+
+/// `--image PATH_OR_URL`: a URL as it is; a file by its bytes, its type read from them.
+fn image_part(image: &str) -> Result<Part, LlmError> {
+    if ["http://", "https://", "data:"]
+        .iter()
+        .any(|p| image.starts_with(p))
+    {
+        return Ok(Part::image_url(image));
+    }
+    let bytes =
+        std::fs::read(image).map_err(|e| bad_option("--image", format_args!("{image}: {e}")))?;
+    let media_type = portcullis::image_media_type(&bytes).ok_or_else(|| {
+        bad_option(
+            "--image",
+            format_args!("{image}: not a PNG, JPEG, GIF or WebP image"),
+        )
+    })?;
+    Ok(Part::image_bytes(media_type, &bytes))
+}
+
+/// A call's arguments for `--json`: the parsed JSON (`{}` for empty input), or the raw string
+/// when the model wrote something that is not JSON.
+fn arguments(c: &ToolCall) -> Value {
+    c.arguments_json()
+        .unwrap_or_else(|_| Value::String(c.arguments.clone()))
+}
+
 /// The `--json` object: exactly the documented keys.
 fn to_json(r: &CompletionResult, latency: Duration) -> serde_json::Value {
     json!({
         "content": r.content,
+        "tool_calls": r.tool_calls.iter().map(|c| json!({
+            "id": c.id,
+            "name": c.name,
+            "arguments": arguments(c),
+        })).collect::<Vec<_>>(),
         "model": r.model,
         "finish_reason": r.finish_reason.as_str(),
         "usage": {

@@ -61,9 +61,11 @@ fn chat_json_has_exactly_the_documented_keys() {
                 "model",
                 "provider",
                 "request_id",
+                "tool_calls",
                 "usage"
             ]
         );
+        assert_eq!(v["tool_calls"], serde_json::json!([]), "always present");
         let mut usage: Vec<&str> = v["usage"]
             .as_object()
             .unwrap()
@@ -174,11 +176,12 @@ impl Drop for KillOnDrop {
 
 /// A loopback HTTP server that reads each request's head and body, then hands the connection
 /// to `answer` (on a thread per connection). Returns its base URL for `chat --base-url`.
-fn serve(answer: fn(TcpStream)) -> String {
+fn serve(answer: impl Fn(TcpStream) + Clone + Send + 'static) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
+            let answer = answer.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut length = 0;
@@ -385,4 +388,207 @@ fn the_failover_drill_meets_its_targets_with_the_default_stack() {
             _ => assert!(row["targets"].is_null(), "{row}"),
         }
     }
+}
+
+/// A recording of `../portcullis-providers/tests/data`, served whole to every request.
+fn serve_recording(name: &str) -> String {
+    let path = format!(
+        "{}/../portcullis-providers/tests/data/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let body = std::fs::read(&path).unwrap();
+    let kind = if name.ends_with(".sse") {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    serve(move |mut conn| {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(head.as_bytes());
+        let _ = conn.write_all(&body);
+    })
+}
+
+#[test]
+fn every_tool_call_and_thinking_recording_replays_through_chat_json() {
+    use serde_json::json;
+    let weather = |id: &str, args| json!({"id": id, "name": "GetWeatherArgs", "arguments": args});
+    let cases = [
+        (
+            "openai/openai-python_stream_tool_call.sse",
+            "openai",
+            json!([weather(
+                "call_c91SqDXlYFuETYv8mUHzz6pp",
+                json!({"city": "Edinburgh", "country": "UK", "units": "c"})
+            )]),
+        ),
+        (
+            "openai/openai-python_stream_parallel_tool_calls.sse",
+            "openai",
+            json!([
+                weather("call_JMW1whyEaYG438VE1OIflxA2", json!({"city": "Edinburgh", "country": "GB", "units": "c"})),
+                {"id": "call_DNYTawLBoN8fj3KN6qU9N1Ou", "name": "get_stock_price", "arguments": {"ticker": "AAPL", "exchange": "NASDAQ"}},
+            ]),
+        ),
+        (
+            "openai/ai-gateway_tool_calls.json",
+            "openai",
+            json!([{"id": "call_Xc4Aiih37EUJvqjoZlu4Vdoi", "name": "get_current_weather", "arguments": {"location": "San Francisco, CA"}}]),
+        ),
+        (
+            "anthropic/anthropic-sdk-python_tool_use_response.sse",
+            "anthropic",
+            json!([{"id": "toolu_01NRLabsLyVHZPKxbKvkfSMn", "name": "get_weather", "arguments": {"location": "Paris"}}]),
+        ),
+        (
+            "anthropic/llm-anthropic_stream_tool_use.sse",
+            "anthropic",
+            json!([
+                {"id": "toolu_01LtHJmixrs9NcWQkK8hu8hj", "name": "pelican_name_generator", "arguments": {}},
+                {"id": "toolu_01N8a4jWyf116qKTMqKKmjyt", "name": "pelican_name_generator", "arguments": {}},
+            ]),
+        ),
+        (
+            "anthropic/synthetic_thinking_tool_use.sse",
+            "anthropic",
+            json!([{"id": "toolu_9", "name": "get_weather", "arguments": {"city": "Paris"}}]),
+        ),
+    ];
+    for (name, provider, calls) in cases {
+        let url = serve_recording(name);
+        let url = if provider == "anthropic" {
+            url.trim_end_matches("/v1").to_owned()
+        } else {
+            url
+        };
+        // An SSE recording is read by the streaming path; a JSON one by the complete path.
+        let stream = name.ends_with(".sse");
+        let mut args = vec!["chat", "--json", "--retries", "0", "--provider", provider];
+        args.extend(["--base-url", &url]);
+        if stream {
+            args.push("--stream");
+        }
+        let out = portcullis().args(&args).arg("Hi").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["tool_calls"], calls, "{name}");
+        assert_eq!(v["finish_reason"], "tool_calls", "{name}");
+    }
+}
+
+#[test]
+fn chat_sends_tools_images_and_a_schema_and_refuses_bad_files() {
+    let dir = std::env::temp_dir().join(format!("portcullis-cli-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tools = dir.join("tools.json");
+    std::fs::write(
+        &tools,
+        r#"[{"type":"function","function":{"name":"get_weather","description":"Weather in a city","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}]"#,
+    )
+    .unwrap();
+    // The simulator calls a tool that the last message names.
+    for provider in ["openai", "anthropic"] {
+        let out = portcullis()
+            .args(["chat", "--json", "--provider", provider, "--tools"])
+            .arg(&tools)
+            .arg("Use get_weather for Paris")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{provider}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["finish_reason"], "tool_calls", "{provider}: {v}");
+        assert_eq!(v["tool_calls"][0]["name"], "get_weather", "{provider}");
+        assert!(
+            v["tool_calls"][0]["arguments"]["city"].is_string(),
+            "{provider}: {v}"
+        );
+    }
+    // A schema the answer follows.
+    let schema = dir.join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"name":"city","schema":{"type":"object","properties":{"name":{"type":"string"},"population":{"type":"integer"}},"required":["name","population"],"additionalProperties":false},"strict":true}"#,
+    )
+    .unwrap();
+    let out = portcullis()
+        .args(["chat", "--json", "--json-schema"])
+        .arg(&schema)
+        .arg("A city")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let answer: serde_json::Value = serde_json::from_str(v["content"].as_str().unwrap()).unwrap();
+    assert!(
+        answer["name"].is_string() && answer["population"].is_i64(),
+        "{answer}"
+    );
+    // An image by path.
+    let png = dir.join("dot.png");
+    std::fs::write(
+        &png,
+        [
+            0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48,
+            0x44, 0x52, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x02, 0x00, 0x00,
+            0x00, 0x90, 0x77, 0x53, 0xde, 0x00, 0x00, 0x00, 0x0c, 0x49, 0x44, 0x41, 0x54, 0x78,
+            0x9c, 0x63, 0xf8, 0xcf, 0xc0, 0x00, 0x00, 0x03, 0x01, 0x01, 0x00, 0xc9, 0xfe, 0x92,
+            0xef, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+        ],
+    )
+    .unwrap();
+    for provider in ["openai", "anthropic"] {
+        let out = portcullis()
+            .args(["chat", "--provider", provider, "--image"])
+            .arg(&png)
+            .arg("What is this?")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{provider}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Bad files: one line naming the option, exit 1.
+    let not_json = dir.join("bad.json");
+    std::fs::write(&not_json, "{").unwrap();
+    let bad_tool = dir.join("bad_tool.json");
+    std::fs::write(
+        &bad_tool,
+        r#"[{"name":"bad name!","parameters":{"type":"object"}}]"#,
+    )
+    .unwrap();
+    for (option, file) in [
+        ("--tools", &not_json),
+        ("--tools", &bad_tool),
+        ("--json-schema", &not_json),
+        ("--image", &not_json),
+    ] {
+        let out = portcullis()
+            .args(["chat", option])
+            .arg(file)
+            .arg("Hi")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{option}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(option), "{option}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

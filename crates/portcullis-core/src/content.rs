@@ -169,6 +169,37 @@ impl Part {
     }
 }
 
+/// The media type of an image from its first bytes (`image/png`, `image/jpeg`, `image/gif`,
+/// `image/webp`: the types both providers take), or `None`.
+///
+/// ```
+/// assert_eq!(portcullis_core::image_media_type(b"\x89PNG\r\n\x1a\n..."), Some("image/png"));
+/// assert_eq!(portcullis_core::image_media_type(b"BM..."), None);
+/// ```
+pub fn image_media_type(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, ..] => Some("image/png"),
+        [0xff, 0xd8, 0xff, ..] => Some("image/jpeg"),
+        [b'G', b'I', b'F', b'8', b'7' | b'9', b'a', ..] => Some("image/gif"),
+        [
+            b'R',
+            b'I',
+            b'F',
+            b'F',
+            _,
+            _,
+            _,
+            _,
+            b'W',
+            b'E',
+            b'B',
+            b'P',
+            ..,
+        ] => Some("image/webp"),
+        _ => None,
+    }
+}
+
 /// Where an image or a document is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
