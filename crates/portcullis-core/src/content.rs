@@ -136,6 +136,16 @@ impl Part {
         }
     }
 
+    /// A tool result that says the tool failed (`is_error`), with `text` saying how.
+    pub fn tool_error(call_id: impl Into<String>, text: impl Into<String>) -> Self {
+        Part::ToolResult {
+            call_id: call_id.into(),
+            content: vec![Part::text(text)],
+            is_error: true,
+            cache_control: None,
+        }
+    }
+
     /// Sets an Anthropic prompt-cache breakpoint after this part (on the parts that take one:
     /// text, image, document, tool result; others are returned unchanged).
     pub fn cached(mut self, cache: CacheControl) -> Self {

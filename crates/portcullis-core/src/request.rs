@@ -101,6 +101,11 @@ impl ChatMessage {
         Self::with_parts(Role::Tool, vec![Part::tool_result(call_id, text)])
     }
 
+    /// A [`Role::Tool`] message saying that the call `call_id` failed, and how.
+    pub fn tool_error(call_id: impl Into<String>, text: impl Into<String>) -> Self {
+        Self::with_parts(Role::Tool, vec![Part::tool_error(call_id, text)])
+    }
+
     /// The text parts joined (no separator). Borrowed when there is one text part.
     pub fn text(&self) -> Cow<'_, str> {
         let mut texts = self.content.iter().filter_map(Part::as_text);
