@@ -227,6 +227,10 @@ fn push_messages<'a>(m: &'a ChatMessage, out: &mut Vec<Msg<'a>>) -> Result<(), L
                 "type": "function",
                 "function": {"name": c.name, "arguments": c.arguments},
             })),
+            // A call of a type this library does not model (`custom`) goes back as it came.
+            Part::Raw { provider, value } if m.role == Role::Assistant && provider == OPENAI => {
+                calls.push(value.clone());
+            }
             Part::Thinking { .. } | Part::RedactedThinking { .. } => {}
             other => rest.push(other),
         }
