@@ -34,7 +34,7 @@ pub use classify::{
 pub use config::ConfigError;
 pub use content::{
     CacheControl, ImageDetail, InvalidArguments, InvalidTool, MediaSource, Part, Reasoning,
-    ReasoningEffort, Tool, ToolCall, ToolChoice, image_media_type,
+    ReasoningEffort, Tool, ToolCall, ToolChoice, base64_decode, image_media_type,
 };
 pub use error::{BoxError, LlmError};
 pub use hints::{LimitHint, RateLimitHints};
