@@ -74,7 +74,9 @@ use tower::ServiceExt;
 
 use common::{MODEL, SECONDARY_MODEL};
 
-/// The OpenAI request fields the gateway understands; others (`n`, `tools`, …) are ignored.
+/// The OpenAI request fields the gateway understands. Tools, images and other parts are
+/// refused with a 400 rather than dropped (a pass-through of OpenAI's full message format is
+/// not what this example shows); other fields (`n`, `user`, …) are ignored.
 #[derive(Debug, Deserialize)]
 struct ChatCompletionRequest {
     model: String,
@@ -91,6 +93,8 @@ struct ChatCompletionRequest {
     response_format: Option<Format>,
     #[serde(default)]
     stream: bool,
+    #[serde(default)]
+    tools: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +115,9 @@ impl ChatCompletionRequest {
         let invalid = |m: &'static str| LlmError::new(ErrorKind::InvalidRequest, m);
         if self.messages.is_empty() {
             return Err(invalid("`messages` must not be empty"));
+        }
+        if self.tools.is_some() {
+            return Err(invalid("this gateway does not take `tools`"));
         }
         let mut req = ChatRequest::new(&self.model, self.messages);
         if let Some(n) = self.max_completion_tokens.or(self.max_tokens) {
