@@ -17,7 +17,7 @@ use crate::key::ApiKey;
 use crate::sse::SseEvent;
 use crate::wire::{
     ErrorBody, EventParser, Step, Wire, body_with_extra, check_size, from_json, malformed,
-    unsupported,
+    tool_defs, unsupported,
 };
 use crate::{Builder, Provider, StreamingProvider};
 
@@ -491,7 +491,7 @@ impl Wire for Anthropic {
             .reasoning
             .as_ref()
             .map(|r| r.budget_or_default().max(MIN_THINKING_BUDGET));
-        let mut tools: Vec<Value> = o.tools.iter().map(tool_def).collect();
+        let mut tools = tool_defs(req, tool_def)?;
         let mut choice = o.tool_choice.as_ref().map(|c| match c {
             ToolChoice::None => json!({"type": "none"}),
             ToolChoice::Required => json!({"type": "any"}),

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::sse::SseEvent;
 use crate::wire::{
     ErrorBody, EventParser, Step, Wire, body_with_extra, check_size, from_json, malformed,
-    unsupported,
+    tool_defs, unsupported,
 };
 use crate::{Builder, Provider, StreamingProvider};
 
@@ -472,7 +472,7 @@ impl Wire for OpenAi {
             max_completion_tokens: max.filter(|_| !self.legacy_max_tokens),
             max_tokens: max.filter(|_| self.legacy_max_tokens),
             stop: &o.stop_sequences,
-            tools: o.tools.iter().map(tool_def).collect(),
+            tools: tool_defs(req, tool_def)?,
             tool_choice: o.tool_choice.as_ref().map(tool_choice),
             parallel_tool_calls: o.parallel_tool_calls.filter(|_| has_tools),
             reasoning_effort: reasoning.map(|r| r.effort_or_default().as_str()),

@@ -86,7 +86,7 @@ use std::fmt;
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
 use portcullis_core::{
-    ChatRequest, CompletionResult, ErrorKind, LlmError, MediaSource, StreamChunk,
+    ChatRequest, CompletionResult, ErrorKind, LlmError, MediaSource, StreamChunk, Tool,
 };
 use serde::{Deserialize, Serialize};
 
@@ -283,6 +283,25 @@ pub(crate) fn body_with_extra(
         }
     }
     json_body(&value)
+}
+
+/// The request's tool definitions in a wire's shape, each checked first ([`Tool::validate`]):
+/// a bad one is an [`InvalidRequest`](ErrorKind::InvalidRequest) error (no provider would take
+/// it), returned before sending.
+pub(crate) fn tool_defs(
+    req: &ChatRequest,
+    def: impl Fn(&Tool) -> serde_json::Value,
+) -> Result<Vec<serde_json::Value>, LlmError> {
+    req.options
+        .tools
+        .iter()
+        .map(|t| {
+            t.validate().map_err(|e| {
+                LlmError::new(ErrorKind::InvalidRequest, e.to_string()).with_source(e)
+            })?;
+            Ok(def(t))
+        })
+        .collect()
 }
 
 /// The bytes limit of one inline image or document, checked before sending.

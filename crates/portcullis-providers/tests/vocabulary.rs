@@ -386,6 +386,24 @@ async fn each_wire_refuses_what_it_cannot_carry_before_sending() {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported, "anthropic: {what}: {e}");
     }
+    // A tool that did not go through Tool::new (deserialized here) is checked too: no provider
+    // would take a schema that is not an object, so it is InvalidRequest, not a failover.
+    let bad: Tool =
+        serde_json::from_value(json!({"name": "f", "parameters": {"type": "string"}})).unwrap();
+    for e in [
+        server
+            .openai()
+            .oneshot(request("m").tools(vec![bad.clone()]))
+            .await
+            .unwrap_err(),
+        server
+            .anthropic()
+            .oneshot(request("c").tools(vec![bad]))
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    }
     // Thinking with a forced tool: Anthropic refuses that combination, so the wire does first.
     let req = tool_request("c")
         .reasoning(Reasoning::budget(1024))
