@@ -688,3 +688,240 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod calibration {
+    use super::*;
+    use crate::content::Tool;
+    use crate::{ChatMessage as M, ChatRequest};
+    use serde_json::json;
+
+    fn tool(name: &str, desc: &str, params: serde_json::Value) -> Tool {
+        Tool::new(name, desc, params).unwrap()
+    }
+
+    fn weather_args() -> serde_json::Value {
+        json!({"properties":{"city":{"title":"City","type":"string"},"country":{"title":"Country","type":"string"},"units":{"default":"c","enum":["c","f"],"title":"Units","type":"string"}},"required":["city","country","units"],"title":"GetWeatherArgs","type":"object","additionalProperties":false})
+    }
+
+    /// Requests whose tools and reported input tokens are recorded in the shared fixtures.
+    pub(crate) fn cases() -> Vec<(&'static str, ChatRequest, u64)> {
+        vec![
+            (
+                "openai/ai-gateway_tool_calls (gpt-5-nano)",
+                ChatRequest::new(
+                    "gpt-5-nano",
+                    vec![M::user("What is the weather like in San Francisco?")],
+                )
+                .tools(vec![tool(
+                    "get_current_weather",
+                    "Get the current weather in a given location",
+                    json!({"properties":{"location":{"description":"The city and state, e.g. San Francisco, CA","type":"string"},"unit":{"enum":["celsius","fahrenheit"],"type":"string"}},"required":["location"],"type":"object"}),
+                )])
+                .tool_choice(ToolChoice::Auto)
+                .parallel_tool_calls(true),
+                162,
+            ),
+            (
+                "openai/openai-python_stream_tool_call (gpt-4o)",
+                ChatRequest::new(
+                    "gpt-4o-2024-08-06",
+                    vec![M::user("What's the weather like in Edinburgh?")],
+                )
+                .tools(vec![tool("GetWeatherArgs", "", weather_args()).strict(true)]),
+                76,
+            ),
+            (
+                "openai/openai-python_stream_parallel_tool_calls (gpt-4o)",
+                ChatRequest::new(
+                    "gpt-4o-2024-08-06",
+                    vec![
+                        M::user("What's the weather like in Edinburgh?"),
+                        M::user("What's the price of AAPL?"),
+                    ],
+                )
+                .tools(vec![
+                    tool(
+                        "GetWeatherArgs",
+                        "Get the temperature for the given country/city combo",
+                        weather_args(),
+                    )
+                    .strict(true),
+                    tool(
+                        "get_stock_price",
+                        "Fetch the latest price for a given ticker",
+                        json!({"properties":{"ticker":{"title":"Ticker","type":"string"},"exchange":{"title":"Exchange","type":"string"}},"required":["ticker","exchange"],"title":"GetStockPrice","type":"object","additionalProperties":false}),
+                    )
+                    .strict(true),
+                ]),
+                149,
+            ),
+            (
+                "anthropic/llm-anthropic_stream_tool_use (claude-haiku-4-5)",
+                ChatRequest::new(
+                    "claude-haiku-4-5-20251001",
+                    vec![M::user("Two names for a pet pelican")],
+                )
+                .tools(vec![tool(
+                    "pelican_name_generator",
+                    "",
+                    json!({"properties":{},"type":"object"}),
+                )]),
+                542,
+            ),
+        ]
+    }
+
+    /// The estimate (what [`ChatCost`] reserves) never undercounts a recorded request with
+    /// tools, and stays within half again of it.
+    #[test]
+    fn tool_requests_never_undercount_the_recordings() {
+        for (name, req, real) in cases() {
+            let est = ChatCost.cost(&req).input;
+            println!("{name}: estimated {est}, reported {real}");
+            assert!(est >= real, "{name}: estimate {est} under reported {real}");
+            assert!(
+                est * 2 <= real * 3,
+                "{name}: estimate {est} too far above reported {real}"
+            );
+        }
+    }
+
+    /// The text-only recordings still hold through `count_request` (the path `ChatCost` takes).
+    #[test]
+    fn text_requests_unchanged() {
+        for (msgs, real) in super::tests::ANTHROPIC_REAL {
+            let msgs: Vec<M> = msgs.iter().map(|(r, c)| M::new(*r, *c)).collect();
+            let req = ChatRequest::new("claude-sonnet-4-5", msgs.clone());
+            let e = estimator_for_model(&req.model);
+            assert_eq!(e.count_request(&req), e.count_messages(&msgs));
+            assert!(e.count_request(&req) >= *real);
+        }
+        // OpenAI's gpt-5-nano "Hello!" reported 8 prompt tokens.
+        let req = ChatRequest::new("gpt-5-nano", vec![M::user("Hello!")]);
+        assert_eq!(ChatCost.cost(&req).input, 9);
+    }
+
+    #[test]
+    fn tool_calls_and_results_are_counted() {
+        use crate::content::{Part, ToolCall};
+        let ask = M::user("What is the weather in Paris?");
+        let call = M::assistant_parts(vec![Part::ToolCall(ToolCall::new(
+            "call_Xc4Aiih37EUJvqjoZlu4Vdoi",
+            "get_weather",
+            r#"{"city":"Paris"}"#,
+        ))]);
+        let answer = M::tool_result("call_Xc4Aiih37EUJvqjoZlu4Vdoi", "18 °C, sunny");
+        for model in ["gpt-4o", "claude-sonnet-4-5"] {
+            let e = estimator_for_model(model);
+            let one = e.count_messages(std::slice::from_ref(&ask));
+            let three = e.count_messages(&[ask.clone(), call.clone(), answer.clone()]);
+            let texts = e.count_text("get_weather")
+                + e.count_text(r#"{"city":"Paris"}"#)
+                + e.count_text("18 °C, sunny");
+            let ids = 2 * e.count_text("call_Xc4Aiih37EUJvqjoZlu4Vdoi");
+            // The call's and the result's text, their ids and framing (and, on OpenAI, two
+            // more messages' overhead).
+            assert!(
+                three >= one + texts + ids + tools::CALL_OVERHEAD + tools::RESULT_OVERHEAD,
+                "{model}: {three} vs {one}"
+            );
+        }
+    }
+
+    #[test]
+    fn images_by_model_rule() {
+        use crate::content::Part;
+        let png = super::image::tests::png(1024, 1024);
+        let msgs = [M::user_parts(vec![
+            Part::text("What is this?"),
+            Part::image_bytes("image/png", &png),
+        ])];
+        let text_only = [M::user("What is this?")];
+        let added = |model: &str| {
+            let e = estimator_for_model(model);
+            e.count_messages(&msgs) - e.count_messages(&text_only)
+        };
+        assert_eq!(added("gpt-4o"), 765);
+        assert_eq!(added("gpt-4.1"), 765);
+        assert_eq!(added("gpt-4o-mini"), 2833 + 4 * 5667);
+        assert_eq!(added("gpt-4.1-mini"), 1659); // 1024 patches × 1.62
+        assert_eq!(added("gpt-5-nano"), 2520); // 1024 patches × 2.46
+        assert_eq!(added("claude-sonnet-4-5"), 1399); // 1024 × 1024 / 750
+        // An image in a tool result counts too.
+        let nested = [M::with_parts(
+            crate::Role::Tool,
+            vec![Part::ToolResult {
+                call_id: "c".into(),
+                content: vec![Part::image_url("https://example.com/a.png")],
+                is_error: false,
+                cache_control: None,
+            }],
+        )];
+        let e = estimator_for_model("claude-opus-4-1");
+        assert!(e.count_messages(&nested) >= ANTHROPIC_IMAGE_MAX);
+    }
+
+    #[test]
+    fn tool_prompts_by_model_and_choice() {
+        let t = || vec![tool("t", "", json!({"type":"object"}))];
+        let with = |model: &str, choice: Option<ToolChoice>| {
+            let mut req = ChatRequest::new(model, vec![M::user("hi")]).tools(t());
+            req.options.tool_choice = choice;
+            let e = estimator_for_model(model);
+            e.count_request(&req) - e.count_messages(&req.messages)
+        };
+        let def = |model: &str| {
+            let e = estimator_for_model(model);
+            tools::ANTHROPIC_PER_TOOL + e.count_text("t") + e.count_text(r#"{"type":"object"}"#)
+        };
+        for (model, auto, forced) in [
+            ("claude-sonnet-4-5", 346, 313),
+            ("claude-opus-4-1-20250805", 346, 313),
+            ("claude-3-opus-latest", 530, 281),
+            ("claude-3-haiku-20240307", 264, 340),
+            ("claude-haiku-4-5", 530, 497),
+            ("claude-fable-5", 530, 497),
+        ] {
+            assert_eq!(with(model, None), auto + def(model), "{model}");
+            assert_eq!(with(model, Some(ToolChoice::None)), auto + def(model));
+            assert_eq!(with(model, Some(ToolChoice::Required)), forced + def(model));
+        }
+        // A JSON schema answer is a forced tool on Anthropic.
+        let req = ChatRequest::new("claude-sonnet-4-5", vec![M::user("hi")]).response_format(
+            crate::ResponseFormat::json_schema("answer", json!({"type":"object"})),
+        );
+        let e = estimator_for_model(&req.model);
+        assert!(e.count_request(&req) >= e.count_messages(&req.messages) + 313);
+        // OpenAI: reasoning models carry the longer preamble.
+        let o = |model: &str| with(model, None);
+        assert_eq!(
+            o("gpt-5-mini") - o("gpt-4.1-mini"),
+            OPENAI_REASONING_TOOLS - OPENAI_TOOLS
+        );
+    }
+
+    #[test]
+    fn usage_rules() {
+        let u = crate::Usage::new(10_000, 300).with_cache(8_000, 1_000);
+        let rule = |m| UsageRule::for_model(m);
+        assert_eq!(rule("claude-sonnet-4-5"), UsageRule::ExcludeCacheReads);
+        assert_eq!(
+            rule("anthropic/claude-opus-4-1"),
+            UsageRule::ExcludeCacheReads
+        );
+        assert_eq!(rule("claude-3-5-haiku-latest"), UsageRule::AllInput);
+        assert_eq!(rule("claude-3-7-sonnet-latest"), UsageRule::AllInput);
+        assert_eq!(rule("gpt-4o"), UsageRule::AllInput);
+        assert_eq!(
+            UsageRule::ExcludeCacheReads.charged(&u),
+            TokenCost {
+                input: 2_000,
+                output: 300
+            }
+        );
+        assert_eq!(UsageRule::AllInput.charged(&u).input, 10_000);
+        let req = ChatRequest::new("claude-haiku-4-5", vec![M::user("hi")]);
+        assert_eq!(ChatCost.usage_rule(&req), UsageRule::ExcludeCacheReads);
+    }
+}
