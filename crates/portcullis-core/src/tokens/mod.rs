@@ -28,17 +28,40 @@
 //!
 //! [`OpenAiTokenizer::exact`] counts every size exactly, for callers off the executor (the
 //! simulator counts its usage that way).
+//!
+//! # Tools
+//!
+//! The estimate counts what the provider counts, not only the text of the messages
+//! ([`TokenEstimator::count_request`], which [`ChatCost`] uses):
+//!
+//! - **tool definitions**: name, description and compact JSON of the parameter schema, plus
+//!   the provider's overhead: OpenAI's per-function and per-request formatting (more for the
+//!   reasoning models), Anthropic's tool-use system prompt per model and `tool_choice`
+//!   ([`AnthropicToolPrompt`]); the rules, their sources and their calibration on the
+//!   recorded requests are in [`tools`](mod@tools);
+//! - **tool calls and results**: their names, arguments and content as text, plus their ids
+//!   and framing;
+//! - **images**: by the model's [`ImageRule`] (OpenAI tiles or patches, Anthropic's area rule),
+//!   with the size read from the image header ([`image`](mod@image)); an image at a URL costs
+//!   the rule's maximum ([`media`](mod@media) has the rules and defaults);
+//! - **PDFs**: per page, text plus a page image ([`PDF_TEXT_PER_PAGE`]);
+//! - **a JSON schema answer**: its schema (a forced tool on Anthropic).
+//!
+//! A text-only request takes the same path as before and allocates nothing; tools and schemas
+//! are serialized to be counted. The output side is `max_tokens`, which bounds reasoning too
+//! ([`TokenCost`]). After the call, the token bucket settles the reservation with the reported
+//! usage as the provider counts it against its limits ([`UsageRule`]).
 
 use crate::content::{Part, Tool, ToolChoice};
 use crate::request::{ChatMessage, ChatRequest, ResponseFormat};
 use crate::response::Usage;
 
 mod bpe;
-mod image;
-mod media;
+pub mod image;
+pub mod media;
 mod sample;
 mod split;
-mod tools;
+pub mod tools;
 
 pub use image::{ImageError, ImageFormat, ImageSize, image_size, image_size_base64};
 pub use media::{
@@ -77,7 +100,7 @@ pub trait TokenEstimator: Send + Sync {
 
     /// Tokens the tool definitions add to the prompt. The default counts each tool's name,
     /// description and JSON parameter schema as text, with no format overhead; the built-in
-    /// estimators add their provider's overhead (see [`tools`](self#tools)).
+    /// estimators add their provider's overhead (see [`tools`](mod@tools)).
     fn count_tools(&self, tools: &[Tool], choice: Option<&ToolChoice>) -> u64 {
         let _ = choice;
         tools
@@ -164,7 +187,7 @@ impl Encoding {
 /// [module docs](self)); [`OpenAiTokenizer::exact`] is exact at every size.
 ///
 /// Images, documents, tool definitions, tool calls and tool results are counted by the
-/// model's published rules (see [`ImageRule`] and [`tools`](self#tools)); [`for_model`]
+/// model's published rules (see [`ImageRule`] and [`tools`](mod@tools)); [`for_model`]
 /// picks them from the model name, [`new`] takes the defaults (85 / 170 tiles, no reasoning
 /// tool preamble).
 ///

@@ -44,13 +44,13 @@ pub const OPENAI_REASONING_TOOLS: u64 = 90;
 /// Tokens each OpenAI tool definition adds beyond its text (the cookbook's `func_init`).
 pub const OPENAI_PER_TOOL: u64 = 10;
 /// Tokens each Anthropic tool definition adds beyond its text (its JSON keys and braces).
-pub(crate) const ANTHROPIC_PER_TOOL: u64 = 12;
+pub const ANTHROPIC_PER_TOOL: u64 = 12;
 /// Framing of one tool call in a message (type, separators), beyond its id, name, arguments.
-pub(crate) const CALL_OVERHEAD: u64 = 8;
+pub const CALL_OVERHEAD: u64 = 8;
 /// Framing of one tool result, beyond its call id and content.
-pub(crate) const RESULT_OVERHEAD: u64 = 6;
+pub const RESULT_OVERHEAD: u64 = 6;
 /// Framing of a JSON schema response format, beyond its name and schema.
-pub(crate) const SCHEMA_OVERHEAD: u64 = 10;
+pub const SCHEMA_OVERHEAD: u64 = 10;
 
 /// Anthropic's tool-use system prompt, in tokens, by `tool_choice`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
