@@ -28,14 +28,48 @@
 //!
 //! [`OpenAiTokenizer::exact`] counts every size exactly, for callers off the executor (the
 //! simulator counts its usage that way).
+//!
+//! # Tools
+//!
+//! The estimate counts what the provider counts, not only the text of the messages
+//! ([`TokenEstimator::count_request`], which [`ChatCost`] uses):
+//!
+//! - **tool definitions**: name, description and compact JSON of the parameter schema, plus
+//!   the provider's overhead: OpenAI's per-function and per-request formatting (more for the
+//!   reasoning models), Anthropic's tool-use system prompt per model and `tool_choice`
+//!   ([`AnthropicToolPrompt`]); the rules, their sources and their calibration on the
+//!   recorded requests are in [`tools`](mod@tools);
+//! - **tool calls and results**: their names, arguments and content as text, plus their ids
+//!   and framing;
+//! - **images**: by the model's [`ImageRule`] (OpenAI tiles or patches, Anthropic's area rule),
+//!   with the size read from the image header ([`image`](mod@image)); an image at a URL costs
+//!   the rule's maximum ([`media`](mod@media) has the rules and defaults);
+//! - **PDFs**: per page, text plus a page image ([`PDF_TEXT_PER_PAGE`]);
+//! - **a JSON schema answer**: its schema (a forced tool on Anthropic).
+//!
+//! A text-only request takes the same path as before and allocates nothing; tools and schemas
+//! are serialized to be counted. The output side is `max_tokens`, which bounds reasoning too
+//! ([`TokenCost`]). After the call, the token bucket settles the reservation with the reported
+//! usage as the provider counts it against its limits ([`UsageRule`]).
 
-use crate::request::{ChatMessage, ChatRequest};
+use crate::content::{Part, Tool, ToolChoice};
+use crate::request::{ChatMessage, ChatRequest, ResponseFormat};
+use crate::response::Usage;
 
 mod bpe;
+pub mod image;
+pub mod media;
 mod sample;
 mod split;
+pub mod tools;
 
+pub use image::{ImageError, ImageFormat, ImageSize, image_size, image_size_base64};
+pub use media::{
+    ANTHROPIC_IMAGE_MAX, ANTHROPIC_MAX_EDGE, ImageRule, PDF_BYTES_PER_PAGE, PDF_TEXT_PER_PAGE,
+    PDF_URL_PAGES, anthropic_image_tokens, openai_tiles,
+};
 pub use sample::{EXACT_LIMIT, SAMPLE_BYTES, SAMPLE_MARGIN, SAMPLES};
+pub use tools::{AnthropicToolPrompt, OPENAI_PER_TOOL, OPENAI_REASONING_TOOLS, OPENAI_TOOLS};
 
 /// Counts the prompt tokens of a conversation.
 ///
@@ -63,6 +97,43 @@ pub trait TokenEstimator: Send + Sync {
     fn count_text(&self, text: &str) -> u64;
     /// Tokens the provider will bill for these messages as a prompt, format overhead included.
     fn count_messages(&self, messages: &[ChatMessage]) -> u64;
+
+    /// Tokens the tool definitions add to the prompt. The default counts each tool's name,
+    /// description and JSON parameter schema as text, with no format overhead; the built-in
+    /// estimators add their provider's overhead (see [`tools`](mod@tools)).
+    fn count_tools(&self, tools: &[Tool], choice: Option<&ToolChoice>) -> u64 {
+        let _ = choice;
+        tools
+            .iter()
+            .map(|t| {
+                self.count_text(&t.name)
+                    + t.description.as_deref().map_or(0, |d| self.count_text(d))
+                    + self.count_text(&tools::schema_json(&t.parameters))
+            })
+            .sum()
+    }
+
+    /// Tokens the provider will bill for the whole prompt of `req`: its messages, its tools and
+    /// a JSON schema it asks the answer to follow. Allocates only for tools and schemas.
+    fn count_request(&self, req: &ChatRequest) -> u64 {
+        let o = &req.options;
+        let tools = if o.tools.is_empty() {
+            0
+        } else {
+            self.count_tools(&o.tools, o.tool_choice.as_ref())
+        };
+        self.count_messages(&req.messages) + tools + schema_tokens(self, &o.response_format)
+    }
+}
+
+/// The tokens of a JSON schema response format (its name and schema as text); 0 for others.
+fn schema_tokens<E: TokenEstimator + ?Sized>(e: &E, format: &ResponseFormat) -> u64 {
+    match format {
+        ResponseFormat::JsonSchema { name, schema, .. } => {
+            tools::SCHEMA_OVERHEAD + e.count_text(name) + e.count_text(&tools::schema_json(schema))
+        }
+        _ => 0,
+    }
 }
 
 /// Which BPE an OpenAI model uses.
@@ -114,10 +185,21 @@ impl Encoding {
 ///
 /// Exact up to [`EXACT_LIMIT`] bytes of text per call, estimated above it (see the
 /// [module docs](self)); [`OpenAiTokenizer::exact`] is exact at every size.
+///
+/// Images, documents, tool definitions, tool calls and tool results are counted by the
+/// model's published rules (see [`ImageRule`] and [`tools`](mod@tools)); [`for_model`]
+/// picks them from the model name, [`new`] takes the defaults (85 / 170 tiles, no reasoning
+/// tool preamble).
+///
+/// [`for_model`]: OpenAiTokenizer::for_model
+/// [`new`]: OpenAiTokenizer::new
 #[derive(Debug, Clone, Copy)]
 pub struct OpenAiTokenizer {
     encoding: Encoding,
     exact_limit: usize,
+    images: ImageRule,
+    /// Tokens the tools block adds once per request.
+    tools_overhead: u64,
 }
 
 /// Tokens the chat format adds for each message.
@@ -128,15 +210,34 @@ const OPENAI_REPLY_PRIMING: u64 = 3;
 impl OpenAiTokenizer {
     /// The tokenizer for an encoding. The BPE tables are built once per process, on first use.
     pub fn new(encoding: Encoding) -> Self {
+        Self::preset(encoding, ImageRule::TILES, OPENAI_TOOLS)
+    }
+
+    const fn preset(encoding: Encoding, images: ImageRule, tools_overhead: u64) -> Self {
         OpenAiTokenizer {
             encoding,
             exact_limit: EXACT_LIMIT,
+            images,
+            tools_overhead,
         }
     }
 
-    /// The tokenizer for an OpenAI model name.
+    /// The tokenizer for an OpenAI model name: its encoding, its image rule
+    /// ([`ImageRule::openai`]) and its tools overhead ([`OPENAI_REASONING_TOOLS`] for the
+    /// reasoning models, which render tools in a longer preamble, [`OPENAI_TOOLS`] for others).
     pub fn for_model(model: &str) -> Self {
-        Self::new(Encoding::for_model(model))
+        let m = model.rsplit('/').next().unwrap_or(model);
+        let tools = if tools::openai_reasoning(m) {
+            OPENAI_REASONING_TOOLS
+        } else {
+            OPENAI_TOOLS
+        };
+        Self::preset(Encoding::for_model(m), ImageRule::openai(m), tools)
+    }
+
+    /// Its image rule.
+    pub fn image_rule(&self) -> ImageRule {
+        self.images
     }
 
     /// Counts every size exactly, never by sampling: for callers that are not on an async
@@ -179,8 +280,46 @@ impl TokenEstimator for OpenAiTokenizer {
             self.encoding,
             |n| n,
         );
-        overhead + content + OPENAI_REPLY_PRIMING
+        let parts = non_text_parts(messages, self.images, |t| self.encoding.count_exact(t));
+        overhead + content + parts + OPENAI_REPLY_PRIMING
     }
+
+    fn count_tools(&self, tools: &[Tool], choice: Option<&ToolChoice>) -> u64 {
+        tools::openai_tools(self, tools, choice, self.tools_overhead)
+    }
+}
+
+/// Tokens of the parts that are not plain text (images, documents, the ids and framing of
+/// tool calls and results, redacted thinking, raw blocks), including those nested in tool
+/// results. A text-only conversation walks its parts once and allocates nothing.
+fn non_text_parts(messages: &[ChatMessage], images: ImageRule, count: impl Fn(&str) -> u64) -> u64 {
+    fn part(p: &Part, images: ImageRule, count: &dyn Fn(&str) -> u64) -> u64 {
+        match p {
+            Part::Text { .. } | Part::Thinking { .. } => 0, // in `ChatMessage::texts`
+            Part::Image { source, detail, .. } => images.image(source, *detail),
+            Part::Document { source, title, .. } => {
+                images.pdf(source) + title.as_deref().map_or(0, count)
+            }
+            Part::ToolCall(c) => tools::CALL_OVERHEAD + count(&c.id),
+            Part::ToolResult {
+                call_id, content, ..
+            } => {
+                tools::RESULT_OVERHEAD
+                    + count(call_id)
+                    + content.iter().map(|p| part(p, images, count)).sum::<u64>()
+            }
+            // Opaque (encrypted): at most one token a byte, and base64 packs more than 2.
+            Part::RedactedThinking { data } => data.len().div_ceil(2) as u64,
+            Part::Raw { value, .. } => count(&value.to_string()),
+            #[allow(unreachable_patterns)]
+            _ => 0,
+        }
+    }
+    messages
+        .iter()
+        .flat_map(|m| m.content.iter())
+        .map(|p| part(p, images, &count))
+        .sum()
 }
 
 /// A calibrated, deliberately high estimate of Anthropic's token counts.
@@ -191,9 +330,13 @@ impl TokenEstimator for OpenAiTokenizer {
 /// recorded real usage in the fixtures, it errs high by 0 to 2 tokens (0 to 10 %) and never
 /// undercounts: real 10 / 17 / 16 / 20 input tokens, estimated 10 / 18 / 18 / 22. Large texts
 /// are sampled as [`OpenAiTokenizer`] samples them.
+///
+/// Images cost Anthropic's `width × height / 750` ([`ImageRule::Area`]); tool definitions add
+/// the model's tool-use system prompt ([`AnthropicToolPrompt`]).
 #[derive(Debug, Clone, Copy)]
 pub struct AnthropicEstimator {
     base: OpenAiTokenizer,
+    tool_prompt: AnthropicToolPrompt,
 }
 
 impl AnthropicEstimator {
@@ -204,11 +347,22 @@ impl AnthropicEstimator {
     /// Overhead per message (role markers). The recordings show none beyond the base.
     pub const PER_MESSAGE: u64 = 0;
 
-    /// The estimator.
+    /// The estimator, with the tool-use prompt of current models
+    /// ([`AnthropicToolPrompt::CLAUDE_4`]).
     pub fn new() -> Self {
+        Self::preset(AnthropicToolPrompt::CLAUDE_4)
+    }
+
+    const fn preset(tool_prompt: AnthropicToolPrompt) -> Self {
         AnthropicEstimator {
-            base: OpenAiTokenizer::new(Encoding::O200k),
+            base: OpenAiTokenizer::preset(Encoding::O200k, ImageRule::Area, 0),
+            tool_prompt,
         }
+    }
+
+    /// The estimator for a Claude model name (its tool-use prompt, [`AnthropicToolPrompt::for_model`]).
+    pub fn for_model(model: &str) -> Self {
+        Self::preset(AnthropicToolPrompt::for_model(model))
     }
 
     fn scale(n: u64) -> u64 {
@@ -243,34 +397,109 @@ impl TokenEstimator for AnthropicEstimator {
                 b.encoding,
                 Self::scale,
             )
+            + non_text_parts(messages, ImageRule::Area, |t| {
+                Self::scale(b.encoding.count_exact(t))
+            })
+    }
+
+    fn count_tools(&self, tools: &[Tool], choice: Option<&ToolChoice>) -> u64 {
+        if tools.is_empty() {
+            return 0;
+        }
+        tools::anthropic_tools(self, tools, choice, self.tool_prompt)
+    }
+
+    /// As the default, but a JSON schema answer is a forced tool on Anthropic (the providers
+    /// send it so): its tool-use prompt is the `tool` one, and its schema a tool definition.
+    fn count_request(&self, req: &ChatRequest) -> u64 {
+        let o = &req.options;
+        let messages = self.count_messages(&req.messages);
+        match &o.response_format {
+            ResponseFormat::JsonSchema { name, schema, .. } => {
+                let forced = ToolChoice::Tool(String::new());
+                let defs = tools::anthropic_tools(self, &o.tools, Some(&forced), self.tool_prompt);
+                messages
+                    + defs
+                    + tools::ANTHROPIC_PER_TOOL
+                    + self.count_text(name)
+                    + self.count_text(&tools::schema_json(schema))
+            }
+            _ if o.tools.is_empty() => messages,
+            _ => messages + self.count_tools(&o.tools, o.tool_choice.as_ref()),
+        }
     }
 }
 
 /// The estimator for a model name: Claude models get [`AnthropicEstimator`], everything else
 /// the OpenAI tokenizer of its encoding.
+///
+/// The estimator carries the model's image rule and tools overhead (as
+/// [`OpenAiTokenizer::for_model`] and [`AnthropicEstimator::for_model`] pick them); every one is
+/// a `static`, so this allocates nothing.
 pub fn estimator_for_model(model: &str) -> &'static dyn TokenEstimator {
-    const fn of(encoding: Encoding) -> OpenAiTokenizer {
-        OpenAiTokenizer {
-            encoding,
-            exact_limit: EXACT_LIMIT,
-        }
-    }
-    static O200K: OpenAiTokenizer = of(Encoding::O200k);
-    static CL100K: OpenAiTokenizer = of(Encoding::Cl100k);
-    static CLAUDE: AnthropicEstimator = AnthropicEstimator {
-        base: of(Encoding::O200k),
+    use Encoding::{Cl100k, O200k};
+    use ImageRule::{Patches, Tiles};
+    type T = OpenAiTokenizer;
+    type A = AnthropicEstimator;
+    type P = AnthropicToolPrompt;
+    const R: u64 = OPENAI_REASONING_TOOLS;
+    const N: u64 = OPENAI_TOOLS;
+    const MINI: ImageRule = Tiles {
+        base: 2833,
+        tile: 5667,
     };
+    static CL100K: T = T::preset(Cl100k, ImageRule::TILES, N);
+    static O200K: T = T::preset(O200k, ImageRule::TILES, N);
+    static O200K_REASONING: T = T::preset(O200k, ImageRule::TILES, R);
+    static GPT_4O_MINI: T = T::preset(O200k, MINI, N);
+    static P162: T = T::preset(O200k, Patches { milli: 1620 }, N);
+    static P246: T = T::preset(O200k, Patches { milli: 2460 }, N);
+    static P162_REASONING: T = T::preset(O200k, Patches { milli: 1620 }, R);
+    static P172_REASONING: T = T::preset(O200k, Patches { milli: 1720 }, R);
+    static P246_REASONING: T = T::preset(O200k, Patches { milli: 2460 }, R);
+    static CLAUDE_3_OPUS: A = A::preset(P::CLAUDE_3_OPUS);
+    static CLAUDE_3_SONNET: A = A::preset(P::CLAUDE_3_SONNET);
+    static CLAUDE_3_HAIKU: A = A::preset(P::CLAUDE_3_HAIKU);
+    static CLAUDE_4: A = A::preset(P::CLAUDE_4);
+    static CLAUDE_MEASURED: A = A::preset(P::MEASURED);
+
     let m = model.rsplit('/').next().unwrap_or(model);
     if m.starts_with("claude") {
-        return &CLAUDE;
+        let p = P::for_model(m);
+        return [
+            (P::CLAUDE_3_OPUS, &CLAUDE_3_OPUS),
+            (P::CLAUDE_3_SONNET, &CLAUDE_3_SONNET),
+            (P::CLAUDE_3_HAIKU, &CLAUDE_3_HAIKU),
+            (P::CLAUDE_4, &CLAUDE_4),
+        ]
+        .into_iter()
+        .find(|(q, _)| *q == p)
+        .map_or(&CLAUDE_MEASURED, |(_, e)| e);
     }
-    match Encoding::for_model(m) {
-        Encoding::O200k => &O200K,
-        Encoding::Cl100k => &CL100K,
+    let t = T::for_model(m);
+    let reasoning = t.tools_overhead == R;
+    match (t.encoding, t.images, reasoning) {
+        (Cl100k, _, _) => &CL100K,
+        (O200k, Tiles { base: 2833, .. }, _) => &GPT_4O_MINI,
+        (O200k, Patches { milli: 1620 }, false) => &P162,
+        (O200k, Patches { milli: 2460 }, false) => &P246,
+        (O200k, Patches { milli: 1620 }, true) => &P162_REASONING,
+        (O200k, Patches { milli: 1720 }, _) => &P172_REASONING,
+        (O200k, Patches { milli: 2460 }, true) => &P246_REASONING,
+        (O200k, _, true) => &O200K_REASONING,
+        (O200k, _, false) => &O200K,
     }
 }
 
 /// The token cost of one request, as a token bucket charges it before the call.
+///
+/// # Reasoning
+///
+/// `output` is the request's `max_tokens`, and that already bounds reasoning on both
+/// providers: OpenAI counts reasoning tokens as completion tokens, within
+/// `max_completion_tokens`; Anthropic's thinking `budget_tokens` must be below `max_tokens`
+/// and is spent within it. So a reasoning request reserves `max_tokens` of output, no more,
+/// and the reported usage (whose `output_tokens` include reasoning) settles it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct TokenCost {
     /// Estimated prompt tokens.
@@ -286,11 +515,85 @@ impl TokenCost {
     }
 }
 
+/// Which of a response's reported tokens count against the provider's token rate limits: how a
+/// token bucket turns a [`Usage`] into the [`TokenCost`] it settles.
+///
+/// - **OpenAI**: cached prompt tokens (`prompt_tokens_details.cached_tokens`) are billed at a
+///   discount but count in full toward TPM: the rate limiter runs before any cache lookup
+///   (OpenAI's prompt-caching FAQ and staff answers on its forum). [`UsageRule::AllInput`].
+/// - **Anthropic**: for current models (Claude 4 and later), "only uncached input tokens count
+///   towards your ITPM": `input_tokens` after the last cache breakpoint and
+///   `cache_creation_input_tokens` count, `cache_read_input_tokens` do not (the "Rate limits"
+///   page, *cache-aware ITPM*). The older models marked † there (Haiku 3.5 and others of the
+///   Claude 3 generation) still count cache reads. [`UsageRule::ExcludeCacheReads`] for the
+///   former; `AllInput` for every `claude-3*` (and older) model, which overcharges the
+///   undaggered ones at worst.
+///
+/// Output tokens (reasoning included) always count in full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum UsageRule {
+    /// Every input token counts, cached ones included (OpenAI; the default, which never
+    /// undercharges).
+    #[default]
+    AllInput,
+    /// Input tokens read from the prompt cache do not count; those written to it do (current
+    /// Anthropic models).
+    ExcludeCacheReads,
+}
+
+impl UsageRule {
+    /// The rule of a model name: [`ExcludeCacheReads`](Self::ExcludeCacheReads) for Claude
+    /// models after the Claude 3 generation, [`AllInput`](Self::AllInput) for `claude-3*`,
+    /// `claude-2*`, `claude-instant*` and every other model.
+    pub fn for_model(model: &str) -> UsageRule {
+        let m = model.rsplit('/').next().unwrap_or(model);
+        let older = ["claude-3", "claude-2", "claude-instant"];
+        if m.starts_with("claude") && !older.iter().any(|p| m.starts_with(p)) {
+            UsageRule::ExcludeCacheReads
+        } else {
+            UsageRule::AllInput
+        }
+    }
+
+    /// The cost `usage` counts against the limits.
+    ///
+    /// ```
+    /// use portcullis_core::Usage;
+    /// use portcullis_core::tokens::UsageRule;
+    ///
+    /// // 10 000 prompt tokens, of which 9 000 read from the cache and 500 written to it.
+    /// let usage = Usage::new(10_000, 200).with_cache(9_000, 500);
+    /// assert_eq!(UsageRule::AllInput.charged(&usage).input, 10_000);
+    /// assert_eq!(UsageRule::ExcludeCacheReads.charged(&usage).input, 1_000);
+    /// assert_eq!(UsageRule::ExcludeCacheReads.charged(&usage).output, 200);
+    /// ```
+    pub fn charged(self, usage: &Usage) -> TokenCost {
+        let input = match self {
+            UsageRule::AllInput => usage.input_tokens,
+            UsageRule::ExcludeCacheReads => {
+                usage.input_tokens.saturating_sub(usage.cached_input_tokens)
+            }
+        };
+        TokenCost {
+            input,
+            output: usage.output_tokens,
+        }
+    }
+}
+
 /// Computes a request's token cost. Implement it for your own request type to use the token
 /// bucket with it; closures `Fn(&Req) -> TokenCost` implement it too.
 pub trait CostOf<Req>: Send + Sync {
     /// The cost to reserve before calling.
     fn cost(&self, req: &Req) -> TokenCost;
+
+    /// How the reported usage of `req` counts against the limits, for reconciliation. The
+    /// default, [`UsageRule::AllInput`], never undercharges; [`ChatCost`] picks the model's.
+    fn usage_rule(&self, req: &Req) -> UsageRule {
+        let _ = req;
+        UsageRule::AllInput
+    }
 }
 
 impl<Req, F> CostOf<Req> for F
@@ -302,8 +605,10 @@ where
     }
 }
 
-/// The standard cost of a [`ChatRequest`]: its estimated prompt (by
-/// [`estimator_for_model`]) plus `max_tokens`.
+/// The standard cost of a [`ChatRequest`]: its estimated prompt (by [`estimator_for_model`]'s
+/// [`count_request`](TokenEstimator::count_request): messages, images, documents, tool
+/// definitions, tool calls and results, JSON schema) plus `max_tokens`, which bounds reasoning
+/// too (see [`TokenCost`]). Its usage rule is [`UsageRule::for_model`].
 ///
 /// ```
 /// use portcullis_core::{ChatCost, ChatMessage, ChatRequest, CostOf};
@@ -328,9 +633,13 @@ impl ChatCost {
 impl CostOf<ChatRequest> for ChatCost {
     fn cost(&self, req: &ChatRequest) -> TokenCost {
         TokenCost {
-            input: estimator_for_model(&req.model).count_messages(&req.messages),
+            input: estimator_for_model(&req.model).count_request(req),
             output: u64::from(req.options.max_tokens),
         }
+    }
+
+    fn usage_rule(&self, req: &ChatRequest) -> UsageRule {
+        UsageRule::for_model(&req.model)
     }
 }
 
@@ -400,5 +709,242 @@ mod tests {
                 "estimate {est} too far above real {real}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod calibration {
+    use super::*;
+    use crate::content::Tool;
+    use crate::{ChatMessage as M, ChatRequest};
+    use serde_json::json;
+
+    fn tool(name: &str, desc: &str, params: serde_json::Value) -> Tool {
+        Tool::new(name, desc, params).unwrap()
+    }
+
+    fn weather_args() -> serde_json::Value {
+        json!({"properties":{"city":{"title":"City","type":"string"},"country":{"title":"Country","type":"string"},"units":{"default":"c","enum":["c","f"],"title":"Units","type":"string"}},"required":["city","country","units"],"title":"GetWeatherArgs","type":"object","additionalProperties":false})
+    }
+
+    /// Requests whose tools and reported input tokens are recorded in the shared fixtures.
+    pub(crate) fn cases() -> Vec<(&'static str, ChatRequest, u64)> {
+        vec![
+            (
+                "openai/ai-gateway_tool_calls (gpt-5-nano)",
+                ChatRequest::new(
+                    "gpt-5-nano",
+                    vec![M::user("What is the weather like in San Francisco?")],
+                )
+                .tools(vec![tool(
+                    "get_current_weather",
+                    "Get the current weather in a given location",
+                    json!({"properties":{"location":{"description":"The city and state, e.g. San Francisco, CA","type":"string"},"unit":{"enum":["celsius","fahrenheit"],"type":"string"}},"required":["location"],"type":"object"}),
+                )])
+                .tool_choice(ToolChoice::Auto)
+                .parallel_tool_calls(true),
+                162,
+            ),
+            (
+                "openai/openai-python_stream_tool_call (gpt-4o)",
+                ChatRequest::new(
+                    "gpt-4o-2024-08-06",
+                    vec![M::user("What's the weather like in Edinburgh?")],
+                )
+                .tools(vec![tool("GetWeatherArgs", "", weather_args()).strict(true)]),
+                76,
+            ),
+            (
+                "openai/openai-python_stream_parallel_tool_calls (gpt-4o)",
+                ChatRequest::new(
+                    "gpt-4o-2024-08-06",
+                    vec![
+                        M::user("What's the weather like in Edinburgh?"),
+                        M::user("What's the price of AAPL?"),
+                    ],
+                )
+                .tools(vec![
+                    tool(
+                        "GetWeatherArgs",
+                        "Get the temperature for the given country/city combo",
+                        weather_args(),
+                    )
+                    .strict(true),
+                    tool(
+                        "get_stock_price",
+                        "Fetch the latest price for a given ticker",
+                        json!({"properties":{"ticker":{"title":"Ticker","type":"string"},"exchange":{"title":"Exchange","type":"string"}},"required":["ticker","exchange"],"title":"GetStockPrice","type":"object","additionalProperties":false}),
+                    )
+                    .strict(true),
+                ]),
+                149,
+            ),
+            (
+                "anthropic/llm-anthropic_stream_tool_use (claude-haiku-4-5)",
+                ChatRequest::new(
+                    "claude-haiku-4-5-20251001",
+                    vec![M::user("Two names for a pet pelican")],
+                )
+                .tools(vec![tool(
+                    "pelican_name_generator",
+                    "",
+                    json!({"properties":{},"type":"object"}),
+                )]),
+                542,
+            ),
+        ]
+    }
+
+    /// The estimate (what [`ChatCost`] reserves) never undercounts a recorded request with
+    /// tools, and stays within half again of it.
+    #[test]
+    fn tool_requests_never_undercount_the_recordings() {
+        for (name, req, real) in cases() {
+            let est = ChatCost.cost(&req).input;
+            println!("{name}: estimated {est}, reported {real}");
+            assert!(est >= real, "{name}: estimate {est} under reported {real}");
+            assert!(
+                est * 2 <= real * 3,
+                "{name}: estimate {est} too far above reported {real}"
+            );
+        }
+    }
+
+    /// The text-only recordings still hold through `count_request` (the path `ChatCost` takes).
+    #[test]
+    fn text_requests_unchanged() {
+        for (msgs, real) in super::tests::ANTHROPIC_REAL {
+            let msgs: Vec<M> = msgs.iter().map(|(r, c)| M::new(*r, *c)).collect();
+            let req = ChatRequest::new("claude-sonnet-4-5", msgs.clone());
+            let e = estimator_for_model(&req.model);
+            assert_eq!(e.count_request(&req), e.count_messages(&msgs));
+            assert!(e.count_request(&req) >= *real);
+        }
+        // OpenAI's gpt-5-nano "Hello!" reported 8 prompt tokens.
+        let req = ChatRequest::new("gpt-5-nano", vec![M::user("Hello!")]);
+        assert_eq!(ChatCost.cost(&req).input, 9);
+    }
+
+    #[test]
+    fn tool_calls_and_results_are_counted() {
+        use crate::content::{Part, ToolCall};
+        let ask = M::user("What is the weather in Paris?");
+        let call = M::assistant_parts(vec![Part::ToolCall(ToolCall::new(
+            "call_Xc4Aiih37EUJvqjoZlu4Vdoi",
+            "get_weather",
+            r#"{"city":"Paris"}"#,
+        ))]);
+        let answer = M::tool_result("call_Xc4Aiih37EUJvqjoZlu4Vdoi", "18 °C, sunny");
+        for model in ["gpt-4o", "claude-sonnet-4-5"] {
+            let e = estimator_for_model(model);
+            let one = e.count_messages(std::slice::from_ref(&ask));
+            let three = e.count_messages(&[ask.clone(), call.clone(), answer.clone()]);
+            let texts = e.count_text("get_weather")
+                + e.count_text(r#"{"city":"Paris"}"#)
+                + e.count_text("18 °C, sunny");
+            let ids = 2 * e.count_text("call_Xc4Aiih37EUJvqjoZlu4Vdoi");
+            // The call's and the result's text, their ids and framing (and, on OpenAI, two
+            // more messages' overhead).
+            assert!(
+                three >= one + texts + ids + tools::CALL_OVERHEAD + tools::RESULT_OVERHEAD,
+                "{model}: {three} vs {one}"
+            );
+        }
+    }
+
+    #[test]
+    fn images_by_model_rule() {
+        use crate::content::Part;
+        let png = super::image::tests::png(1024, 1024);
+        let msgs = [M::user_parts(vec![
+            Part::text("What is this?"),
+            Part::image_bytes("image/png", &png),
+        ])];
+        let text_only = [M::user("What is this?")];
+        let added = |model: &str| {
+            let e = estimator_for_model(model);
+            e.count_messages(&msgs) - e.count_messages(&text_only)
+        };
+        assert_eq!(added("gpt-4o"), 765);
+        assert_eq!(added("gpt-4.1"), 765);
+        assert_eq!(added("gpt-4o-mini"), 2833 + 4 * 5667);
+        assert_eq!(added("gpt-4.1-mini"), 1659); // 1024 patches × 1.62
+        assert_eq!(added("gpt-5-nano"), 2520); // 1024 patches × 2.46
+        assert_eq!(added("claude-sonnet-4-5"), 1399); // 1024 × 1024 / 750
+        // An image in a tool result counts too.
+        let nested = [M::with_parts(
+            crate::Role::Tool,
+            vec![Part::ToolResult {
+                call_id: "c".into(),
+                content: vec![Part::image_url("https://example.com/a.png")],
+                is_error: false,
+                cache_control: None,
+            }],
+        )];
+        let e = estimator_for_model("claude-opus-4-1");
+        assert!(e.count_messages(&nested) >= ANTHROPIC_IMAGE_MAX);
+    }
+
+    #[test]
+    fn tool_prompts_by_model_and_choice() {
+        let t = || vec![tool("t", "", json!({"type":"object"}))];
+        let with = |model: &str, choice: Option<ToolChoice>| {
+            let mut req = ChatRequest::new(model, vec![M::user("hi")]).tools(t());
+            req.options.tool_choice = choice;
+            let e = estimator_for_model(model);
+            e.count_request(&req) - e.count_messages(&req.messages)
+        };
+        let def = |model: &str| {
+            let e = estimator_for_model(model);
+            tools::ANTHROPIC_PER_TOOL + e.count_text("t") + e.count_text(r#"{"type":"object"}"#)
+        };
+        for (model, auto, forced) in [
+            ("claude-sonnet-4-5", 346, 313),
+            ("claude-opus-4-1-20250805", 346, 313),
+            ("claude-3-opus-latest", 530, 281),
+            ("claude-3-haiku-20240307", 264, 340),
+            ("claude-haiku-4-5", 530, 497),
+            ("claude-fable-5", 530, 497),
+        ] {
+            assert_eq!(with(model, None), auto + def(model), "{model}");
+            assert_eq!(with(model, Some(ToolChoice::None)), auto + def(model));
+            assert_eq!(with(model, Some(ToolChoice::Required)), forced + def(model));
+        }
+        // A JSON schema answer is a forced tool on Anthropic.
+        let req = ChatRequest::new("claude-sonnet-4-5", vec![M::user("hi")]).response_format(
+            crate::ResponseFormat::json_schema("answer", json!({"type":"object"})),
+        );
+        let e = estimator_for_model(&req.model);
+        assert!(e.count_request(&req) >= e.count_messages(&req.messages) + 313);
+        // OpenAI: reasoning models carry the longer preamble.
+        let o = |model: &str| with(model, None);
+        assert_eq!(
+            o("gpt-5-mini") - o("gpt-4.1-mini"),
+            OPENAI_REASONING_TOOLS - OPENAI_TOOLS
+        );
+    }
+
+    #[test]
+    fn usage_rules() {
+        let u = crate::Usage::new(10_000, 300).with_cache(8_000, 1_000);
+        let rule = |m| UsageRule::for_model(m);
+        assert_eq!(rule("claude-sonnet-4-5"), UsageRule::ExcludeCacheReads);
+        assert_eq!(
+            rule("anthropic/claude-opus-4-1"),
+            UsageRule::ExcludeCacheReads
+        );
+        assert_eq!(rule("claude-3-5-haiku-latest"), UsageRule::AllInput);
+        assert_eq!(rule("claude-3-7-sonnet-latest"), UsageRule::AllInput);
+        assert_eq!(rule("gpt-4o"), UsageRule::AllInput);
+        assert_eq!(
+            UsageRule::ExcludeCacheReads.charged(&u),
+            TokenCost {
+                input: 2_000,
+                output: 300
+            }
+        );
+        assert_eq!(UsageRule::AllInput.charged(&u).input, 10_000);
+        let req = ChatRequest::new("claude-haiku-4-5", vec![M::user("hi")]);
+        assert_eq!(ChatCost.usage_rule(&req), UsageRule::ExcludeCacheReads);
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use portcullis_core::{
     Classify, DeadlineExceeded, OnFinish, OverCapacity, RateLimitHints, Refusal, Throttled,
-    TokenCost, Usage,
+    TokenCost, Usage, tokens::UsageRule,
 };
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
@@ -53,6 +53,9 @@ struct Ctx<St: BucketStore> {
     key: St::Key,
     name: Arc<str>,
     cost: TokenCost,
+    /// Which reported tokens count against the limits (cache reads do not on current Anthropic
+    /// models), from the cost function ([`CostOf::usage_rule`](portcullis_core::CostOf::usage_rule)).
+    rule: UsageRule,
     /// The layer's longest wait, and the request's deadline: the latest admission allowed is
     /// the earlier of the two, worked out only when a wait is granted ([`Ctx::limit`]).
     max_wait: Duration,
@@ -170,6 +173,7 @@ where
         key: St::Key,
         name: Arc<str>,
         cost: TokenCost,
+        rule: UsageRule,
         max_wait: Duration,
         max_pause: Duration,
         deadline: Option<Instant>,
@@ -186,6 +190,7 @@ where
                 key,
                 name,
                 cost,
+                rule,
                 max_wait,
                 deadline,
                 max_pause,
@@ -318,13 +323,10 @@ where
                                 ctx.rate_limited(class.retry_after, res.rate_limits());
                             }
                             if let Some(ticket) = ticket {
-                                let store = ctx.store.clone();
+                                let (store, rule) = (ctx.store.clone(), ctx.rule);
                                 res.on_finish(move |finish| {
                                     if let Some(u) = reported(finish.usage()) {
-                                        let used = TokenCost {
-                                            input: u.input_tokens,
-                                            output: u.output_tokens,
-                                        };
+                                        let used = rule.charged(&u);
                                         store.settle(ticket, Settlement::Used(used));
                                     }
                                 });

@@ -25,7 +25,14 @@
 //!   [`CompletionResult`](portcullis_core::CompletionResult), at the end of a
 //!   [`ChatStream`](portcullis_core::ChatStream)), the estimate is replaced by the reported
 //!   usage: the difference is refunded, or the overrun charged. Without reported usage (or on
-//!   an error) the estimate stays charged.
+//!   an error) the estimate stays charged. The usage counts as the provider counts it against
+//!   its limits ([`UsageRule`](portcullis_core::tokens::UsageRule), from the cost function's
+//!   [`usage_rule`](portcullis_core::CostOf::usage_rule); [`ChatCost`](portcullis_core::ChatCost)
+//!   picks it by model): OpenAI counts cached prompt tokens toward TPM, so every input token is
+//!   charged; current Anthropic models do not count cache reads toward ITPM
+//!   (`cache_read_input_tokens`), so they are refunded, while cache writes are charged. Output
+//!   tokens, reasoning included, are charged in full: the reservation of `max_tokens` already
+//!   bounds them.
 //! - **Feedback**: a rate-limited error ([`Classification::rate_limited`]) pauses the key for its
 //!   `retry_after`, cut to `max_pause` ([`TokenBucketConfig::max_pause`]); the handle reads and
 //!   clears a pause; the `remaining` rate-limit headers of responses and errors clamp the local

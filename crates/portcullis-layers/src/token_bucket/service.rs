@@ -87,6 +87,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let key = self.settings.key_fn.key(&req);
         let cost = self.settings.cost.cost(&req);
+        let rule = self.settings.cost.usage_rule(&req);
         // The clock is only read for a deadline: without one, the wait allowed is the layer's.
         let deadline = req.deadline();
         let max_wait = match deadline {
@@ -111,6 +112,7 @@ where
             key,
             self.settings.name.clone(),
             cost,
+            rule,
             self.settings.max_wait,
             self.settings.max_pause,
             deadline,
