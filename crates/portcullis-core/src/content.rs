@@ -609,11 +609,11 @@ impl Reasoning {
         }
     }
 
-    /// The budget, or one from the effort: `minimal` and `low` 1 024 tokens (Anthropic's
-    /// minimum), `medium` 4 096, `high` 16 384.
+    /// The budget (at least 1 024 tokens, Anthropic's minimum), or one from the effort:
+    /// `minimal` and `low` 1 024, `medium` 4 096, `high` 16 384.
     pub fn budget_or_default(&self) -> u32 {
         match (self.budget_tokens, self.effort) {
-            (Some(b), _) => b,
+            (Some(b), _) => b.max(1024),
             (None, Some(ReasoningEffort::Minimal | ReasoningEffort::Low)) => 1024,
             (None, Some(ReasoningEffort::High)) => 16_384,
             (None, _) => 4096,

@@ -273,6 +273,19 @@ impl Default for CompletionOptions {
 }
 
 impl CompletionOptions {
+    /// The most output tokens the call may produce: `max_tokens` for the visible answer, plus
+    /// the thinking budget when reasoning is on ([`Reasoning::budget_or_default`]). Both wires
+    /// send this as the provider's output limit (OpenAI counts reasoning inside
+    /// `max_completion_tokens`, Anthropic thinking inside `max_tokens`), and the token bucket
+    /// reserves it.
+    pub fn output_limit(&self) -> u32 {
+        let budget = self
+            .reasoning
+            .as_ref()
+            .map_or(0, Reasoning::budget_or_default);
+        self.max_tokens.saturating_add(budget)
+    }
+
     /// The extra fields for `provider` (see [`CompletionOptions::extra`]).
     pub fn extra_for(&self, provider: &str) -> Option<&serde_json::Map<String, serde_json::Value>> {
         self.extra.get(provider)

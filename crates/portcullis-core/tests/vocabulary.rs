@@ -121,3 +121,29 @@ fn image_types_are_read_from_the_bytes() {
     assert_eq!(image_media_type(b"BM\0\0"), None);
     assert_eq!(image_media_type(b""), None);
 }
+
+#[test]
+fn the_output_reservation_includes_the_thinking_budget() {
+    use portcullis_core::{ChatCost, ChatRequest, CostOf, Reasoning, ReasoningEffort};
+    let plain =
+        ChatRequest::new("claude-sonnet-4-5", vec![ChatMessage::user("Hi")]).max_tokens(100);
+    assert_eq!(ChatCost.cost(&plain).output, 100);
+    let thinking = plain.clone().reasoning(Reasoning::budget(2000));
+    assert_eq!(thinking.options.output_limit(), 2100);
+    assert_eq!(
+        ChatCost.cost(&thinking).output,
+        2100,
+        "what the wire sends as max_tokens"
+    );
+    // A budget below Anthropic's minimum is raised to it; an effort alone maps to a budget.
+    assert_eq!(
+        plain
+            .clone()
+            .reasoning(Reasoning::budget(10))
+            .options
+            .output_limit(),
+        1124
+    );
+    let effort = plain.reasoning(Reasoning::effort(ReasoningEffort::High));
+    assert_eq!(ChatCost.cost(&effort).output, 100 + 16_384);
+}

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use portcullis_core::{
     ANTHROPIC, CacheControl, ChatMessage, ChatRequest, CompletionResult, FinishReason, LlmError,
-    MediaSource, Part, ResponseFormat, Role, StreamChunk, ThinkingDelta, Tool, ToolCall,
+    MediaSource, Part, Reasoning, ResponseFormat, Role, StreamChunk, ThinkingDelta, Tool, ToolCall,
     ToolCallDelta, ToolChoice, Usage,
 };
 use serde::{Deserialize, Serialize};
@@ -38,8 +38,6 @@ pub type AnthropicBuilder = Builder<Anthropic>;
 pub const MAX_IMAGE_BYTES: usize = 5 * 1024 * 1024;
 /// The largest inline PDF Anthropic takes (32 MB, its request limit), refused before sending.
 pub const MAX_DOCUMENT_BYTES: usize = 32 * 1024 * 1024;
-/// Anthropic's smallest thinking budget; a smaller one is raised to it.
-pub const MIN_THINKING_BUDGET: u32 = 1024;
 
 /// How [`ResponseFormat::JsonSchema`] is asked of Anthropic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,7 +65,7 @@ pub enum StructuredOutput {
 ///   text that follows.
 /// - Reasoning turns on extended thinking (`budget_tokens` from
 ///   [`Reasoning::budget_or_default`](portcullis_core::Reasoning::budget_or_default), at least
-///   [`MIN_THINKING_BUDGET`]); `max_tokens` grows by the budget, as Anthropic counts thinking
+///   1 024); `max_tokens` grows by the budget, as Anthropic counts thinking
 ///   inside it, and `temperature` is not sent (thinking requires the default).
 /// - [`ResponseFormat::JsonSchema`] goes as [`StructuredOutput`] says;
 ///   [`ResponseFormat::JsonObject`] (Anthropic has no schemaless JSON mode) as a forced tool
@@ -487,10 +485,7 @@ impl Wire for Anthropic {
                 _ => messages.push(Msg { role, content: c }),
             }
         }
-        let thinking_budget = o
-            .reasoning
-            .as_ref()
-            .map(|r| r.budget_or_default().max(MIN_THINKING_BUDGET));
+        let thinking_budget = o.reasoning.as_ref().map(Reasoning::budget_or_default);
         let mut tools = tool_defs(req, tool_def)?;
         let mut choice = o.tool_choice.as_ref().map(|c| match c {
             ToolChoice::None => json!({"type": "none"}),
@@ -538,7 +533,7 @@ impl Wire for Anthropic {
         }
         let body = Body {
             model: &req.model,
-            max_tokens: o.max_tokens.saturating_add(thinking_budget.unwrap_or(0)),
+            max_tokens: o.output_limit(),
             system: system(&system_msgs)?,
             messages,
             temperature: thinking_budget.is_none().then_some(o.temperature),

@@ -48,8 +48,8 @@
 //! - **a JSON schema answer**: its schema (a forced tool on Anthropic).
 //!
 //! A text-only request takes the same path as before and allocates nothing; tools and schemas
-//! are serialized to be counted. The output side is `max_tokens`, which bounds reasoning too
-//! ([`TokenCost`]). After the call, the token bucket settles the reservation with the reported
+//! are serialized to be counted. The output side is `max_tokens` plus the thinking budget
+//! when reasoning is on ([`TokenCost`]). After the call, the token bucket settles the reservation with the reported
 //! usage as the provider counts it against its limits ([`UsageRule`]).
 
 use crate::content::{Part, Tool, ToolChoice};
@@ -495,11 +495,12 @@ pub fn estimator_for_model(model: &str) -> &'static dyn TokenEstimator {
 ///
 /// # Reasoning
 ///
-/// `output` is the request's `max_tokens`, and that already bounds reasoning on both
-/// providers: OpenAI counts reasoning tokens as completion tokens, within
-/// `max_completion_tokens`; Anthropic's thinking `budget_tokens` must be below `max_tokens`
-/// and is spent within it. So a reasoning request reserves `max_tokens` of output, no more,
-/// and the reported usage (whose `output_tokens` include reasoning) settles it.
+/// `output` is the request's output limit
+/// ([`CompletionOptions::output_limit`](crate::CompletionOptions::output_limit)): `max_tokens`
+/// for the visible answer plus, with reasoning on, the thinking budget. That is what both wires
+/// send as the provider's limit (OpenAI counts reasoning inside `max_completion_tokens`,
+/// Anthropic thinking inside `max_tokens`), so it bounds the whole output, reasoning included;
+/// the reported usage (whose `output_tokens` include reasoning) settles it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct TokenCost {
     /// Estimated prompt tokens.
@@ -607,8 +608,8 @@ where
 
 /// The standard cost of a [`ChatRequest`]: its estimated prompt (by [`estimator_for_model`]'s
 /// [`count_request`](TokenEstimator::count_request): messages, images, documents, tool
-/// definitions, tool calls and results, JSON schema) plus `max_tokens`, which bounds reasoning
-/// too (see [`TokenCost`]). Its usage rule is [`UsageRule::for_model`].
+/// definitions, tool calls and results, JSON schema) plus the output limit, `max_tokens` and
+/// the thinking budget (see [`TokenCost`]). Its usage rule is [`UsageRule::for_model`].
 ///
 /// ```
 /// use portcullis_core::{ChatCost, ChatMessage, ChatRequest, CostOf};
@@ -634,7 +635,7 @@ impl CostOf<ChatRequest> for ChatCost {
     fn cost(&self, req: &ChatRequest) -> TokenCost {
         TokenCost {
             input: estimator_for_model(&req.model).count_request(req),
-            output: u64::from(req.options.max_tokens),
+            output: u64::from(req.options.output_limit()),
         }
     }
 
