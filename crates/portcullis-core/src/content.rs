@@ -179,35 +179,20 @@ impl Part {
     }
 }
 
-/// The media type of an image from its first bytes (`image/png`, `image/jpeg`, `image/gif`,
-/// `image/webp`: the types both providers take), or `None`.
+/// The media type of an image from its header (`image/png`, `image/jpeg`, `image/gif`,
+/// `image/webp`: the types both providers take), or `None` when the bytes are not one of them
+/// or their header is broken. The header is read by [`image_size`](crate::tokens::image_size),
+/// without decoding the image.
 ///
 /// ```
-/// assert_eq!(portcullis_core::image_media_type(b"\x89PNG\r\n\x1a\n..."), Some("image/png"));
-/// assert_eq!(portcullis_core::image_media_type(b"BM..."), None);
+/// // A GIF header: "GIF89a", 300 × 200.
+/// assert_eq!(portcullis_core::image_media_type(b"GIF89a\x2c\x01\xc8\x00\x00\x00\x00"), Some("image/gif"));
+/// assert_eq!(portcullis_core::image_media_type(b"BM, a bitmap"), None);
 /// ```
 pub fn image_media_type(bytes: &[u8]) -> Option<&'static str> {
-    match bytes {
-        [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, ..] => Some("image/png"),
-        [0xff, 0xd8, 0xff, ..] => Some("image/jpeg"),
-        [b'G', b'I', b'F', b'8', b'7' | b'9', b'a', ..] => Some("image/gif"),
-        [
-            b'R',
-            b'I',
-            b'F',
-            b'F',
-            _,
-            _,
-            _,
-            _,
-            b'W',
-            b'E',
-            b'B',
-            b'P',
-            ..,
-        ] => Some("image/webp"),
-        _ => None,
-    }
+    crate::tokens::image_size(bytes)
+        .ok()
+        .map(|s| s.format.media_type())
 }
 
 /// Where an image or a document is.

@@ -21,6 +21,18 @@ pub enum ImageFormat {
     WebP,
 }
 
+impl ImageFormat {
+    /// The format's media type (`image/png`, `image/gif`, `image/jpeg`, `image/webp`).
+    pub fn media_type(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "image/png",
+            ImageFormat::Gif => "image/gif",
+            ImageFormat::Jpeg => "image/jpeg",
+            ImageFormat::WebP => "image/webp",
+        }
+    }
+}
+
 /// The size of an image, from its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ImageSize {
