@@ -170,7 +170,7 @@ fn sextet(c: u8) -> Option<u32> {
 
 /// The (up to) three bytes of one group of (up to) four characters; `None` on a bad character
 /// or a lone trailing character.
-fn decode_quad(quad: &[u8]) -> Option<[u8; 3]> {
+pub(crate) fn decode_quad(quad: &[u8]) -> Option<[u8; 3]> {
     if quad.len() < 2 {
         return None;
     }
