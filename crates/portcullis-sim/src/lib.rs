@@ -102,13 +102,17 @@
 
 mod anthropic;
 mod api;
+mod cache;
 mod generate;
 mod limits;
+mod media;
 mod openai;
 mod scenario;
+mod schema;
 mod server;
 mod state;
 mod stats;
+mod tools;
 mod wire;
 
 use std::net::SocketAddr;
@@ -319,11 +323,12 @@ impl SimHandle {
         *lock(&self.shared.stats) = Stats::default();
     }
 
-    /// Zeroes the counts and the limit windows, and restarts the timeline and the `times`
-    /// counters of the faults (what `POST /_sim/reset` does).
+    /// Zeroes the counts and the limit windows, empties the prompt cache, and restarts the
+    /// timeline and the `times` counters of the faults (what `POST /_sim/reset` does).
     pub fn reset(&self) {
         self.reset_stats();
         lock(&self.shared.limiter).reset();
+        lock(&self.shared.cache).clear();
         self.shared.restart_plan();
     }
 
