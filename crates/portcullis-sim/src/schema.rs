@@ -27,14 +27,19 @@ const WORDS: &[&str] = &[
 
 /// How deep references and nesting may go before the generator gives up with `null`.
 const MAX_DEPTH: usize = 24;
+/// How many values one example may hold (a client's `minItems` cannot blow it up) before the
+/// generator gives up with `null`.
+const MAX_NODES: usize = 2000;
 
 /// An example value that validates against `schema` (see the module documentation).
 pub(crate) fn example(schema: &Value) -> Value {
-    build(schema, schema, "value", 0)
+    let mut nodes = 0;
+    build(schema, schema, "value", 0, &mut nodes)
 }
 
-fn build(schema: &Value, root: &Value, name: &str, depth: usize) -> Value {
-    if depth > MAX_DEPTH {
+fn build(schema: &Value, root: &Value, name: &str, depth: usize, nodes: &mut usize) -> Value {
+    *nodes += 1;
+    if depth > MAX_DEPTH || *nodes > MAX_NODES {
         return Value::Null;
     }
     let Some(s) = schema.as_object() else {
@@ -53,7 +58,7 @@ fn build(schema: &Value, root: &Value, name: &str, depth: usize) -> Value {
     }
     if let Some(r) = s.get("$ref").and_then(Value::as_str) {
         return match resolve(root, r) {
-            Some(target) => build(target, root, name, depth + 1),
+            Some(target) => build(target, root, name, depth + 1, nodes),
             None => Value::Null,
         };
     }
@@ -64,7 +69,7 @@ fn build(schema: &Value, root: &Value, name: &str, depth: usize) -> Value {
                 .find(|b| b.get("type").and_then(Value::as_str) != Some("null"))
                 .or(branches.first());
             if let Some(b) = pick {
-                return build(b, root, name, depth + 1);
+                return build(b, root, name, depth + 1, nodes);
             }
         }
     }
@@ -73,7 +78,7 @@ fn build(schema: &Value, root: &Value, name: &str, depth: usize) -> Value {
         .and_then(Value::as_array)
         .and_then(|a| a.first())
     {
-        return build(b, root, name, depth + 1);
+        return build(b, root, name, depth + 1, nodes);
     }
     let ty = match s.get("type") {
         Some(Value::String(t)) => t.as_str(),
@@ -87,7 +92,7 @@ fn build(schema: &Value, root: &Value, name: &str, depth: usize) -> Value {
         _ => return json!({}),
     };
     match ty {
-        "object" => object(s, root, depth),
+        "object" => object(s, root, depth, nodes),
         "array" => {
             let n = s
                 .get("minItems")
@@ -97,7 +102,7 @@ fn build(schema: &Value, root: &Value, name: &str, depth: usize) -> Value {
             let items = s.get("items").unwrap_or(&Value::Null);
             Value::Array(
                 (0..n)
-                    .map(|_| build(items, root, name, depth + 1))
+                    .map(|_| build(items, root, name, depth + 1, nodes))
                     .collect(),
             )
         }
@@ -116,7 +121,7 @@ fn build(schema: &Value, root: &Value, name: &str, depth: usize) -> Value {
     }
 }
 
-fn object(s: &Map<String, Value>, root: &Value, depth: usize) -> Value {
+fn object(s: &Map<String, Value>, root: &Value, depth: usize, nodes: &mut usize) -> Value {
     let empty = Map::new();
     let props = s
         .get("properties")
@@ -132,7 +137,7 @@ fn object(s: &Map<String, Value>, root: &Value, depth: usize) -> Value {
     let mut out = Map::new();
     for key in required {
         let sub = props.get(key).unwrap_or(&Value::Bool(true));
-        out.insert(key.to_owned(), build(sub, root, key, depth + 1));
+        out.insert(key.to_owned(), build(sub, root, key, depth + 1, nodes));
     }
     Value::Object(out)
 }
@@ -158,7 +163,7 @@ fn string(s: &Map<String, Value>, name: &str) -> String {
         .get("minLength")
         .and_then(Value::as_u64)
         .unwrap_or(0)
-        .min(4096) as usize;
+        .min(1024) as usize;
     while out.chars().count() < min {
         out.push('a');
     }
@@ -227,5 +232,11 @@ mod tests {
         // A self-referencing schema ends.
         let looped = json!({"$ref": "#"});
         assert_eq!(example(&looped), Value::Null);
+        // Nested minItems cannot blow the example up.
+        let mut wide = json!({"type": "integer"});
+        for _ in 0..20 {
+            wide = json!({"type": "array", "items": wide, "minItems": 16});
+        }
+        assert!(example(&wide).to_string().len() < 100_000);
     }
 }
