@@ -55,10 +55,9 @@
 //! - **Thinking** (Anthropic): a `thinking` block with a `signature` (a keyed hash of its text)
 //!   before the content; a thinking block sent back with a signature the simulator did not
 //!   produce for that text is refused with the real 400 ("Invalid `signature` in `thinking`
-//!   block"). OpenAI reasoning
-//!   models spend hidden `reasoning_tokens` by `reasoning_effort` (minimal 16, low 64,
-//!   medium 192 by default, high 448), which count in `completion_tokens` and
-//!   `max_completion_tokens`.
+//!   block"). OpenAI reasoning models spend hidden `reasoning_tokens` by `reasoning_effort`
+//!   (minimal 16, low 64, medium 192 by default, high 448), which count in
+//!   `completion_tokens` and `max_completion_tokens`.
 //! - **Prompt caching**, per server, bounded (4096 prefixes, least recently used out first):
 //!   Anthropic `cache_control` breakpoints of at least the model's minimum (1024 tokens; 4096
 //!   for Haiku 4.5 / Opus 4.5; 2048 for older Haiku) are written (`cache_creation_input_tokens`,
