@@ -13,7 +13,8 @@ use rand::rngs::SmallRng;
 use serde_json::Value;
 
 use crate::anthropic::Anthropic;
-use crate::generate::{Generated, fingerprint, generate};
+use crate::cache::CachePoint;
+use crate::generate::{Generated, Plan, answer, fingerprint};
 use crate::limits::{LimitView, Refusal};
 use crate::openai::OpenAi;
 use crate::scenario::{Family, FaultKind, FaultRule, Limits};
@@ -35,6 +36,8 @@ pub(crate) trait SimApi: Sync {
     fn request_id(&self, rng: &mut SmallRng) -> String;
     /// A fresh id for the answer (`chatcmpl-…`, `msg_01…`).
     fn answer_id(&self, rng: &mut SmallRng) -> String;
+    /// A tool call id (`call_…`, `toolu_01…`), drawn from the request's own RNG.
+    fn tool_call_id(&self, rng: &mut SmallRng) -> String;
     /// The API key the request carries, trimmed (perhaps empty).
     fn api_key<'h>(&self, h: &'h HeaderMap) -> Option<&'h str>;
 
@@ -126,6 +129,10 @@ pub(crate) struct Parsed {
     pub input_tokens: u64,
     /// The messages (and system prompt) as sent, which seed the answer.
     pub content_key: String,
+    /// What the answer is to be: tool calls, structured output, thinking.
+    pub plan: Plan,
+    /// The cacheable prefixes of the prompt, shortest first.
+    pub cache_points: Vec<CachePoint>,
 }
 
 /// What a response needs besides the request and the generated text.
@@ -267,7 +274,20 @@ where
         settings.seed,
         &[model.as_bytes(), parsed.content_key.as_bytes()],
     );
-    let generated = generate(seed, api.encoding(model), parsed.max_tokens, &parsed.stops);
+    let mut generated = answer(
+        seed,
+        api.encoding(model),
+        &parsed.plan,
+        parsed.max_tokens,
+        &parsed.stops,
+        |rng| api.tool_call_id(rng),
+    );
+    if !parsed.cache_points.is_empty() {
+        let family = [api.family() as u8];
+        let scope: [&[u8]; 3] = [&family, key.as_bytes(), model.as_bytes()];
+        generated.cache =
+            lock(&shared.cache).apply(&scope, &parsed.cache_points, tokio::time::Instant::now());
+    }
     if let Some((which, amount)) = api.refund(&parsed, &generated) {
         lock(&shared.limiter).refund(api, &key, model, which, amount);
     }

@@ -1,8 +1,14 @@
-//! Deterministic generated text: the same request and seed always give the same answer.
+//! Deterministic generated answers: the same request and seed always give the same text, tool
+//! calls, structured output and thinking.
 
 use portcullis_core::Encoding;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+use crate::cache::CacheUse;
+use crate::schema;
+use crate::tools::{self, PlannedCall};
 
 const WORDS: &[&str] = &[
     "the", "pelican", "river", "quiet", "bright", "model", "answer", "gate", "stone", "keeps",
@@ -21,33 +27,104 @@ pub(crate) enum Ending {
     Length,
     /// A stop sequence cut it (the sequence is not in the text).
     Stop(String),
+    /// It calls tools.
+    ToolUse,
+}
+
+/// A tool call of the answer.
+#[derive(Debug, Clone)]
+pub(crate) struct ToolCall {
+    /// `call_…` / `toolu_01…`, deterministic per request.
+    pub id: String,
+    pub name: String,
+    /// The arguments as compact JSON.
+    pub arguments: String,
+}
+
+/// A thinking block of the answer (Anthropic), signed by the simulator.
+#[derive(Debug, Clone)]
+pub(crate) struct Thinking {
+    pub text: String,
+    pub signature: String,
 }
 
 /// A generated answer, already cut by stop sequences and `max_tokens`.
 #[derive(Debug, Clone)]
 pub(crate) struct Generated {
+    /// The visible text (empty when the answer only calls tools).
     pub text: String,
     pub ending: Ending,
-    /// Tokens of `text` (the completion / output tokens).
+    /// All output tokens: text, tool calls, thinking and reasoning.
     pub tokens: u64,
+    pub calls: Vec<ToolCall>,
+    pub thinking: Option<Thinking>,
+    /// OpenAI's hidden reasoning tokens (part of `tokens`).
+    pub reasoning_tokens: u64,
+    /// What prompt caching did for the request.
+    pub cache: CacheUse,
+}
+
+/// The shape of a text answer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) enum Format {
+    /// Prose.
+    #[default]
+    Text,
+    /// A JSON object (OpenAI `json_object`): `{"answer": prose}`.
+    JsonObject,
+    /// An example of this schema (OpenAI `json_schema`).
+    JsonSchema(Value),
+}
+
+/// What a request asks the answer to be, decided when it is parsed.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Plan {
+    /// Tool calls to make instead of text.
+    pub calls: Vec<PlannedCall>,
+    pub format: Format,
+    /// A signed thinking block before the content (Anthropic).
+    pub thinking: bool,
+    /// Hidden reasoning tokens (OpenAI reasoning models).
+    pub reasoning_tokens: u64,
+    /// The text of the tool result the request ends with, which the answer sums up.
+    pub tool_result: Option<String>,
 }
 
 impl Generated {
     /// The text in several pieces, one per word (each but the first with its leading space).
     pub(crate) fn pieces(&self) -> Vec<&str> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        for (i, c) in self.text.char_indices() {
-            if (c == ' ' || c == '\n') && i > start {
-                out.push(&self.text[start..i]);
-                start = i;
-            }
-        }
-        if start < self.text.len() {
-            out.push(&self.text[start..]);
-        }
-        out
+        pieces(&self.text)
     }
+}
+
+/// A text in several pieces, one per word (each but the first with its leading space).
+pub(crate) fn pieces(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        if (c == ' ' || c == '\n') && i > start {
+            out.push(&text[start..i]);
+            start = i;
+        }
+    }
+    if start < text.len() {
+        out.push(&text[start..]);
+    }
+    out
+}
+
+/// Streamed JSON (tool arguments) in fragments of about eight bytes, as the APIs send them.
+pub(crate) fn fragments(json: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, _) in json.char_indices() {
+        if i - start >= 8 {
+            out.push(&json[start..i]);
+            start = i;
+        }
+    }
+    out.push(&json[start..]);
+    out
 }
 
 /// FNV-1a, stable across runs and platforms.
@@ -62,13 +139,89 @@ pub(crate) fn fingerprint(seed: u64, parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// Generates the answer for a request fingerprint, in the encoding the model counts with.
+/// Generates the answer a [`Plan`] asks for. `call_id` draws a tool call id; the ids come from
+/// the request fingerprint, so they are deterministic per request.
+pub(crate) fn answer(
+    fingerprint: u64,
+    encoding: Encoding,
+    plan: &Plan,
+    max_tokens: Option<u64>,
+    stops: &[String],
+    call_id: impl Fn(&mut SmallRng) -> String,
+) -> Generated {
+    let mut spent = 0;
+    let thinking = plan.thinking.then(|| {
+        let text = format!("Let me think about this. {}", prose(fingerprint ^ 0x7417));
+        spent += encoding.count_exact(&text);
+        Thinking {
+            signature: tools::sign(&text),
+            text,
+        }
+    });
+    let reasoning_tokens = plan.reasoning_tokens.min(max_tokens.unwrap_or(u64::MAX));
+    spent += reasoning_tokens;
+    let budget = max_tokens.map(|m| m.saturating_sub(spent));
+
+    let mut g = if !plan.calls.is_empty() {
+        let mut rng = SmallRng::seed_from_u64(fingerprint ^ 0xca11);
+        let calls: Vec<ToolCall> = plan
+            .calls
+            .iter()
+            .map(|c| ToolCall {
+                id: call_id(&mut rng),
+                name: c.name.clone(),
+                arguments: c.arguments.to_string(),
+            })
+            .collect();
+        let tokens = calls
+            .iter()
+            .map(|c| encoding.count_exact(&c.name) + encoding.count_exact(&c.arguments))
+            .sum();
+        Generated {
+            text: String::new(),
+            ending: Ending::ToolUse,
+            tokens,
+            calls,
+            thinking: None,
+            reasoning_tokens: 0,
+            cache: CacheUse::default(),
+        }
+    } else {
+        match &plan.format {
+            Format::JsonSchema(s) => cut(schema::example(s).to_string(), encoding, budget, &[]),
+            Format::JsonObject => {
+                let text = json!({ "answer": prose(fingerprint) }).to_string();
+                cut(text, encoding, budget, &[])
+            }
+            Format::Text => {
+                let mut text = prose(fingerprint);
+                if let Some(result) = &plan.tool_result {
+                    let result: String = result.chars().take(80).collect();
+                    text = format!("The tool returned: {}. {text}", result.trim());
+                }
+                cut(text, encoding, budget, stops)
+            }
+        }
+    };
+    g.tokens += spent;
+    g.thinking = thinking;
+    g.reasoning_tokens = reasoning_tokens;
+    g
+}
+
+/// Generates the prose answer for a request fingerprint, in the encoding the model counts with.
+#[cfg(test)]
 pub(crate) fn generate(
     fingerprint: u64,
     encoding: Encoding,
     max_tokens: Option<u64>,
     stops: &[String],
 ) -> Generated {
+    cut(prose(fingerprint), encoding, max_tokens, stops)
+}
+
+/// A few sentences of the simulator's words, seeded by `fingerprint`.
+fn prose(fingerprint: u64) -> String {
     let mut rng = SmallRng::seed_from_u64(fingerprint);
     let mut text = String::new();
     for _ in 0..rng.random_range(2..=4) {
@@ -88,7 +241,16 @@ pub(crate) fn generate(
         }
         text.push('.');
     }
+    text
+}
 
+/// Cuts `text` at the first stop sequence and at `max_tokens`, and counts it.
+fn cut(
+    mut text: String,
+    encoding: Encoding,
+    max_tokens: Option<u64>,
+    stops: &[String],
+) -> Generated {
     let mut ending = Ending::Natural;
     let first_stop = stops
         .iter()
@@ -118,6 +280,10 @@ pub(crate) fn generate(
         text,
         ending,
         tokens,
+        calls: Vec::new(),
+        thinking: None,
+        reasoning_tokens: 0,
+        cache: CacheUse::default(),
     }
 }
 

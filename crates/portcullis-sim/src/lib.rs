@@ -26,6 +26,52 @@
 //! - Faults ([`FaultRule`]), by probability or on a timeline of [`Phase`]s, per API, changeable
 //!   at run time. They apply to `/v1/chat/completions` and `/v1/messages` only.
 //! - [`Stats`] of everything received.
+//! - Tools, images, structured output, thinking and prompt caching, as below.
+//!
+//! ## Tools, structured output, thinking, caching
+//!
+//! Requests are checked by the real APIs' rules, and a violation gets the real 400
+//! `invalid_request_error` body: tool results must answer a tool call of the message just
+//! before (Anthropic `tool_use` / `tool_result`, OpenAI `tool_calls` / `role:"tool"`), and every
+//! call must be answered before the conversation goes on; tool names match
+//! `^[a-zA-Z0-9_-]{1,64}$` and their schemas are object schemas; base64 images must be PNG,
+//! JPEG, GIF or WebP and decode to the declared type (magic bytes), documents to a PDF;
+//! `thinking.budget_tokens` is at least 1024 and below `max_tokens`; `response_format`
+//! `json_schema` has an object schema; `reasoning_effort` only on reasoning models (o-series,
+//! gpt-5); at most 4 `cache_control` breakpoints.
+//!
+//! Answers stay deterministic:
+//! - **Tool calls**, by this rule: `none` forbids a call; a named tool is called; with `auto`,
+//!   the tools whose name occurs in the last user message are called, in the order they occur
+//!   (only the first when parallel calls are off: OpenAI `parallel_tool_calls: false`,
+//!   Anthropic `disable_parallel_tool_use: true`), and none when the conversation ends with a
+//!   tool result: the answer is then text that sums the result up, so agent loops end.
+//!   `required` / `any` call at least the first tool offered. Arguments are generated from the
+//!   tool's JSON Schema (required properties; enum → first value; string → a word; number → 1
+//!   within its bounds; boolean → true; array → `minItems` items; `$ref`, `anyOf` followed), so
+//!   they validate. Ids are `call_…` / `toolu_01…`, the same for the same request.
+//! - **Structured output**: `json_schema` gives an example of the schema by the same rule,
+//!   `json_object` a JSON object.
+//! - **Thinking** (Anthropic): a `thinking` block with a `signature` (a keyed hash of its text)
+//!   before the content; a thinking block sent back with a signature the simulator did not
+//!   produce for that text is refused with the real 400 ("Invalid `signature` in `thinking`
+//!   block"). OpenAI reasoning models spend hidden `reasoning_tokens` by `reasoning_effort`
+//!   (minimal 16, low 64, medium 192 by default, high 448), which count in
+//!   `completion_tokens` and `max_completion_tokens`.
+//! - **Prompt caching**, per server, bounded (4096 prefixes, least recently used out first):
+//!   Anthropic `cache_control` breakpoints of at least the model's minimum (1024 tokens; 4096
+//!   for Haiku 4.5 / Opus 4.5; 2048 for older Haiku) are written (`cache_creation_input_tokens`,
+//!   by 5m / 1h lifetime) and read back by a repeat within the lifetime
+//!   (`cache_read_input_tokens`; `input_tokens` is the uncached rest). OpenAI caches prompts of
+//!   1024 tokens or more automatically, and a repeated prefix is reported in
+//!   `prompt_tokens_details.cached_tokens` in steps of 128 (still part of `prompt_tokens`).
+//!   Lifetimes run on `tokio::time`; `POST /_sim/reset` empties the cache.
+//! - Streams carry the recorded fragment shapes: OpenAI tool call deltas by `index` (id, type,
+//!   name and empty arguments first, then argument fragments); Anthropic `content_block_start`
+//!   (`tool_use` with input `{}`), `input_json_delta`, `thinking_delta`, `signature_delta`.
+//!
+//! Images cost a flat 85 prompt tokens (documents too); tool definitions, calls and results
+//! count their JSON and text.
 //!
 //! All timing uses `tokio::time`, so tests with paused time drive limits, latency and timelines.
 //!
@@ -102,13 +148,17 @@
 
 mod anthropic;
 mod api;
+mod cache;
 mod generate;
 mod limits;
+mod media;
 mod openai;
 mod scenario;
+mod schema;
 mod server;
 mod state;
 mod stats;
+mod tools;
 mod wire;
 
 use std::net::SocketAddr;
@@ -319,11 +369,12 @@ impl SimHandle {
         *lock(&self.shared.stats) = Stats::default();
     }
 
-    /// Zeroes the counts and the limit windows, and restarts the timeline and the `times`
-    /// counters of the faults (what `POST /_sim/reset` does).
+    /// Zeroes the counts and the limit windows, empties the prompt cache, and restarts the
+    /// timeline and the `times` counters of the faults (what `POST /_sim/reset` does).
     pub fn reset(&self) {
         self.reset_stats();
         lock(&self.shared.limiter).reset();
+        lock(&self.shared.cache).clear();
         self.shared.restart_plan();
     }
 

@@ -10,9 +10,12 @@ use rand::rngs::SmallRng;
 use serde_json::{Value, json};
 
 use crate::api::{self, BadInt, Ctx, Endpoint, Op, Parsed, SimApi, text_of};
-use crate::generate::{Ending, Generated};
+use crate::cache::{CachePoint, Prefix};
+use crate::generate::{Ending, Format, Generated, Plan, fragments};
 use crate::limits::{LimitView, Refusal};
+use crate::media::{self, IMAGE_TOKENS};
 use crate::scenario::{Family, FaultKind, FaultRule, Limits};
+use crate::tools::{self, Choice, ToolPlan, ToolSpec};
 use crate::wire::{self, ALNUM, Mangle, SimBody, WireError, go_duration, random_str};
 
 /// OpenAI's Chat Completions API.
@@ -25,7 +28,38 @@ const ENDPOINTS: &[Endpoint] = &[Endpoint {
     op: Op::Answer,
 }];
 
-const MODELS: &[&str] = &["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-5-nano"];
+const MODELS: &[&str] = &[
+    "gpt-4o-mini",
+    "gpt-4o",
+    "gpt-4.1-mini",
+    "gpt-5-nano",
+    "o4-mini",
+];
+
+/// Whether a model reasons (o-series, gpt-5): it spends hidden reasoning tokens and takes
+/// `reasoning_effort`.
+fn reasoning_model(model: &str) -> bool {
+    let m = model.strip_prefix("openai/").unwrap_or(model);
+    ["o1", "o3", "o4", "gpt-5"].iter().any(|p| m.starts_with(p)) && !m.contains("chat")
+}
+
+/// The reasoning tokens an effort spends (`medium` is the default).
+fn reasoning_tokens(effort: &str) -> Option<u64> {
+    Some(match effort {
+        "minimal" => 16,
+        "low" => 64,
+        "medium" => 192,
+        "high" => 448,
+        _ => return None,
+    })
+}
+
+/// OpenAI caches prompts of at least this many tokens ...
+const CACHE_MIN_TOKENS: u64 = 1024;
+/// ... in steps of this many ...
+const CACHE_STEP_TOKENS: u64 = 128;
+/// ... for this long after their last use.
+const CACHE_TTL: Duration = Duration::from_secs(300);
 
 impl SimApi for OpenAi {
     fn family(&self) -> Family {
@@ -52,6 +86,11 @@ impl SimApi for OpenAi {
     /// `chatcmpl-` + 29 alphanumerics.
     fn answer_id(&self, rng: &mut SmallRng) -> String {
         format!("chatcmpl-{}", random_str(rng, ALNUM, 29))
+    }
+
+    /// `call_` + 24 alphanumerics.
+    fn tool_call_id(&self, rng: &mut SmallRng) -> String {
+        format!("call_{}", random_str(rng, ALNUM, 24))
     }
 
     /// `Authorization: Bearer` only.
@@ -242,20 +281,304 @@ fn positive_int(v: &Value, field: &'static str) -> Result<Option<u64>, WireError
     })
 }
 
-fn missing(field: &'static str) -> WireError<'static> {
+fn missing(field: impl Into<String> + Clone + std::fmt::Display) -> WireError<'static> {
     WireError::new(400, format!("Missing required parameter: '{field}'."))
         .param(field)
         .code("missing_required_parameter")
 }
 
-fn invalid(field: &'static str, msg: &str) -> WireError<'static> {
+fn invalid(field: impl Into<String> + Clone + std::fmt::Display, msg: &str) -> WireError<'static> {
     WireError::new(400, format!("Invalid '{field}': {msg}"))
         .param(field)
         .code("invalid_value")
 }
 
-/// Reads a Chat Completions request; prompt tokens are counted exactly as the client's
-/// `OpenAiTokenizer::count_messages` counts them.
+/// A boolean field, defaulting when absent.
+fn boolean(v: &Value, field: &'static str, default: bool) -> Result<bool, WireError<'static>> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(WireError::new(
+            400,
+            format!("Invalid type for '{field}': expected a boolean."),
+        )
+        .param(field)
+        .code("invalid_type")),
+    }
+}
+
+/// `tools`: function tools with valid names and object parameter schemas.
+fn parse_tools(v: &Value) -> Result<Vec<ToolSpec>, WireError<'static>> {
+    let tools = match v.get("tools") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(invalid("tools", "expected an array.")),
+    };
+    let mut out = Vec::new();
+    for (i, t) in tools.iter().enumerate() {
+        let ty = t.get("type").and_then(Value::as_str).unwrap_or_default();
+        if ty != "function" {
+            return Err(WireError::new(
+                400,
+                format!("Invalid value: '{ty}'. Supported values are: 'function' and 'custom'."),
+            )
+            .param(format!("tools[{i}].type"))
+            .code("invalid_value"));
+        }
+        let field = format!("tools[{i}].function.name");
+        let name = match t.pointer("/function/name") {
+            Some(Value::String(n)) => n.clone(),
+            _ => return Err(missing(field)),
+        };
+        if name.len() > 64 {
+            return Err(WireError::new(
+                400,
+                format!(
+                    "Invalid '{field}': string too long. Expected a string with maximum length \
+                     64, but got a string with length {} instead.",
+                    name.len()
+                ),
+            )
+            .param(field)
+            .code("string_above_max_length"));
+        }
+        if !tools::valid_name(&name) {
+            return Err(invalid(
+                field,
+                "string does not match pattern. Expected a string that matches the pattern \
+                 '^[a-zA-Z0-9_-]+$'.",
+            ));
+        }
+        let schema = match t.pointer("/function/parameters") {
+            None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+            Some(p) => {
+                if let Some(got) = not_object_schema(p) {
+                    return Err(WireError::new(
+                        400,
+                        format!(
+                            "Invalid schema for function '{name}': schema must be a JSON Schema \
+                             of 'type: \"object\"', got 'type: \"{got}\"'."
+                        ),
+                    )
+                    .param(format!("tools[{i}].function.parameters"))
+                    .code("invalid_function_parameters"));
+                }
+                p.clone()
+            }
+        };
+        out.push(ToolSpec { name, schema });
+    }
+    Ok(out)
+}
+
+/// The type a schema has when it is not an object schema (`None` when it is one).
+fn not_object_schema(schema: &Value) -> Option<String> {
+    match schema.get("type") {
+        Some(Value::String(t)) if t == "object" => None,
+        Some(Value::String(t)) => Some(t.clone()),
+        Some(other) => Some(other.to_string()),
+        None if schema.is_object() => Some("None".into()),
+        None => Some(schema.to_string()),
+    }
+}
+
+/// `tool_choice`: `none`, `auto`, `required` or a named function among `tools`.
+fn parse_tool_choice(v: &Value, tools: &[ToolSpec]) -> Result<Choice, WireError<'static>> {
+    let choice = match v.get("tool_choice") {
+        None | Some(Value::Null) => return Ok(Choice::Auto),
+        Some(c) => c,
+    };
+    if tools.is_empty() {
+        return Err(WireError::new(
+            400,
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are \
+             specified.",
+        )
+        .param("tool_choice"));
+    }
+    match choice {
+        Value::String(s) => match s.as_str() {
+            "auto" => Ok(Choice::Auto),
+            "none" => Ok(Choice::None),
+            "required" => Ok(Choice::Required),
+            other => Err(WireError::new(
+                400,
+                format!(
+                    "Invalid value: '{other}'. Supported values are: 'none', 'auto', and \
+                     'required'."
+                ),
+            )
+            .param("tool_choice")
+            .code("invalid_value")),
+        },
+        _ => match choice.pointer("/function/name").and_then(Value::as_str) {
+            Some(n) if tools.iter().any(|t| t.name == n) => Ok(Choice::Named(n.to_owned())),
+            Some(n) => Err(WireError::new(
+                400,
+                format!("Invalid value for 'tool_choice': function '{n}' not found in 'tools'."),
+            )
+            .param("tool_choice")
+            .code("invalid_value")),
+            None => Err(missing("tool_choice.function.name")),
+        },
+    }
+}
+
+/// `response_format`: `text`, `json_object`, or `json_schema` with a name and an object schema.
+fn parse_response_format(v: &Value) -> Result<Format, WireError<'static>> {
+    let rf = match v.get("response_format") {
+        None | Some(Value::Null) => return Ok(Format::Text),
+        Some(rf) => rf,
+    };
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(Format::Text),
+        Some("json_object") => Ok(Format::JsonObject),
+        Some("json_schema") => {
+            let Some(js) = rf.get("json_schema").filter(|j| j.is_object()) else {
+                return Err(missing("response_format.json_schema"));
+            };
+            let name = match js.get("name") {
+                Some(Value::String(n)) => n.clone(),
+                _ => return Err(missing("response_format.json_schema.name")),
+            };
+            if !tools::valid_name(&name) {
+                return Err(invalid(
+                    "response_format.json_schema.name",
+                    "string does not match pattern. Expected a string that matches the \
+                     pattern '^[a-zA-Z0-9_-]+$'.",
+                ));
+            }
+            let schema = js.get("schema").cloned().unwrap_or(json!({}));
+            if let Some(got) = not_object_schema(&schema) {
+                return Err(WireError::new(
+                    400,
+                    format!(
+                        "Invalid schema for response_format '{name}': schema must be a JSON \
+                         Schema of 'type: \"object\"', got 'type: \"{got}\"'."
+                    ),
+                )
+                .param("response_format")
+                .code("invalid_json_schema"));
+            }
+            Ok(Format::JsonSchema(schema))
+        }
+        other => Err(WireError::new(
+            400,
+            format!(
+                "Invalid value: '{}'. Supported values are: 'text', 'json_object', and \
+                 'json_schema'.",
+                other.unwrap_or_default()
+            ),
+        )
+        .param("response_format.type")
+        .code("invalid_value")),
+    }
+}
+
+/// Checks the parts of a content array; returns the prompt tokens its images cost.
+fn check_parts(i: usize, content: &Value) -> Result<u64, WireError<'static>> {
+    let Value::Array(parts) = content else {
+        return Ok(0);
+    };
+    let mut tokens = 0;
+    for (j, part) in parts.iter().enumerate() {
+        if part.get("type").and_then(Value::as_str) != Some("image_url") {
+            continue;
+        }
+        let field = format!("messages[{i}].content[{j}].image_url.url");
+        let url = match part.pointer("/image_url/url") {
+            Some(Value::String(u)) => u,
+            _ => return Err(missing(field)),
+        };
+        tokens += IMAGE_TOKENS;
+        let Some(data) = url.strip_prefix("data:") else {
+            continue;
+        };
+        let expected = "Expected a base64-encoded data URL with an image MIME type (e.g. \
+                        'data:image/png;base64,aW1nIGJ5dGVzIGhlcmU='), but got";
+        let Some((mime, b64)) = data.split_once(";base64,") else {
+            return Err(invalid(
+                field,
+                &format!("{expected} a value without ';base64,'."),
+            ));
+        };
+        if !media::IMAGE_TYPES.contains(&mime) {
+            return Err(invalid(
+                field,
+                &format!("{expected} unsupported MIME type '{mime}'."),
+            ));
+        }
+        let Some(bytes) = media::b64_decode(b64) else {
+            return Err(invalid(
+                field,
+                &format!("{expected} an invalid base64 value."),
+            ));
+        };
+        if media::sniff(&bytes).is_none_or(|t| !t.starts_with("image/")) {
+            return Err(WireError::new(
+                400,
+                "You uploaded an unsupported image. Please make sure your image has of one the \
+                 following formats: ['png', 'jpeg', 'gif', 'webp'].",
+            )
+            .code("invalid_image_format"));
+        }
+    }
+    Ok(tokens)
+}
+
+/// An assistant message's `tool_calls`: their ids, and the tokens of their names and arguments.
+fn assistant_calls(
+    i: usize,
+    m: &Value,
+    tokenizer: &OpenAiTokenizer,
+) -> Result<(Vec<String>, u64), WireError<'static>> {
+    let calls = match m.get("tool_calls") {
+        None | Some(Value::Null) => return Ok((Vec::new(), 0)),
+        Some(Value::Array(a)) => a,
+        Some(_) => {
+            return Err(invalid(
+                format!("messages[{i}].tool_calls"),
+                "expected an array.",
+            ));
+        }
+    };
+    let (mut ids, mut tokens) = (Vec::new(), 0);
+    for (j, c) in calls.iter().enumerate() {
+        let Some(id) = c.get("id").and_then(Value::as_str) else {
+            return Err(missing(format!("messages[{i}].tool_calls[{j}].id")));
+        };
+        let Some(name) = c.pointer("/function/name").and_then(Value::as_str) else {
+            return Err(missing(format!(
+                "messages[{i}].tool_calls[{j}].function.name"
+            )));
+        };
+        let args = c
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        tokens += tokenizer.count_text(name) + tokenizer.count_text(args);
+        ids.push(id.to_owned());
+    }
+    Ok((ids, tokens))
+}
+
+/// The 400 of tool calls left unanswered before message `i`.
+fn unanswered(i: usize, ids: &[String]) -> WireError<'static> {
+    WireError::new(
+        400,
+        format!(
+            "An assistant message with 'tool_calls' must be followed by tool messages responding \
+             to each 'tool_call_id'. The following tool_call_ids did not have response messages: \
+             {}",
+            ids.join(", ")
+        ),
+    )
+    .param(format!("messages.[{i}].role"))
+}
+
+/// Reads a Chat Completions request and checks it by the real API's rules; prompt tokens are
+/// counted exactly as the client's `OpenAiTokenizer::count_messages` counts them (plus tool
+/// definitions, tool calls and images).
 fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
     if !v.is_object() {
         return Err(WireError::new(
@@ -279,9 +602,45 @@ fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
         Some(_) => return Err(invalid("messages", "expected an array.")),
     };
     let tokenizer = OpenAiTokenizer::for_model(&model).exact();
+    let tools = parse_tools(v)?;
+    let choice = parse_tool_choice(v, &tools)?;
+    let parallel = boolean(v, "parallel_tool_calls", true)?;
+    let format = parse_response_format(v)?;
+    let reasoning = match v.get("reasoning_effort") {
+        None | Some(Value::Null) if reasoning_model(&model) => reasoning_tokens("medium"),
+        None | Some(Value::Null) => None,
+        Some(_) if !reasoning_model(&model) => {
+            return Err(WireError::new(
+                400,
+                "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+            )
+            .param("reasoning_effort")
+            .code("unsupported_parameter"));
+        }
+        Some(e) => match e.as_str().and_then(reasoning_tokens) {
+            Some(n) => Some(n),
+            None => {
+                return Err(WireError::new(
+                    400,
+                    format!(
+                        "Invalid value: {e}. Supported values are: 'minimal', 'low', 'medium', \
+                         and 'high'."
+                    ),
+                )
+                .param("reasoning_effort")
+                .code("invalid_value"));
+            }
+        },
+    };
+
     let mut known = Vec::new();
     let mut other_tokens = 0;
-    for m in messages {
+    // The ids of the last assistant message's tool calls, and those not answered yet.
+    let mut pending: Option<(Vec<String>, Vec<String>)> = None;
+    let mut last_user = String::new();
+    let mut tool_results = Vec::new();
+    let mut mentions_json = false;
+    for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str);
         let content = m.get("content").map_or(Some(String::new()), text_of);
         let (Some(role), Some(content)) = (role, content) else {
@@ -290,15 +649,73 @@ fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
                 "each message needs a string 'role' and a string or array 'content'.",
             ));
         };
+        mentions_json |= content.to_lowercase().contains("json");
+        if role != "tool" {
+            if let Some((_, open)) = pending.take().filter(|(_, open)| !open.is_empty()) {
+                return Err(unanswered(i, &open));
+            }
+            tool_results.clear();
+        }
+        other_tokens += m.get("content").map_or(Ok(0), |c| check_parts(i, c))?;
         match role {
             "system" => known.push(ChatMessage::new(Role::System, content)),
-            "user" => known.push(ChatMessage::new(Role::User, content)),
-            "assistant" => known.push(ChatMessage::new(Role::Assistant, content)),
-            // developer / tool: the same format overhead as the client's count.
+            "user" => {
+                last_user.clone_from(&content);
+                known.push(ChatMessage::new(Role::User, content));
+            }
+            "assistant" => {
+                let (ids, tokens) = assistant_calls(i, m, &tokenizer)?;
+                other_tokens += tokens;
+                if !ids.is_empty() {
+                    pending = Some((ids.clone(), ids));
+                }
+                known.push(ChatMessage::new(Role::Assistant, content));
+            }
+            "tool" => {
+                let Some((all, open)) = pending.as_mut() else {
+                    return Err(WireError::new(
+                        400,
+                        "Invalid parameter: messages with role 'tool' must be a response to a \
+                         preceeding message with 'tool_calls'.",
+                    )
+                    .param(format!("messages.[{i}].role")));
+                };
+                let Some(id) = m.get("tool_call_id").and_then(Value::as_str) else {
+                    return Err(missing(format!("messages[{i}].tool_call_id")));
+                };
+                if !all.iter().any(|a| a == id) {
+                    return Err(WireError::new(
+                        400,
+                        format!(
+                            "Invalid parameter: 'tool_call_id' of '{id}' not found in \
+                             'tool_calls' of previous message."
+                        ),
+                    )
+                    .param(format!("messages.[{i}].tool_call_id")));
+                }
+                open.retain(|o| o != id);
+                tool_results.push(content.clone());
+                other_tokens += 3 + tokenizer.count_text(role) + tokenizer.count_text(&content);
+            }
+            // developer and others: the same format overhead as the client's count.
             r => other_tokens += 3 + tokenizer.count_text(r) + tokenizer.count_text(&content),
         }
     }
-    let input_tokens = tokenizer.count_messages(&known) + other_tokens;
+    if format == Format::JsonObject && !mentions_json {
+        return Err(WireError::new(
+            400,
+            "'messages' must contain the word 'json' in some form, to use 'response_format' of \
+             type 'json_object'.",
+        )
+        .param("messages"));
+    }
+    let tools_json = if tools.is_empty() {
+        String::new()
+    } else {
+        v.get("tools").map(Value::to_string).unwrap_or_default()
+    };
+    let input_tokens =
+        tokenizer.count_messages(&known) + other_tokens + tokenizer.count_text(&tools_json);
     let max_tokens = match positive_int(v, "max_completion_tokens")? {
         Some(n) => Some(n),
         None => positive_int(v, "max_tokens")?,
@@ -317,15 +734,27 @@ fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
             ));
         }
     };
-    let stream = match v.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(invalid("stream", "expected a boolean.")),
-    };
+    let stream = boolean(v, "stream", false)?;
     let include_usage = v
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+
+    let after_tool_result = !tool_results.is_empty();
+    let calls = ToolPlan {
+        tools,
+        choice,
+        parallel,
+    }
+    .decide(&last_user, after_tool_result);
+    let plan = Plan {
+        calls,
+        format,
+        thinking: false,
+        reasoning_tokens: reasoning.unwrap_or(0),
+        tool_result: after_tool_result.then(|| tool_results.join(" ")),
+    };
+    let cache_points = cache_points(&model, &tools_json, messages, input_tokens);
     Ok(Parsed {
         model,
         stream,
@@ -334,12 +763,41 @@ fn parse(v: &Value) -> Result<Parsed, WireError<'static>> {
         stops,
         input_tokens,
         content_key: Value::Array(messages.clone()).to_string(),
+        plan,
+        cache_points,
     })
+}
+
+/// OpenAI's automatic caching: a prompt of at least 1024 tokens is cached in prefixes of 1024
+/// tokens and every 128 more (of the tools, then the messages, as sent), up to its prompt
+/// tokens.
+fn cache_points(model: &str, tools: &str, messages: &[Value], prompt: u64) -> Vec<CachePoint> {
+    if prompt < CACHE_MIN_TOKENS {
+        return Vec::new();
+    }
+    let mut text = tools.to_owned();
+    for m in messages {
+        text.push_str(&m.to_string());
+    }
+    let ids = Encoding::for_model(model).encode(&text);
+    let mut prefix = Prefix::new();
+    let mut points = Vec::new();
+    for id in ids
+        .iter()
+        .take(usize::try_from(prompt).unwrap_or(usize::MAX))
+    {
+        prefix.push(&id.to_le_bytes(), 1);
+        if prefix.tokens >= CACHE_MIN_TOKENS && prefix.tokens % CACHE_STEP_TOKENS == 0 {
+            points.push(prefix.point(CACHE_TTL));
+        }
+    }
+    points
 }
 
 fn finish_reason(g: &Generated) -> &'static str {
     match g.ending {
         Ending::Length => "length",
+        Ending::ToolUse => "tool_calls",
         _ => "stop",
     }
 }
@@ -349,9 +807,9 @@ fn usage(p: &Parsed, g: &Generated) -> Value {
         "prompt_tokens": p.input_tokens,
         "completion_tokens": g.tokens,
         "total_tokens": p.input_tokens + g.tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": g.cache.read, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0,
+            "reasoning_tokens": g.reasoning_tokens,
             "audio_tokens": 0,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0
@@ -363,7 +821,25 @@ const FINGERPRINT: &str = "fp_5im0000000";
 
 /// The answer, shaped as OpenAI's (see the recordings in the fixtures).
 fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Response<SimBody> {
+    let tool_calls: Vec<Value> = g
+        .calls
+        .iter()
+        .map(|c| {
+            json!({"id": c.id, "type": "function",
+                   "function": {"name": c.name, "arguments": c.arguments}})
+        })
+        .collect();
     if !p.stream {
+        let mut message = json!({
+            "role": "assistant",
+            "content": g.text,
+            "refusal": null,
+            "annotations": []
+        });
+        if !tool_calls.is_empty() {
+            message["content"] = Value::Null;
+            message["tool_calls"] = Value::Array(tool_calls);
+        }
         let body = json!({
             "id": ctx.id,
             "object": "chat.completion",
@@ -371,12 +847,7 @@ fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Response<SimB
             "model": p.model,
             "choices": [{
                 "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": g.text,
-                    "refusal": null,
-                    "annotations": []
-                },
+                "message": message,
                 "logprobs": null,
                 "finish_reason": finish_reason(g)
             }],
@@ -416,13 +887,38 @@ fn render(ctx: &Ctx, p: &Parsed, g: &Generated, mangle: Mangle) -> Response<SimB
         wire::sse_event(None, &e.to_string())
     };
 
-    let pieces = g.pieces();
-    let mut events: Vec<Bytes> = vec![chunk(
-        json!({"role": "assistant", "content": "", "refusal": null}),
-        None,
-    )];
-    let content = pieces.iter().map(|t| chunk(json!({ "content": t }), None));
-    if Mangle::apply(mangle, &mut events, content.collect(), error) {
+    let (first, content): (Value, Vec<Bytes>) = if g.calls.is_empty() {
+        let first = json!({"role": "assistant", "content": "", "refusal": null});
+        let pieces = g.pieces();
+        (
+            first,
+            pieces
+                .iter()
+                .map(|t| chunk(json!({ "content": t }), None))
+                .collect(),
+        )
+    } else {
+        // As recorded: the first delta of each call carries its index, id, type, name and
+        // empty arguments; the arguments follow in fragments, by index.
+        let first = json!({"role": "assistant", "content": null, "refusal": null});
+        let mut content = Vec::new();
+        for (index, c) in g.calls.iter().enumerate() {
+            content.push(chunk(
+                json!({"tool_calls": [{"index": index, "id": c.id, "type": "function",
+                                       "function": {"name": c.name, "arguments": ""}}]}),
+                None,
+            ));
+            for f in fragments(&c.arguments) {
+                content.push(chunk(
+                    json!({"tool_calls": [{"index": index, "function": {"arguments": f}}]}),
+                    None,
+                ));
+            }
+        }
+        (first, content)
+    };
+    let mut events: Vec<Bytes> = vec![chunk(first, None)];
+    if Mangle::apply(mangle, &mut events, content, error) {
         return wire::sse_response(events, ctx.chunk_delay);
     }
     events.push(chunk(json!({}), Some(finish_reason(g))));

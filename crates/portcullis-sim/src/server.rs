@@ -131,6 +131,7 @@ async fn control(
         (&Method::POST, "/_sim/reset") => {
             *lock(&shared.stats) = Stats::default();
             lock(&shared.limiter).reset();
+            lock(&shared.cache).clear();
             shared.restart_plan();
             ok(json!({"ok": true}))
         }

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::cache::PromptCache;
 use crate::limits::Limiter;
 use crate::scenario::{Family, FaultKind, FaultPlan, FaultRule, Scenario};
 use crate::stats::Stats;
@@ -88,6 +89,8 @@ pub(crate) struct Shared {
     pub faults: Mutex<FaultState>,
     pub limiter: Mutex<Limiter>,
     pub stats: Mutex<Stats>,
+    /// The prompt prefixes held, for cache reads.
+    pub cache: Mutex<PromptCache>,
     pub rng: Mutex<SmallRng>,
     pub shutdown: watch::Sender<bool>,
 }
@@ -103,6 +106,7 @@ impl Shared {
             faults: Mutex::new(FaultState::new(s.plan(), Instant::now())),
             limiter: Mutex::new(Limiter::new(s.limits.clone())),
             stats: Mutex::new(Stats::default()),
+            cache: Mutex::new(PromptCache::default()),
             rng: Mutex::new(SmallRng::seed_from_u64(s.seed)),
             shutdown: watch::channel(false).0,
         }

@@ -120,7 +120,7 @@ pub(crate) struct WireError<'a> {
     pub status: u16,
     pub message: String,
     pub kind: Option<&'a str>,
-    pub param: Option<&'a str>,
+    pub param: Option<String>,
     pub code: Option<&'a str>,
 }
 
@@ -138,8 +138,8 @@ impl<'a> WireError<'a> {
         self.kind = Some(kind);
         self
     }
-    pub(crate) fn param(mut self, param: &'a str) -> Self {
-        self.param = Some(param);
+    pub(crate) fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
         self
     }
     pub(crate) fn code(mut self, code: &'a str) -> Self {
