@@ -238,21 +238,7 @@ fn deadline(args: &ChatArgs) -> Duration {
 
 async fn chat(args: &ChatArgs) -> Result<(), LlmError> {
     let config = |e: portcullis::StackError| LlmError::new(ErrorKind::Configuration, e.to_string());
-    let mut sim = None;
-    let primary = endpoint(args.provider, args.base_url.as_deref(), &mut sim).await?;
-    let deadline = deadline(args);
-    let mut builder = Stack::builder()
-        .deadline(deadline)
-        .provider(provider_stack(args.provider, primary, args)?.stream_total_timeout(deadline));
-    if let Some(kind) = args.fallback {
-        let ep = endpoint(kind, None, &mut sim).await?;
-        let p = provider_stack(kind, ep, args)?
-            .model(kind.default_model())
-            .stream_total_timeout(deadline);
-        builder = builder.provider(p);
-    }
-    let stack = builder.build().map_err(config)?;
-
+    // The request first: a bad option file fails before anything starts.
     let model = args
         .model
         .clone()
@@ -285,6 +271,21 @@ async fn chat(args: &ChatArgs) -> Result<(), LlmError> {
     if let Some(path) = &args.json_schema {
         req = req.response_format(read_schema(path)?);
     }
+    let mut sim = None;
+    let primary = endpoint(args.provider, args.base_url.as_deref(), &mut sim).await?;
+    let deadline = deadline(args);
+    let mut builder = Stack::builder()
+        .deadline(deadline)
+        .provider(provider_stack(args.provider, primary, args)?.stream_total_timeout(deadline));
+    if let Some(kind) = args.fallback {
+        let ep = endpoint(kind, None, &mut sim).await?;
+        let p = provider_stack(kind, ep, args)?
+            .model(kind.default_model())
+            .stream_total_timeout(deadline);
+        builder = builder.provider(p);
+    }
+    let stack = builder.build().map_err(config)?;
+
     let start = tokio::time::Instant::now();
 
     let result = if args.stream {

@@ -521,23 +521,27 @@ fn chat_sends_tools_images_and_a_schema_and_refuses_bad_files() {
         r#"{"name":"city","schema":{"type":"object","properties":{"name":{"type":"string"},"population":{"type":"integer"}},"required":["name","population"],"additionalProperties":false},"strict":true}"#,
     )
     .unwrap();
-    let out = portcullis()
-        .args(["chat", "--json", "--json-schema"])
-        .arg(&schema)
-        .arg("A city")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let answer: serde_json::Value = serde_json::from_str(v["content"].as_str().unwrap()).unwrap();
-    assert!(
-        answer["name"].is_string() && answer["population"].is_i64(),
-        "{answer}"
-    );
+    // OpenAI's response_format, Anthropic's output_config.format.
+    for provider in ["openai", "anthropic"] {
+        let out = portcullis()
+            .args(["chat", "--json", "--provider", provider, "--json-schema"])
+            .arg(&schema)
+            .arg("A city")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{provider}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let answer: serde_json::Value =
+            serde_json::from_str(v["content"].as_str().unwrap()).unwrap();
+        assert!(
+            answer["name"].is_string() && answer["population"].is_i64(),
+            "{provider}: {answer}"
+        );
+    }
     // An image by path.
     let png = dir.join("dot.png");
     std::fs::write(

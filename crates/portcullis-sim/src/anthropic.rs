@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::api::{self, BadInt, Ctx, Endpoint, Op, Parsed, SimApi, text_of};
 use crate::cache::{CachePoint, Prefix};
-use crate::generate::{Ending, Generated, Plan, fragments, pieces};
+use crate::generate::{Ending, Format, Generated, Plan, fragments, pieces};
 use crate::limits::{LimitView, Refusal};
 use crate::media::{self, IMAGE_TOKENS};
 use crate::scenario::{Family, FaultKind, FaultRule, Limits};
@@ -393,6 +393,28 @@ fn parse_tool_choice(v: &Value, tools: &[ToolSpec]) -> Result<(Choice, bool), Wi
     Ok((choice, parallel))
 }
 
+/// `output_config.format`: Anthropic's structured outputs, `{"type": "json_schema", "schema"}`
+/// with an object schema; the answer is a text block that matches it.
+fn parse_output_format(v: &Value) -> Result<Format, WireError<'static>> {
+    let Some(format) = v.get("output_config").and_then(|c| c.get("format")) else {
+        return Ok(Format::Text);
+    };
+    if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+        return Err(bad(
+            "output_config.format.type: Input should be 'json_schema'",
+        ));
+    }
+    match format.get("schema") {
+        Some(schema) if schema.get("type").and_then(Value::as_str) == Some("object") => {
+            Ok(Format::JsonSchema(schema.clone()))
+        }
+        Some(_) => Err(bad(
+            "output_config.format.schema: the schema must be an object schema",
+        )),
+        None => Err(bad("output_config.format.schema: Field required")),
+    }
+}
+
 /// `thinking`: whether it is on. `enabled` needs `budget_tokens` ≥ 1024 and below `max_tokens`.
 fn parse_thinking(v: &Value, max_tokens: Option<u64>) -> Result<bool, WireError<'static>> {
     let t = match v.get("thinking") {
@@ -710,6 +732,7 @@ fn parse(v: &Value, needs_max_tokens: bool) -> Result<Parsed, WireError<'static>
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad("stream: Input should be a valid boolean")),
     };
+    let format = parse_output_format(v)?;
     let after_tool_result = !tool_results.is_empty();
     let calls = ToolPlan {
         tools,
@@ -729,6 +752,7 @@ fn parse(v: &Value, needs_max_tokens: bool) -> Result<Parsed, WireError<'static>
             calls,
             thinking,
             tool_result: after_tool_result.then(|| tool_results.join(" ")),
+            format,
             ..Plan::default()
         },
         cache_points,
