@@ -547,3 +547,70 @@ async fn openai_cached_and_reasoning_usage_and_custom_calls() {
     );
     let _ = Value::Null;
 }
+
+#[tokio::test]
+async fn the_commit_point_is_the_first_tool_call_or_thinking_chunk() {
+    let server = Server::start().await;
+    let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+    let tool_start = "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"f\",\"input\":{}}}\n\n";
+    let thinking_start = "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\",\"signature\":\"\"}}\n\n";
+    let empty_text = "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n";
+
+    // An empty block start is not content, nor is an empty thinking start: an error after
+    // them fails the call itself, so retry and fallback still act.
+    for before in [empty_text, thinking_start] {
+        server.set(sse(&format!("{}{before}{error}", an_start!())));
+        let e = server
+            .anthropic()
+            .streaming()
+            .oneshot(request("c"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Overloaded, "before the commit point");
+    }
+    // A tool call's first fragment is content: the call resolves there, and an error after it
+    // ends the stream as StreamInterrupted (never retried).
+    server.set(sse(&format!("{}{tool_start}{error}", an_start!())));
+    let mut s = server
+        .anthropic()
+        .streaming()
+        .oneshot(request("c"))
+        .await
+        .unwrap();
+    let first = s.next().await.unwrap().unwrap();
+    assert_eq!(first.tool_calls[0].name.as_deref(), Some("f"));
+    let e = s.next().await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::StreamInterrupted);
+
+    // The same on OpenAI: a role-only first delta is not content, a tool-call fragment is.
+    let role = "data: {\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null},\"finish_reason\":null}]}\n\n";
+    let call = "data: {\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n";
+    let oa_error = "data: {\"error\":{\"type\":\"server_error\",\"message\":\"boom\"}}\n\n";
+    server.set(sse(&format!("{role}{oa_error}")));
+    let e = server
+        .openai()
+        .streaming()
+        .oneshot(request("m"))
+        .await
+        .unwrap_err();
+    assert_ne!(
+        e.kind(),
+        ErrorKind::StreamInterrupted,
+        "before the commit point"
+    );
+    server.set(sse(&format!("{role}{call}{oa_error}")));
+    let mut s = server
+        .openai()
+        .streaming()
+        .oneshot(request("m"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.next().await.unwrap().unwrap().tool_calls[0].id.as_deref(),
+        Some("call_1")
+    );
+    assert_eq!(
+        s.next().await.unwrap().unwrap_err().kind(),
+        ErrorKind::StreamInterrupted
+    );
+}
