@@ -25,6 +25,7 @@ pub mod circuit_breaker;
 pub mod fallback;
 pub mod key;
 pub mod keyed;
+pub mod pool;
 pub mod retry;
 pub mod timeout;
 pub mod token_bucket;

@@ -42,6 +42,9 @@ pin_project! {
         attempts: u32,
         // Per entry, once a first attempt failed (nothing is allocated on the happy path).
         slots: Option<Box<[Slot]>>,
+        // The entries best first, when a ranking ordered them for this request (a pool);
+        // `None`: in the chain's order.
+        ranked: Option<Box<[usize]>>,
     }
 }
 
@@ -118,7 +121,14 @@ where
             started,
             attempts: 0,
             slots: None,
+            ranked: None,
         }
+    }
+
+    /// Sets the order this call tries the entries in (a ranking's, best first).
+    pub(super) fn ranked(mut self, ranked: Option<Box<[usize]>>) -> Self {
+        self.ranked = ranked;
+        self
     }
 
     /// The first attempt, sent to the primary the service drove ready.
@@ -200,7 +210,9 @@ where
                     scope(chain, slots, from, &class);
                     let stop = judge(chain, slots, from, req, &outcome, *this.started, now);
                     let next = match this.order {
-                        FailoverPolicy::FailoverFirst => fail_over_first(chain, slots, req, now),
+                        FailoverPolicy::FailoverFirst => {
+                            fail_over_first(chain, slots, this.ranked.as_deref(), req, now)
+                        }
                         FailoverPolicy::RetryEachThenFallback => retry_each(slots, from, now),
                     };
                     match next {
@@ -234,7 +246,7 @@ where
                     // slept for, at the latest).
                     let to = match this.order {
                         FailoverPolicy::FailoverFirst => {
-                            match fail_over_first(chain, slots, req, now) {
+                            match fail_over_first(chain, slots, this.ranked.as_deref(), req, now) {
                                 Some(Next::Now(to)) => to,
                                 _ => *this.idx,
                             }
@@ -351,6 +363,7 @@ where
 fn fail_over_first<S, Req, P>(
     chain: &[Entry<S, Req, P>],
     slots: &[Slot],
+    ranked: Option<&[usize]>,
     req: &Req,
     now: Instant,
 ) -> Option<Next> {
@@ -359,7 +372,7 @@ fn fail_over_first<S, Req, P>(
             .ready_at
             .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
     };
-    let candidates = (0..chain.len())
+    let candidates = in_order(chain.len(), ranked)
         .filter(|i| !slots[*i].out)
         .map(|i| (i, backoff(i).max(chain[i].wait(req))));
     let choice = choose(candidates)?;
@@ -368,6 +381,11 @@ fn fail_over_first<S, Req, P>(
         true => Next::Now(choice.index),
         false => Next::Sleep(choice.index, now + backing_off),
     })
+}
+
+/// The entries' indices in the order to try them: the ranking's, else the chain's.
+pub(super) fn in_order(n: usize, ranked: Option<&[usize]>) -> impl Iterator<Item = usize> + '_ {
+    (0..n).map(move |k| ranked.map_or(k, |r| r[k]))
 }
 
 /// Retrying each entry, then falling back: the failed entry after its backoff while its policy

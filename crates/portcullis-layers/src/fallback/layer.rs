@@ -67,6 +67,7 @@ impl<S: Clone, Req> Layer<S> for FallbackLayer<S, Req> {
         Fallback {
             primary,
             chain: entries.into(),
+            rank: None,
             order: self.order,
         }
     }

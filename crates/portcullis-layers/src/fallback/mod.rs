@@ -129,4 +129,4 @@ mod service;
 pub use choose::{Choice, FailoverPolicy, Gate, choose};
 pub use future::FallbackFuture;
 pub use layer::FallbackLayer;
-pub use service::{Entry, Fallback, FallbackError};
+pub use service::{Entry, Fallback, FallbackError, Rank};

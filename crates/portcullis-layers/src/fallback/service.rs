@@ -9,10 +9,14 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::choose::{FailoverPolicy, Gate, choose};
-use super::future::FallbackFuture;
+use super::future::{FallbackFuture, in_order};
 use crate::retry::{NoRetry, Policy};
 
 type Remap<Req> = Arc<dyn Fn(Req) -> Req + Send + Sync>;
+
+/// Orders a chain's entries for one request, best first: it gets the request and the indices
+/// `0..n` to permute. A [`Pool`](crate::pool::Pool) ranks its deployments this way.
+pub type Rank<Req> = Arc<dyn Fn(&Req, &mut [usize]) + Send + Sync>;
 
 /// One entry of a fallback chain: a service, its name, an optional request remap, whether it
 /// has a larger context window than the entries before it, and optionally a [`Gate`] (can it
@@ -185,6 +189,7 @@ pub struct Fallback<S, Req, P = NoRetry> {
     pub(super) primary: S,
     pub(super) chain: Arc<[Entry<S, Req, P>]>,
     pub(super) order: FailoverPolicy,
+    pub(super) rank: Option<Rank<Req>>,
 }
 
 impl<S: Clone, Req, P> Clone for Fallback<S, Req, P> {
@@ -193,6 +198,7 @@ impl<S: Clone, Req, P> Clone for Fallback<S, Req, P> {
             primary: self.primary.clone(),
             chain: self.chain.clone(),
             order: self.order,
+            rank: self.rank.clone(),
         }
     }
 }
@@ -202,6 +208,7 @@ impl<S, Req, P> fmt::Debug for Fallback<S, Req, P> {
         f.debug_struct("Fallback")
             .field("chain", &self.chain)
             .field("order", &self.order)
+            .field("ranked", &self.rank.is_some())
             .finish()
     }
 }
@@ -215,7 +222,17 @@ impl<S: Clone, Req, P> Fallback<S, Req, P> {
             primary,
             chain: entries.into(),
             order: FailoverPolicy::default(),
+            rank: None,
         })
+    }
+
+    /// Orders the entries per request by `rank` (best first) instead of the chain's order, and
+    /// fails over first ([`FailoverPolicy::FailoverFirst`]) in that order. This is how a
+    /// [`Pool`](crate::pool::Pool) spreads load; an ordered chain has no ranking.
+    pub fn ranked(mut self, rank: Rank<Req>) -> Self {
+        self.rank = Some(rank);
+        self.order = FailoverPolicy::FailoverFirst;
+        self
     }
 
     /// Sets the order in which attempts are spent after a failure.
@@ -264,7 +281,13 @@ where
 
     /// Drives the primary ready. Any other entry is driven ready (on a clone) inside the
     /// response future, before each of its attempts.
+    ///
+    /// A ranked chain (a pool) is always ready: which entry a call goes to is only known at
+    /// the call, and that entry is driven ready (on a clone) inside the response future.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.rank.is_some() {
+            return Poll::Ready(Ok(()));
+        }
         self.primary.poll_ready(cx)
     }
 
@@ -275,14 +298,21 @@ where
         if crate::expired(req.deadline()) {
             return FallbackFuture::expired(chain, self.order, now);
         }
+        // A ranking orders the entries for this request (a pool); a chain keeps its order.
+        let ranked: Option<Box<[usize]>> = self.rank.as_ref().map(|rank| {
+            let mut order: Box<[usize]> = (0..chain.len()).collect();
+            rank(&req, &mut order);
+            order
+        });
+        let best = ranked.as_deref().map_or(0, |r| r[0]);
         // Failing over first, the first attempt goes to the first entry that can take the call
-        // now (the primary, unless its gate says otherwise).
+        // now (the primary, or the best ranked, unless its gate says otherwise).
         let first = match self.order {
             FailoverPolicy::FailoverFirst => {
-                choose(chain.iter().enumerate().map(|(i, e)| (i, e.wait(&req))))
-                    .map_or(0, |c| c.index)
+                choose(in_order(chain.len(), ranked.as_deref()).map(|i| (i, chain[i].wait(&req))))
+                    .map_or(best, |c| c.index)
             }
-            FailoverPolicy::RetryEachThenFallback => 0,
+            FailoverPolicy::RetryEachThenFallback => best,
         };
         let entry = &chain[first];
         if let Some(p) = &entry.policy {
@@ -298,12 +328,14 @@ where
             false => (req, None),
         };
         let copy = entry.remapped(copy);
-        if first == 0 {
+        if first == 0 && ranked.is_none() {
             let fut = self.primary.call(copy);
             FallbackFuture::called(fut, chain, self.order, kept, now)
         } else {
+            // A ranked call drives its own clone ready: the primary readied by `poll_ready`
+            // may not be the one chosen.
             let svc = entry.service.clone();
-            FallbackFuture::readying(svc, first, copy, chain, self.order, kept, now)
+            FallbackFuture::readying(svc, first, copy, chain, self.order, kept, now).ranked(ranked)
         }
     }
 }

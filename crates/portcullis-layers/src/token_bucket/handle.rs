@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use super::KeyDisplay;
 use super::config::{ConfigError, KeyLimits};
+use super::per_bucket::PerBucket;
 use super::store::{BucketStore, KeyLabel, Levels};
+use portcullis_core::TokenCost;
 
 /// A handle on a token bucket's shared state, from [`TokenBucketLayer::handle`]: levels per
 /// key, pauses, and limits changed at run time (queued waiters keep their slots).
@@ -121,6 +123,53 @@ impl<St: BucketStore> TokenBucketHandle<St> {
         limits.validate()?;
         self.store.set_limits(&key.into(), limits);
         Ok(())
+    }
+
+    /// The share of `key`'s tightest bucket left after a call costing `cost` (1 request and its
+    /// tokens): `1.0` for full buckets, `0.0` or less when the call would have to wait. `None`
+    /// when `key` has no configured or learned limit (nothing to compare). A
+    /// [`Pool`](crate::pool::Pool) routes to the deployment with the most headroom.
+    ///
+    /// ```
+    /// use portcullis_core::TokenCost;
+    /// use portcullis_layers::token_bucket::{KeyLimits, Rate, TokenBucketConfig, TokenBucketLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limits = KeyLimits { tokens: Some(Rate::per_minute(10_000).unwrap()), ..KeyLimits::default() };
+    /// let handle = TokenBucketLayer::new("azure-east", TokenBucketConfig::new().limits("gpt-4o", limits))
+    ///     .unwrap()
+    ///     .handle();
+    /// let h = handle.headroom("gpt-4o", TokenCost { input: 1_000, output: 1_000 }).unwrap();
+    /// assert!((h - 0.8).abs() < 1e-9);
+    /// assert_eq!(handle.headroom("unknown", TokenCost::default()), None);
+    /// # }
+    /// ```
+    pub fn headroom<Q>(&self, key: &Q, cost: TokenCost) -> Option<f64>
+    where
+        St::Key: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let l = self.store.levels(key)?;
+        let costs = PerBucket {
+            requests: 1.0,
+            tokens: (cost.input + cost.output) as f64,
+            input: cost.input as f64,
+            output: cost.output as f64,
+        };
+        let rates = [
+            (l.limits.requests, l.levels.requests, costs.requests),
+            (l.limits.tokens, l.levels.tokens, costs.tokens),
+            (l.limits.input_tokens, l.levels.input, costs.input),
+            (l.limits.output_tokens, l.levels.output, costs.output),
+        ];
+        rates
+            .into_iter()
+            .filter_map(|(rate, level, cost)| {
+                let capacity = rate?.capacity() as f64;
+                Some((level? - cost) / capacity)
+            })
+            .min_by(f64::total_cmp)
     }
 
     /// Pauses new admissions of `key`, as a provider's 429 would.
