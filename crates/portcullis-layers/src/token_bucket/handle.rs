@@ -136,10 +136,9 @@ impl<St: BucketStore> TokenBucketHandle<St> {
     ///
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
     /// # async fn main() {
-    /// let limits = KeyLimits { tokens: Some(Rate::per_minute(10_000).unwrap()), ..KeyLimits::default() };
-    /// let handle = TokenBucketLayer::new("azure-east", TokenBucketConfig::new().limits("gpt-4o", limits))
-    ///     .unwrap()
-    ///     .handle();
+    /// let limits = KeyLimits::unlimited().with_tokens(Rate::per_minute(10_000).unwrap());
+    /// let handle = TokenBucketLayer::new("azure-east", TokenBucketConfig::new()).unwrap().handle();
+    /// handle.set_limits("gpt-4o", limits).unwrap();
     /// let h = handle.headroom("gpt-4o", TokenCost { input: 1_000, output: 1_000 }).unwrap();
     /// assert!((h - 0.8).abs() < 1e-9);
     /// assert_eq!(handle.headroom("unknown", TokenCost::default()), None);
