@@ -18,7 +18,7 @@ use tower_service::Service;
 const DECAY: Duration = Duration::from_secs(10);
 
 /// One deployment's load: calls in flight, and a peak-EWMA of its latency (a slower sample
-/// counts at once, a faster one decays in over [`DECAY`]).
+/// counts at once, a faster one decays in over about ten seconds).
 #[derive(Debug, Default)]
 pub struct Load {
     in_flight: AtomicUsize,
