@@ -314,13 +314,23 @@ pub struct ChatRequest {
     pub model: Arc<str>,
     /// The conversation.
     pub messages: Arc<[ChatMessage]>,
-    /// Sampling and length options.
-    pub options: CompletionOptions,
+    /// Sampling, length, tools and format options, shared: cloning a request (every retry and
+    /// fallback does) copies a pointer, and the request stays small enough to move inline. The
+    /// builder methods below change a request's own copy ([`Arc::make_mut`]); to change a field
+    /// by hand, `Arc::make_mut(&mut req.options).max_tokens = 10`.
+    pub options: Arc<CompletionOptions>,
     /// When the whole call (all retries and waits included) must be over. Set by the deadline
     /// layer, or by the caller; every layer that sleeps respects it.
     pub deadline: Option<Instant>,
     /// Room for extensions (tools, provider-specific fields, tracing context).
     pub extensions: http::Extensions,
+}
+
+/// The default options, one shared copy per process: a new request allocates no options.
+fn default_options() -> Arc<CompletionOptions> {
+    static DEFAULT: std::sync::LazyLock<Arc<CompletionOptions>> =
+        std::sync::LazyLock::new(|| Arc::new(CompletionOptions::default()));
+    DEFAULT.clone()
 }
 
 impl ChatRequest {
@@ -329,7 +339,7 @@ impl ChatRequest {
         ChatRequest {
             model: Arc::from(model.as_ref()),
             messages: messages.into(),
-            options: CompletionOptions::default(),
+            options: default_options(),
             deadline: None,
             extensions: http::Extensions::new(),
         }
@@ -337,13 +347,13 @@ impl ChatRequest {
 
     /// Sets `max_tokens`.
     pub fn max_tokens(mut self, n: u32) -> Self {
-        self.options.max_tokens = n;
+        self.opts().max_tokens = n;
         self
     }
 
     /// Sets the temperature.
     pub fn temperature(mut self, t: f32) -> Self {
-        self.options.temperature = t;
+        self.opts().temperature = t;
         self
     }
 
@@ -353,37 +363,37 @@ impl ChatRequest {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.options.stop_sequences = stops.into_iter().map(Into::into).collect();
+        self.opts().stop_sequences = stops.into_iter().map(Into::into).collect();
         self
     }
 
     /// Sets the response format.
     pub fn response_format(mut self, f: ResponseFormat) -> Self {
-        self.options.response_format = f;
+        self.opts().response_format = f;
         self
     }
 
     /// Sets the tools the model may call.
     pub fn tools(mut self, tools: impl Into<Arc<[Tool]>>) -> Self {
-        self.options.tools = tools.into();
+        self.opts().tools = tools.into();
         self
     }
 
     /// Sets which tool the model must call.
     pub fn tool_choice(mut self, choice: ToolChoice) -> Self {
-        self.options.tool_choice = Some(choice);
+        self.opts().tool_choice = Some(choice);
         self
     }
 
     /// Allows or forbids several tool calls in one turn.
     pub fn parallel_tool_calls(mut self, allow: bool) -> Self {
-        self.options.parallel_tool_calls = Some(allow);
+        self.opts().parallel_tool_calls = Some(allow);
         self
     }
 
     /// Sets the reasoning effort or thinking budget.
     pub fn reasoning(mut self, reasoning: Reasoning) -> Self {
-        self.options.reasoning = Some(reasoning);
+        self.opts().reasoning = Some(reasoning);
         self
     }
 
@@ -394,7 +404,7 @@ impl ChatRequest {
         field: impl Into<String>,
         value: serde_json::Value,
     ) -> Self {
-        Arc::make_mut(&mut self.options.extra)
+        Arc::make_mut(&mut self.opts().extra)
             .entry(provider.into())
             .or_default()
             .insert(field.into(), value);
@@ -403,7 +413,7 @@ impl ChatRequest {
 
     /// Sets the per-attempt timeout.
     pub fn timeout(mut self, t: Duration) -> Self {
-        self.options.timeout = Some(t);
+        self.opts().timeout = Some(t);
         self
     }
 
@@ -414,9 +424,14 @@ impl ChatRequest {
     }
 
     /// Replaces the options.
-    pub fn with_options(mut self, options: CompletionOptions) -> Self {
-        self.options = options;
+    pub fn with_options(mut self, options: impl Into<Arc<CompletionOptions>>) -> Self {
+        self.options = options.into();
         self
+    }
+
+    /// This request's own options, copied first if another request shares them.
+    fn opts(&mut self) -> &mut CompletionOptions {
+        Arc::make_mut(&mut self.options)
     }
 
     /// Replaces the model, keeping everything else (a fallback entry's remap).

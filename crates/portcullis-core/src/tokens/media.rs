@@ -85,7 +85,7 @@ impl ImageRule {
 
     /// The rule of an OpenAI model name.
     pub fn openai(model: &str) -> ImageRule {
-        let m = model.rsplit('/').next().unwrap_or(model);
+        let m = super::base_name(model);
         let patches = |milli| ImageRule::Patches { milli };
         if m.starts_with("gpt-4o-mini") {
             ImageRule::Tiles {

@@ -136,6 +136,15 @@ fn schema_tokens<E: TokenEstimator + ?Sized>(e: &E, format: &ResponseFormat) -> 
     }
 }
 
+/// A model name without its routing prefix (`openai/gpt-4o` → `gpt-4o`,
+/// `azure/eu/gpt-4o` → `gpt-4o`): what every per-model rule matches on.
+pub(crate) fn base_name(model: &str) -> &str {
+    match model.bytes().rposition(|b| b == b'/') {
+        Some(i) => &model[i + 1..],
+        None => model,
+    }
+}
+
 /// Which BPE an OpenAI model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -204,6 +213,9 @@ pub struct OpenAiTokenizer {
 
 /// Tokens the chat format adds for each message.
 const OPENAI_PER_MESSAGE: u64 = 3;
+/// Every role's name (`system`, `user`, `assistant`, `tool`) is one token in both encodings
+/// (a test checks it), so it is not re-encoded per message.
+const OPENAI_ROLE: u64 = 1;
 /// Tokens that prime the assistant's reply.
 const OPENAI_REPLY_PRIMING: u64 = 3;
 
@@ -226,7 +238,7 @@ impl OpenAiTokenizer {
     /// ([`ImageRule::openai`]) and its tools overhead ([`OPENAI_REASONING_TOOLS`] for the
     /// reasoning models, which render tools in a longer preamble, [`OPENAI_TOOLS`] for others).
     pub fn for_model(model: &str) -> Self {
-        let m = model.rsplit('/').next().unwrap_or(model);
+        let m = base_name(model);
         let tools = if tools::openai_reasoning(m) {
             OPENAI_REASONING_TOOLS
         } else {
@@ -270,23 +282,45 @@ impl TokenEstimator for OpenAiTokenizer {
     }
 
     fn count_messages(&self, messages: &[ChatMessage]) -> u64 {
-        let overhead: u64 = messages
-            .iter()
-            .map(|m| OPENAI_PER_MESSAGE + self.encoding.count_exact(m.role.as_str()))
-            .sum();
-        let content = sample::sum_tokens(
-            messages.iter().flat_map(ChatMessage::texts),
+        let overhead = (OPENAI_PER_MESSAGE + OPENAI_ROLE) * messages.len() as u64;
+        let content = content_tokens(
+            messages,
             self.exact_limit,
             self.encoding,
+            self.images,
             |n| n,
         );
-        let parts = non_text_parts(messages, self.images, |t| self.encoding.count_exact(t));
-        overhead + content + parts + OPENAI_REPLY_PRIMING
+        overhead + content + OPENAI_REPLY_PRIMING
     }
 
     fn count_tools(&self, tools: &[Tool], choice: Option<&ToolChoice>) -> u64 {
         tools::openai_tools(self, tools, choice, self.tools_overhead)
     }
+}
+
+/// The tokens of the messages' content: their text (sampled past `exact_limit` bytes) and
+/// their other parts. A conversation of plain-text messages (one text part each, the common
+/// case) takes a fast path that reads each message's one text and walks nothing else.
+fn content_tokens(
+    messages: &[ChatMessage],
+    exact_limit: usize,
+    encoding: Encoding,
+    images: ImageRule,
+    scale: impl Fn(u64) -> u64 + Copy,
+) -> u64 {
+    fn plain(m: &ChatMessage) -> Option<&str> {
+        match m.content.as_slice() {
+            [Part::Text { text, .. }] => Some(text),
+            _ => None,
+        }
+    }
+    if messages.iter().all(|m| plain(m).is_some()) {
+        let texts = messages.iter().filter_map(plain);
+        return sample::sum_tokens(texts, exact_limit, encoding, scale);
+    }
+    let texts = messages.iter().flat_map(ChatMessage::texts);
+    sample::sum_tokens(texts, exact_limit, encoding, scale)
+        + non_text_parts(messages, images, |t| scale(encoding.count_exact(t)))
 }
 
 /// Tokens of the parts that are not plain text (images, documents, the ids and framing of
@@ -391,15 +425,13 @@ impl TokenEstimator for AnthropicEstimator {
         let b = self.base;
         Self::BASE_OVERHEAD
             + Self::PER_MESSAGE * messages.len() as u64
-            + sample::sum_tokens(
-                messages.iter().flat_map(ChatMessage::texts),
+            + content_tokens(
+                messages,
                 b.exact_limit,
                 b.encoding,
+                ImageRule::Area,
                 Self::scale,
             )
-            + non_text_parts(messages, ImageRule::Area, |t| {
-                Self::scale(b.encoding.count_exact(t))
-            })
     }
 
     fn count_tools(&self, tools: &[Tool], choice: Option<&ToolChoice>) -> u64 {
@@ -435,8 +467,64 @@ impl TokenEstimator for AnthropicEstimator {
 ///
 /// The estimator carries the model's image rule and tools overhead (as
 /// [`OpenAiTokenizer::for_model`] and [`AnthropicEstimator::for_model`] pick them); every one is
-/// a `static`, so this allocates nothing.
+/// a `static`, so this allocates nothing. The last few names each thread looked up are
+/// remembered (by value, up to 48 bytes), so the per-request cost is a short compare.
 pub fn estimator_for_model(model: &str) -> &'static dyn TokenEstimator {
+    let m = base_name(model);
+    let Ok(key) = ModelKey::new(m) else {
+        return estimator_uncached(m);
+    };
+    RECENT.with(|recent| {
+        let mut recent = recent.borrow_mut();
+        if let Some((_, e)) = recent.slots.iter().flatten().find(|(k, _)| *k == key) {
+            return *e;
+        }
+        let e = estimator_uncached(m);
+        let next = recent.next;
+        recent.slots[next] = Some((key, e));
+        recent.next = (next + 1) % RECENT_SLOTS;
+        e
+    })
+}
+
+/// How many model names each thread remembers the estimator of.
+const RECENT_SLOTS: usize = 4;
+
+/// A short model name held inline (no allocation), to compare by value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct ModelKey {
+    len: u8,
+    bytes: [u8; 48],
+}
+
+impl ModelKey {
+    fn new(m: &str) -> Result<Self, ()> {
+        let mut bytes = [0; 48];
+        bytes
+            .get_mut(..m.len())
+            .ok_or(())?
+            .copy_from_slice(m.as_bytes());
+        Ok(ModelKey {
+            len: m.len() as u8,
+            bytes,
+        })
+    }
+}
+
+type Recent = Option<(ModelKey, &'static dyn TokenEstimator)>;
+
+struct RecentModels {
+    slots: [Recent; RECENT_SLOTS],
+    next: usize,
+}
+
+thread_local! {
+    static RECENT: std::cell::RefCell<RecentModels> = const {
+        std::cell::RefCell::new(RecentModels { slots: [None; RECENT_SLOTS], next: 0 })
+    };
+}
+
+fn estimator_uncached(m: &str) -> &'static dyn TokenEstimator {
     use Encoding::{Cl100k, O200k};
     use ImageRule::{Patches, Tiles};
     type T = OpenAiTokenizer;
@@ -463,7 +551,6 @@ pub fn estimator_for_model(model: &str) -> &'static dyn TokenEstimator {
     static CLAUDE_4: A = A::preset(P::CLAUDE_4);
     static CLAUDE_MEASURED: A = A::preset(P::MEASURED);
 
-    let m = model.rsplit('/').next().unwrap_or(model);
     if m.starts_with("claude") {
         let p = P::for_model(m);
         return [
@@ -548,7 +635,7 @@ impl UsageRule {
     /// models after the Claude 3 generation, [`AllInput`](Self::AllInput) for `claude-3*`,
     /// `claude-2*`, `claude-instant*` and every other model.
     pub fn for_model(model: &str) -> UsageRule {
-        let m = model.rsplit('/').next().unwrap_or(model);
+        let m = base_name(model);
         let older = ["claude-3", "claude-2", "claude-instant"];
         if m.starts_with("claude") && !older.iter().any(|p| m.starts_with(p)) {
             UsageRule::ExcludeCacheReads
@@ -648,6 +735,47 @@ impl CostOf<ChatRequest> for ChatCost {
 mod tests {
     use super::*;
     use crate::ChatMessage as M;
+
+    #[test]
+    fn remembered_estimators_match_the_lookup() {
+        let same = |a: &dyn TokenEstimator, b: &dyn TokenEstimator| {
+            std::ptr::eq(a as *const _ as *const u8, b as *const _ as *const u8)
+        };
+        let long = format!("gpt-4-{}", "x".repeat(60)); // past the inline key: not remembered
+        let models = [
+            "gpt-4o-mini",
+            "claude-3-opus-x",
+            "openai/gpt-4-turbo",
+            "gpt-5-mini",
+            "claude-sonnet-4-5",
+            "o3",
+            long.as_str(),
+            "gpt-4.1-nano",
+        ];
+        for round in 0..3 {
+            for m in models {
+                let want = estimator_uncached(base_name(m));
+                assert!(same(estimator_for_model(m), want), "{m} in round {round}");
+            }
+        }
+        assert!(!same(
+            estimator_for_model("gpt-4o"),
+            estimator_for_model("claude-3-haiku")
+        ));
+    }
+
+    #[test]
+    fn every_role_is_one_token() {
+        use crate::Role;
+        for e in [Encoding::O200k, Encoding::Cl100k] {
+            for r in [Role::System, Role::User, Role::Assistant, Role::Tool] {
+                assert_eq!(e.count_exact(r.as_str()), OPENAI_ROLE, "{r:?} in {e:?}");
+            }
+        }
+        assert_eq!(base_name("azure/eu/gpt-4o"), "gpt-4o");
+        assert_eq!(base_name("gpt-4o"), "gpt-4o");
+        assert_eq!(base_name("x/"), "");
+    }
 
     #[test]
     fn encodings() {
@@ -891,7 +1019,7 @@ mod calibration {
         let t = || vec![tool("t", "", json!({"type":"object"}))];
         let with = |model: &str, choice: Option<ToolChoice>| {
             let mut req = ChatRequest::new(model, vec![M::user("hi")]).tools(t());
-            req.options.tool_choice = choice;
+            std::sync::Arc::make_mut(&mut req.options).tool_choice = choice;
             let e = estimator_for_model(model);
             e.count_request(&req) - e.count_messages(&req.messages)
         };

@@ -92,7 +92,7 @@ impl AnthropicToolPrompt {
 
     /// The prompt of a Claude model name.
     pub fn for_model(model: &str) -> Self {
-        let m = model.rsplit('/').next().unwrap_or(model);
+        let m = super::base_name(model);
         let is = |p: &str| m.starts_with(p);
         if is("claude-3-opus") {
             Self::CLAUDE_3_OPUS
