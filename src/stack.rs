@@ -74,12 +74,15 @@ use std::time::Duration;
 
 use portcullis_core::config::{self, millis};
 use portcullis_core::{
-    BoxError, ChatCost, ChatRequest, ChatStream, CompletionResult, ConfigError, LlmError,
+    BoxError, ChatCost, ChatRequest, ChatStream, CompletionResult, ConfigError, CostOf, LlmError,
 };
 use portcullis_layers::circuit_breaker::{
     self, CircuitBreakerConfig, CircuitBreakerHandle, Window,
 };
 use portcullis_layers::fallback::FailoverPolicy;
+use portcullis_layers::pool::{
+    Deployment, Group, PoolConfig, PoolError, PoolHandle, PoolRanking, Tracked, grouped,
+};
 use portcullis_layers::retry::{RetryBudget, RetryConfig, StandardPolicy};
 use portcullis_layers::timeout::{
     Deadline, DeadlineLayer, StreamIdle, StreamIdleLayer, Timeout, TimeoutLayer,
@@ -114,13 +117,15 @@ pub type ProviderStream = Either<OpenAiStream, AnthropicStream>;
 pub type ProviderChain<S, St = MemoryStore> =
     CircuitBreaker<Either<TokenBucket<Timeout<S>, ByModel, ChatCost, St>, Timeout<S>>>;
 
-/// The completion service a [`Stack`] yields.
+/// The completion service a [`Stack`] yields. Each provider's chain is [`Tracked`] (calls in
+/// flight and latency) when it is a deployment of a [pool](StackBuilder::pool), and passed
+/// through untouched otherwise.
 pub type Completions<S = Provider, St = MemoryStore> =
-    Deadline<Fallback<ProviderChain<S, St>, ChatRequest, StandardPolicy>>;
+    Deadline<Fallback<Tracked<ProviderChain<S, St>>, ChatRequest, StandardPolicy>>;
 
 /// The streaming service a [`Stack`] yields.
 pub type Streams<S = ProviderStream, St = MemoryStore> =
-    Deadline<Fallback<ProviderChain<StreamIdle<S>, St>, ChatRequest, StandardPolicy>>;
+    Deadline<Fallback<Tracked<ProviderChain<StreamIdle<S>, St>>, ChatRequest, StandardPolicy>>;
 
 /// Builds a provider's bucket store from the provider's name and its limits (the default:
 /// [`MemoryStore::new`]; see [`ProviderStack::store`]).
@@ -162,6 +167,12 @@ pub enum StackError {
     Provider(String, LlmError),
     /// A provider's bucket store could not be built (e.g. an invalid Redis configuration).
     Store(String, BoxError),
+    /// A pool is invalid (no deployment, a zero weight, or in a configuration: members that
+    /// are not consecutive, or settings for a pool no provider is in).
+    Pool(String, PoolError),
+    /// Pools rank their deployments per request and fail over to a sibling before any backoff,
+    /// which [`FailoverPolicy::RetryEachThenFallback`] contradicts.
+    PoolNeedsFailoverFirst(String),
 }
 
 impl fmt::Display for StackError {
@@ -189,6 +200,11 @@ impl fmt::Display for StackError {
             StackError::Config(Some(p), e) => write!(f, "provider {p:?}: {e}"),
             StackError::Provider(p, e) => write!(f, "provider {p:?}: {e}"),
             StackError::Store(p, e) => write!(f, "provider {p:?}: bucket store: {e}"),
+            StackError::Pool(p, e) => write!(f, "pool {p:?}: {e}"),
+            StackError::PoolNeedsFailoverFirst(p) => write!(
+                f,
+                "pool {p:?}: pools need the failover-first policy, not retry-each-then-fallback"
+            ),
         }
     }
 }
@@ -212,6 +228,7 @@ pub struct ProviderStack<S = Provider, Q = ProviderStream, St = MemoryStore> {
     attempt_timeout: Duration,
     stream_idle: Duration,
     stream_total: Option<Duration>,
+    weight: u32,
 }
 
 impl<S: fmt::Debug, Q: fmt::Debug, St> fmt::Debug for ProviderStack<S, Q, St> {
@@ -266,6 +283,7 @@ impl<S, Q> ProviderStack<S, Q> {
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             stream_idle: DEFAULT_ATTEMPT_TIMEOUT,
             stream_total: None,
+            weight: 1,
         }
     }
 }
@@ -298,6 +316,7 @@ impl<S, Q, St> ProviderStack<S, Q, St> {
             attempt_timeout: self.attempt_timeout,
             stream_idle: self.stream_idle,
             stream_total: self.stream_total,
+            weight: self.weight,
         }
     }
 
@@ -360,6 +379,13 @@ impl<S, Q, St> ProviderStack<S, Q, St> {
         self
     }
 
+    /// Its weight as a deployment of a pool with the
+    /// [`Weighted`](portcullis_layers::pool::Strategy::Weighted) strategy (default 1).
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
     fn validate(&self, deadline: Duration) -> Result<(), StackError> {
         let provider = self.name.to_string();
         let config = |e| StackError::Config(Some(provider.clone()), e);
@@ -407,6 +433,9 @@ pub struct StackBuilder<S, Q, St = MemoryStore> {
     deadline: Duration,
     failover: FailoverPolicy,
     providers: Vec<ProviderStack<S, Q, St>>,
+    /// Each pool: its name, its routing, and how many providers (from the end of `providers`
+    /// when it was added) are its deployments.
+    pools: Vec<(String, PoolConfig, std::ops::Range<usize>)>,
 }
 
 /// The handles of one provider's layers.
@@ -479,6 +508,7 @@ pub struct Stack<S = Provider, Q = ProviderStream, St = MemoryStore> {
     completions: Completions<S, St>,
     streams: Streams<Q, St>,
     handles: Vec<ProviderHandles<St>>,
+    pools: Vec<(String, PoolHandle<ChatRequest>)>,
 }
 
 impl Stack {
@@ -488,6 +518,7 @@ impl Stack {
             deadline: DEFAULT_DEADLINE,
             failover: FailoverPolicy::default(),
             providers: Vec::new(),
+            pools: Vec::new(),
         }
     }
 
@@ -496,6 +527,7 @@ impl Stack {
         let mut builder = Stack::builder()
             .deadline(config.deadline)
             .failover(config.failover);
+        let mut groups: Vec<(Option<&str>, Vec<ProviderStack>)> = Vec::new();
         for p in &config.providers {
             let err = |e| StackError::Provider(p.name.clone(), e);
             let key = match &p.api_key_env {
@@ -537,7 +569,40 @@ impl Stack {
             if let Some(l) = &p.limits {
                 ps = ps.limits(l.clone());
             }
-            builder = builder.provider(ps);
+            ps = ps.weight(p.weight);
+            let pool = p.pool.as_deref();
+            let continues = pool.is_some() && groups.last().is_some_and(|(g, _)| *g == pool);
+            if continues {
+                if let Some((_, members)) = groups.last_mut() {
+                    members.push(ps);
+                }
+            } else if pool.is_some() && groups.iter().any(|(g, _)| *g == pool) {
+                let name = pool.unwrap_or_default().to_owned();
+                let problem = "a pool's providers must be consecutive";
+                return Err(StackError::Config(
+                    Some(name),
+                    ConfigError::new("pool", "providers", problem),
+                ));
+            } else {
+                groups.push((pool, vec![ps]));
+            }
+        }
+        if let Some(name) = config
+            .pools
+            .keys()
+            .find(|n| !groups.iter().any(|(g, _)| *g == Some(n.as_str())))
+        {
+            let e = ConfigError::new("pools", name.clone(), "no provider is in this pool");
+            return Err(StackError::Config(None, e));
+        }
+        for (pool, members) in groups {
+            builder = match pool {
+                Some(name) => {
+                    let routing = config.pools.get(name).copied().unwrap_or_default();
+                    builder.pool(name, routing, members)
+                }
+                None => members.into_iter().fold(builder, |b, ps| b.provider(ps)),
+            };
         }
         builder.build()
     }
@@ -570,6 +635,54 @@ where
         self
     }
 
+    /// Adds a pool named `name`: `deployments` of one model (several keys, regions or hosts),
+    /// one priority group in the chain. Each deployment keeps its own breaker and bucket; each
+    /// call goes to the best deployment that can take it now by `config`'s
+    /// [`Strategy`](portcullis_layers::pool::Strategy) (by default the one with the most
+    /// headroom left in its bucket), and a failure that allows a failover goes to the next
+    /// best deployment at once, then to the groups after the pool. See
+    /// [`pool`](portcullis_layers::pool).
+    ///
+    /// ```
+    /// use portcullis::{ChatMessage, ChatRequest, ProviderStack, Stack};
+    /// use portcullis::layers::pool::PoolConfig;
+    /// use portcullis::providers::{ApiKey, OpenAiProvider};
+    /// use portcullis_sim::{SimHandle, Simulator};
+    /// use tower::ServiceExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let east = Simulator::builder().start().await?;
+    /// let west = Simulator::builder().start().await?;
+    /// let deployment = |name: &'static str, sim: &SimHandle| -> Result<_, Box<dyn std::error::Error>> {
+    ///     let p = OpenAiProvider::builder()
+    ///         .base_url(sim.openai_base_url())
+    ///         .api_key(ApiKey::new("sk-test")?)
+    ///         .build()?;
+    ///     Ok(ProviderStack::openai(p).name(name))
+    /// };
+    /// let stack = Stack::builder()
+    ///     .pool("gpt-4o-mini", PoolConfig::default(), vec![deployment("east", &east)?, deployment("west", &west)?])
+    ///     .build()?;
+    /// let req = ChatRequest::new("gpt-4o-mini", vec![ChatMessage::user("Hello")]).max_tokens(20);
+    /// stack.completions().oneshot(req.clone()).await?;
+    /// let status = stack.pool("gpt-4o-mini").unwrap().status(&req);
+    /// assert_eq!(status.iter().map(|d| d.finished).sum::<u64>(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn pool(
+        mut self,
+        name: impl Into<String>,
+        config: PoolConfig,
+        deployments: Vec<ProviderStack<S, Q, St>>,
+    ) -> Self {
+        let start = self.providers.len();
+        self.providers.extend(deployments);
+        self.pools
+            .push((name.into(), config, start..self.providers.len()));
+        self
+    }
+
     /// Validates the settings and composes the stack.
     pub fn build(self) -> Result<Stack<S, Q, St>, StackError> {
         if self.providers.is_empty() {
@@ -577,8 +690,14 @@ where
         }
         config::positive("stack", "deadline_ms", self.deadline)
             .map_err(|e| StackError::Config(None, e))?;
-        let mut complete_entries = Vec::new();
-        let mut stream_entries = Vec::new();
+        if let Some((name, ..)) = self.pools.first() {
+            if self.failover == FailoverPolicy::RetryEachThenFallback {
+                return Err(StackError::PoolNeedsFailoverFirst(name.clone()));
+            }
+        }
+        if let Some((name, ..)) = self.pools.iter().find(|(_, _, r)| r.is_empty()) {
+            return Err(StackError::Pool(name.clone(), PoolError::Empty));
+        }
         let mut handles = Vec::new();
         // Failing over first, one budget counts the retries of every provider: the primary's.
         let budget = match (self.failover, &self.providers[0].retry.budget) {
@@ -589,6 +708,7 @@ where
             }
             _ => None,
         };
+        let mut built = Vec::with_capacity(self.providers.len());
         for p in self.providers {
             p.validate(self.deadline)?;
             let name = p.name.to_string();
@@ -619,39 +739,148 @@ where
                 breaker: breaker.handle(),
                 limiter: bucket.as_ref().map(|b| b.handle()),
             };
-            let gate = handle.gate();
-            handles.push(handle);
             let complete = TimeoutLayer::new(p.attempt_timeout).layer(p.complete);
-            let complete = compose(&breaker, bucket.as_ref(), complete);
             let idle = StreamIdleLayer::new(p.stream_idle);
             let idle = match p.stream_total {
                 Some(total) => idle.total(total),
                 None => idle,
             };
-            let stream = idle.layer(p.stream);
-            let stream = TimeoutLayer::new(p.attempt_timeout).layer(stream);
-            let stream = compose(&breaker, bucket.as_ref(), stream);
-            let (larger, model) = (p.larger_context, p.model.as_deref());
-            let entry = Entry::new(p.name.clone(), complete).gate(gate.clone());
-            complete_entries.push(configure(entry, larger, model, policy.clone()));
-            let entry = Entry::new(p.name.clone(), stream).gate(gate);
-            stream_entries.push(configure(entry, larger, model, policy));
+            let stream = TimeoutLayer::new(p.attempt_timeout).layer(idle.layer(p.stream));
+            built.push(Built {
+                name: p.name,
+                complete: compose(&breaker, bucket.as_ref(), complete),
+                stream: compose(&breaker, bucket.as_ref(), stream),
+                handle: handle.clone(),
+                model: p.model,
+                larger_context: p.larger_context,
+                weight: p.weight,
+                policy,
+            });
+            handles.push(handle);
+        }
+        let mut complete_entries = Vec::with_capacity(built.len());
+        let mut stream_entries = Vec::with_capacity(built.len());
+        let (mut complete_groups, mut stream_groups) = (Vec::new(), Vec::new());
+        let mut pools = Vec::new();
+        let mut built = built.into_iter();
+        let mut at = 0;
+        let mut pool_specs = self.pools.into_iter().peekable();
+        while at < handles.len() {
+            let Some((name, config, range)) = pool_specs.next_if(|(_, _, r)| r.start == at) else {
+                let b = built.next().ok_or(StackError::NoProviders)?;
+                let (complete, stream) = b.untracked();
+                complete_entries.push(complete);
+                stream_entries.push(stream);
+                complete_groups.push(Group::Entry);
+                stream_groups.push(Group::Entry);
+                at += 1;
+                continue;
+            };
+            let members: Vec<Built<_, _, St>> = built.by_ref().take(range.len()).collect();
+            let pool_err = |e| StackError::Pool(name.clone(), e);
+            let (mut completes, mut streams) = (Vec::new(), Vec::new());
+            for b in &members {
+                completes.push(b.deployment(b.complete.clone()));
+                streams.push(b.deployment(b.stream.clone()));
+            }
+            let (entries, ranking) = PoolRanking::entries(completes, config).map_err(pool_err)?;
+            complete_entries.extend(
+                entries
+                    .into_iter()
+                    .zip(&members)
+                    .map(|(e, b)| b.configure(e)),
+            );
+            pools.push((name.clone(), ranking.handle()));
+            complete_groups.push(Group::Pool(ranking));
+            let (entries, ranking) = PoolRanking::entries(streams, config).map_err(pool_err)?;
+            stream_entries.extend(
+                entries
+                    .into_iter()
+                    .zip(&members)
+                    .map(|(e, b)| b.configure(e)),
+            );
+            stream_groups.push(Group::Pool(ranking));
+            at = range.end;
         }
         if handles.iter().any(|h| h.limiter.is_some()) {
             portcullis_core::ChatCost::warm_up();
         }
         let deadline = DeadlineLayer::new(self.deadline);
-        let completions = Fallback::new(complete_entries)
+        let mut completions = Fallback::new(complete_entries)
             .map_err(|_| StackError::NoProviders)?
             .failover(self.failover);
-        let streams = Fallback::new(stream_entries)
+        let mut streams = Fallback::new(stream_entries)
             .map_err(|_| StackError::NoProviders)?
             .failover(self.failover);
+        if !pools.is_empty() {
+            completions = completions.ranked(grouped(complete_groups));
+            streams = streams.ranked(grouped(stream_groups));
+        }
         Ok(Stack {
             completions: deadline.layer(completions),
             streams: deadline.layer(streams),
             handles,
+            pools,
         })
+    }
+}
+
+/// One provider's chains and settings, between validation and the fallback entries.
+struct Built<S, Q, St> {
+    name: Cow<'static, str>,
+    complete: ProviderChain<S, St>,
+    stream: ProviderChain<StreamIdle<Q>, St>,
+    handle: ProviderHandles<St>,
+    model: Option<String>,
+    larger_context: bool,
+    weight: u32,
+    policy: Arc<StandardPolicy>,
+}
+
+impl<S, Q, St> Built<S, Q, St>
+where
+    St: BucketStore<Key = Arc<str>> + Clone + Send + Sync + 'static,
+{
+    /// Its fallback entries, measured by no pool.
+    #[allow(clippy::type_complexity)]
+    fn untracked(
+        self,
+    ) -> (
+        Entry<Tracked<ProviderChain<S, St>>, ChatRequest, StandardPolicy>,
+        Entry<Tracked<ProviderChain<StreamIdle<Q>, St>>, ChatRequest, StandardPolicy>,
+    ) {
+        let gate = self.handle.gate();
+        let (larger, policy) = (self.larger_context, self.policy);
+        let model = self.model.as_deref();
+        let complete = Entry::new(self.name.clone(), Tracked::untracked(self.complete));
+        let stream = Entry::new(self.name, Tracked::untracked(self.stream));
+        (
+            configure(complete.gate(gate.clone()), larger, model, policy.clone()),
+            configure(stream.gate(gate), larger, model, policy),
+        )
+    }
+
+    /// `service` as a deployment of a pool: gated and weighed by this provider's breaker and
+    /// bucket.
+    fn deployment<T>(&self, service: T) -> Deployment<T, ChatRequest> {
+        let limiter = self.handle.limiter.clone();
+        let model = self.handle.model.clone();
+        Deployment::new(self.name.clone(), service)
+            .weight(self.weight)
+            .gate(self.handle.gate())
+            .headroom(move |req: &ChatRequest| {
+                let key: &str = model.as_deref().unwrap_or(&req.model);
+                limiter.as_ref()?.headroom(key, ChatCost.cost(req))
+            })
+    }
+
+    fn configure<T>(&self, entry: Entry<T, ChatRequest>) -> Entry<T, ChatRequest, StandardPolicy> {
+        configure(
+            entry,
+            self.larger_context,
+            self.model.as_deref(),
+            self.policy.clone(),
+        )
     }
 }
 
@@ -699,9 +928,15 @@ impl<S: Clone, Q: Clone, St: Clone> Stack<S, Q, St> {
         &self.handles
     }
 
-    /// The handles of the provider named `name`.
+    /// The handles of the provider named `name` (a pool's deployments are providers too).
     pub fn provider(&self, name: &str) -> Option<&ProviderHandles<St>> {
         self.handles.iter().find(|h| h.name == name)
+    }
+
+    /// The pool named `name`: each deployment's availability, headroom, calls in flight,
+    /// latency and calls finished ([`PoolHandle::status`]).
+    pub fn pool(&self, name: &str) -> Option<&PoolHandle<ChatRequest>> {
+        self.pools.iter().find(|(n, _)| n == name).map(|(_, h)| h)
     }
 }
 
@@ -738,8 +973,13 @@ pub struct StackConfig {
     /// or `"retry_each_then_fallback"`.
     #[serde(default)]
     pub failover: FailoverPolicy,
-    /// The providers, primary first.
+    /// The providers, primary first. Consecutive providers with the same `pool` are the
+    /// deployments of that pool, one priority group in the chain.
     pub providers: Vec<ProviderConfig>,
+    /// Each pool's routing, by pool name (default for a pool not listed:
+    /// [`PoolConfig::default`], the most headroom first).
+    #[serde(default)]
+    pub pools: std::collections::BTreeMap<String, PoolConfig>,
 }
 
 /// One provider of a [`StackConfig`].
@@ -786,6 +1026,16 @@ pub struct ProviderConfig {
     /// RPM / TPM limits.
     #[serde(default)]
     pub limits: Option<TokenBucketConfig>,
+    /// The pool this provider is a deployment of (see [`StackBuilder::pool`]).
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// Its weight in a pool with the `weighted` strategy (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn default_deadline() -> Duration {

@@ -436,7 +436,8 @@ fn stack_config_is_validated() {
         Stack::from_config(&StackConfig {
             deadline: Duration::from_secs(1),
             failover: Default::default(),
-            providers: vec![]
+            providers: vec![],
+            pools: Default::default(),
         }),
         Err(StackError::NoProviders)
     ));

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -22,6 +22,7 @@ const DECAY: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub struct Load {
     in_flight: AtomicUsize,
+    finished: AtomicU64,
     ewma: Mutex<Option<(f64, Instant)>>,
 }
 
@@ -33,6 +34,12 @@ impl Load {
     /// Calls in flight now (started, neither finished nor dropped).
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Calls that finished (answered or failed; not those dropped before the end): the
+    /// deployment's share of the traffic.
+    pub fn finished(&self) -> u64 {
+        self.finished.load(Ordering::Relaxed)
     }
 
     /// The latency estimate (zero before the first call finished).
@@ -49,6 +56,7 @@ impl Load {
     }
 
     fn observe(&self, rtt: Duration, now: Instant) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
         let rtt = rtt.as_secs_f64();
         let mut ewma = self.ewma();
         let next = match *ewma {
@@ -86,14 +94,15 @@ impl Drop for InFlight {
 #[derive(Clone)]
 pub struct Tracked<S> {
     inner: S,
-    load: Arc<Load>,
+    load: Option<Arc<Load>>,
 }
 
 impl<S> fmt::Debug for Tracked<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let load = self.load.as_deref();
         f.debug_struct("Tracked")
-            .field("in_flight", &self.load.in_flight())
-            .field("latency", &self.load.latency())
+            .field("in_flight", &load.map(Load::in_flight))
+            .field("latency", &load.map(Load::latency))
             .finish_non_exhaustive()
     }
 }
@@ -101,12 +110,21 @@ impl<S> fmt::Debug for Tracked<S> {
 impl<S> Tracked<S> {
     /// Measures `inner` into `load`.
     pub fn new(inner: S, load: Arc<Load>) -> Self {
-        Tracked { inner, load }
+        Tracked {
+            inner,
+            load: Some(load),
+        }
     }
 
-    /// The load it measures into.
-    pub fn load(&self) -> &Arc<Load> {
-        &self.load
+    /// Passes `inner` through unmeasured (no clock read, no counter): the same type as a
+    /// measured service, for a chain where only some entries are pool deployments.
+    pub fn untracked(inner: S) -> Self {
+        Tracked { inner, load: None }
+    }
+
+    /// The load it measures into (`None`: [untracked](Self::untracked)).
+    pub fn load(&self) -> Option<&Arc<Load>> {
+        self.load.as_ref()
     }
 }
 
@@ -120,10 +138,13 @@ impl<S: Service<Req>, Req> Service<Req> for Tracked<S> {
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        let measured = self
+            .load
+            .as_ref()
+            .map(|l| (InFlight::new(l.clone()), Instant::now()));
         TrackedFuture {
             inner: self.inner.call(req),
-            guard: Some(InFlight::new(self.load.clone())),
-            started: Instant::now(),
+            measured,
         }
     }
 }
@@ -133,8 +154,7 @@ pin_project! {
     pub struct TrackedFuture<F> {
         #[pin]
         inner: F,
-        guard: Option<InFlight>,
-        started: Instant,
+        measured: Option<(InFlight, Instant)>,
     }
 }
 
@@ -150,11 +170,9 @@ impl<F: Future> Future for TrackedFuture<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let out = ready!(this.inner.poll(cx));
-        if let Some(guard) = this.guard.take() {
+        if let Some((guard, started)) = this.measured.take() {
             let now = Instant::now();
-            guard
-                .0
-                .observe(now.saturating_duration_since(*this.started), now);
+            guard.0.observe(now.saturating_duration_since(started), now);
         }
         Poll::Ready(out)
     }

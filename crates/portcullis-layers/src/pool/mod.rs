@@ -65,5 +65,8 @@ mod service;
 mod strategy;
 
 pub use load::{Load, Tracked, TrackedFuture};
-pub use service::{Deployment, DeploymentStatus, Pool, PoolError, PoolHandle};
+pub use service::{
+    Deployment, DeploymentStatus, Group, Pool, PoolEntries, PoolError, PoolHandle, PoolRanking,
+    grouped,
+};
 pub use strategy::{PoolConfig, Strategy};

@@ -198,37 +198,9 @@ where
         config: PoolConfig,
         retry: impl Fn(Entry<Tracked<S>, Req>) -> Entry<Tracked<S>, Req, P>,
     ) -> Result<Self, PoolError> {
-        if deployments.is_empty() {
-            return Err(PoolError::Empty);
-        }
-        let mut infos = Vec::with_capacity(deployments.len());
-        let mut entries = Vec::with_capacity(deployments.len());
-        for d in deployments {
-            if d.weight == 0 {
-                return Err(PoolError::ZeroWeight(d.name.into_owned()));
-            }
-            if infos.iter().any(|i: &Info<Req>| i.name == d.name) {
-                return Err(PoolError::DuplicateName(d.name.into_owned()));
-            }
-            let load = Arc::new(Load::default());
-            let mut entry = Entry::new(d.name.clone(), Tracked::new(d.service, load.clone()));
-            if let Some(gate) = &d.gate {
-                let gate = gate.clone();
-                entry = entry.gate(move |r: &Req| gate(r));
-            }
-            if let Some(remap) = d.remap {
-                entry = entry.remap(move |r| remap(r));
-            }
-            entries.push(retry(entry));
-            infos.push(Info {
-                name: d.name,
-                weight: d.weight,
-                gate: d.gate,
-                headroom: d.headroom,
-                load,
-            });
-        }
-        let ranker = Arc::new(Ranker::new(infos.into(), config));
+        let (entries, ranking) = PoolRanking::entries(deployments, config)?;
+        let entries = entries.into_iter().map(retry).collect();
+        let ranker = ranking.ranker;
         let r = ranker.clone();
         let inner = Fallback::new(entries)
             .map_err(|_| PoolError::Empty)?
@@ -269,6 +241,141 @@ where
     }
 }
 
+/// A pool's deployments as fallback entries, each measured by [`Tracked`].
+pub type PoolEntries<S, Req> = Vec<Entry<Tracked<S>, Req>>;
+
+/// A pool's ranking on its own, for a pool that is a group of entries inside a larger
+/// [`Fallback`] rather than a service of its own: the `Stack`'s priority groups of pools (two
+/// OpenAI keys first, then Anthropic) are one fallback chain ranked by [`grouped`].
+pub struct PoolRanking<Req> {
+    ranker: Arc<Ranker<Req>>,
+}
+
+impl<Req> fmt::Debug for PoolRanking<Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.ranker.deployments.iter().map(|d| &*d.name).collect();
+        f.debug_struct("PoolRanking")
+            .field("deployments", &names)
+            .finish()
+    }
+}
+
+impl<Req: 'static> PoolRanking<Req> {
+    /// The fallback entries of `deployments` (each service measured by [`Tracked`], with its
+    /// gate and remap) and their ranking by `config`. The entries keep the deployments' order.
+    pub fn entries<S>(
+        deployments: Vec<Deployment<S, Req>>,
+        config: PoolConfig,
+    ) -> Result<(PoolEntries<S, Req>, Self), PoolError> {
+        if deployments.is_empty() {
+            return Err(PoolError::Empty);
+        }
+        let mut infos = Vec::with_capacity(deployments.len());
+        let mut entries = Vec::with_capacity(deployments.len());
+        for d in deployments {
+            if d.weight == 0 {
+                return Err(PoolError::ZeroWeight(d.name.into_owned()));
+            }
+            if infos.iter().any(|i: &Info<Req>| i.name == d.name) {
+                return Err(PoolError::DuplicateName(d.name.into_owned()));
+            }
+            let load = Arc::new(Load::default());
+            let mut entry = Entry::new(d.name.clone(), Tracked::new(d.service, load.clone()));
+            if let Some(gate) = &d.gate {
+                let gate = gate.clone();
+                entry = entry.gate(move |r: &Req| gate(r));
+            }
+            if let Some(remap) = d.remap {
+                entry = entry.remap(move |r| remap(r));
+            }
+            entries.push(entry);
+            infos.push(Info {
+                name: d.name,
+                weight: d.weight,
+                gate: d.gate,
+                headroom: d.headroom,
+                load,
+            });
+        }
+        let ranker = Arc::new(Ranker::new(infos.into(), config));
+        Ok((entries, PoolRanking { ranker }))
+    }
+
+    /// A handle on these deployments.
+    pub fn handle(&self) -> PoolHandle<Req> {
+        PoolHandle {
+            ranker: self.ranker.clone(),
+        }
+    }
+
+    /// How many deployments it ranks.
+    pub fn len(&self) -> usize {
+        self.ranker.deployments.len()
+    }
+
+    /// Whether it ranks none (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.ranker.deployments.is_empty()
+    }
+}
+
+/// One group of a [`grouped`] chain: a plain entry, or a pool's consecutive entries.
+#[derive(Debug)]
+pub enum Group<Req> {
+    /// One entry, in its place.
+    Entry,
+    /// A pool's entries ([`PoolRanking::entries`]), ranked per request among themselves.
+    Pool(PoolRanking<Req>),
+}
+
+/// The [`Rank`](crate::fallback::Rank) of a fallback chain made of `groups` in priority order
+/// (their entries consecutive, in that order): each pool's entries are ranked per request by
+/// its strategy, and a later group is tried only after every entry of the groups before it.
+///
+/// ```
+/// use portcullis_core::ChatRequest;
+/// use portcullis_layers::pool::{grouped, Deployment, Group, PoolConfig, PoolRanking, Strategy};
+///
+/// let config = PoolConfig { strategy: Strategy::RoundRobin, ..PoolConfig::default() };
+/// let deployments = vec![Deployment::new("key-a", ()), Deployment::new("key-b", ())];
+/// let (_entries, ranking) = PoolRanking::<ChatRequest>::entries(deployments, config).unwrap();
+/// // Entries 0 and 1 are the pool, entry 2 a plain fallback after it.
+/// let rank = grouped(vec![Group::Pool(ranking), Group::Entry]);
+/// let req = ChatRequest::new("gpt-4o", vec![]);
+/// let mut firsts = Vec::new();
+/// for _ in 0..4 {
+///     let mut order = [0, 1, 2];
+///     rank(&req, &mut order);
+///     assert_eq!(order[2], 2); // the fallback stays last
+///     firsts.push(order[0]);
+/// }
+/// assert_eq!(firsts, [0, 1, 0, 1]); // round-robin inside the pool
+/// ```
+pub fn grouped<Req: 'static>(groups: Vec<Group<Req>>) -> crate::fallback::Rank<Req> {
+    let mut spans = Vec::new();
+    let mut start = 0;
+    for g in groups {
+        match g {
+            Group::Entry => start += 1,
+            Group::Pool(p) => {
+                let n = p.len();
+                spans.push((start, p.ranker));
+                start += n;
+            }
+        }
+    }
+    Arc::new(move |req: &Req, order: &mut [usize]| {
+        for (start, ranker) in &spans {
+            let Some(span) = order.get_mut(*start..*start + ranker.deployments.len()) else {
+                continue;
+            };
+            span.iter_mut().for_each(|i| *i -= start);
+            ranker.rank(req, span);
+            span.iter_mut().for_each(|i| *i += start);
+        }
+    })
+}
+
 /// One deployment as a [`PoolHandle`] sees it.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -284,6 +391,8 @@ pub struct DeploymentStatus {
     pub in_flight: usize,
     /// Its peak-EWMA latency.
     pub latency: Duration,
+    /// Calls it finished (answered or failed).
+    pub finished: u64,
 }
 
 /// Reads a pool's deployments (shared with the pool and its clones).
@@ -318,6 +427,7 @@ impl<Req> PoolHandle<Req> {
                 headroom: d.headroom(req),
                 in_flight: d.load.in_flight(),
                 latency: d.load.latency(),
+                finished: d.load.finished(),
             })
             .collect()
     }
