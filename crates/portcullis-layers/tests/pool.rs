@@ -237,6 +237,59 @@ async fn least_in_flight_and_lowest_latency_avoid_the_busy_and_the_slow() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_default_passes_over_a_much_slower_deployment_until_it_decays() {
+    // Equal headroom: round-robin by ties, until `a` is known to take 3 s against 0.1 s.
+    let rig = make(&[None, None, None], PoolConfig::default());
+    *rig.deps[0].mode.lock().unwrap() = Mode::Slow(Duration::from_secs(3));
+    for d in &rig.deps[1..] {
+        *d.mode.lock().unwrap() = Mode::Slow(Duration::from_millis(100));
+    }
+    for _ in 0..3 {
+        rig.call().await.unwrap();
+    }
+    assert_eq!(rig.count("a"), 1);
+    for _ in 0..30 {
+        rig.call().await.unwrap();
+    }
+    assert_eq!(
+        rig.count("a"),
+        1,
+        "slow `a` is passed over: {:?}",
+        rig.names()
+    );
+    // Unused, its estimate decays; after a minute it is tried again, and it recovered.
+    *rig.deps[0].mode.lock().unwrap() = Mode::Ok;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    for _ in 0..6 {
+        rig.call().await.unwrap();
+    }
+    assert!(rig.count("a") >= 2, "{:?}", rig.names());
+
+    // Off, the slow deployment keeps its turn.
+    let off = PoolConfig {
+        slow_factor: 0.0,
+        ..PoolConfig::default()
+    };
+    let rig = make(&[None, None], off);
+    *rig.deps[0].mode.lock().unwrap() = Mode::Slow(Duration::from_secs(3));
+    for _ in 0..6 {
+        rig.call().await.unwrap();
+    }
+    assert_eq!(rig.count("a"), 3);
+
+    // A bad factor is refused.
+    let bad = PoolConfig {
+        slow_factor: f64::NAN,
+        ..PoolConfig::default()
+    };
+    let (d, _) = deployment("x", None, &Log::default());
+    assert_eq!(
+        Pool::new(vec![d], bad).unwrap_err(),
+        portcullis_layers::pool::PoolError::InvalidSlowFactor
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn two_choices_is_seeded_and_still_prefers_headroom() {
     let run = || async {
         let rig = make(

@@ -42,17 +42,24 @@ impl Load {
         self.finished.load(Ordering::Relaxed)
     }
 
-    /// The latency estimate (zero before the first call finished).
+    /// The latency estimate (zero before the first call finished). Between calls it decays
+    /// toward zero at the same rate, as `tower::load::PeakEwma`'s does, so that a deployment
+    /// passed over for being slow is tried again after a while and can show it recovered.
     pub fn latency(&self) -> Duration {
-        self.ewma()
-            .map_or(Duration::ZERO, |(secs, _)| Duration::from_secs_f64(secs))
+        Duration::from_secs_f64(self.secs())
+    }
+
+    fn secs(&self) -> f64 {
+        self.ewma().map_or(0.0, |(secs, at)| {
+            let idle = Instant::now().saturating_duration_since(at).as_secs_f64();
+            secs * (-idle / DECAY.as_secs_f64()).exp()
+        })
     }
 
     /// The cost the latency strategy ranks by: the estimate times the calls in flight plus
     /// this one, so that a fast deployment is not piled onto.
     pub(super) fn cost(&self) -> f64 {
-        let secs = self.ewma().map_or(0.0, |(s, _)| s);
-        secs * (self.in_flight() + 1) as f64
+        self.secs() * (self.in_flight() + 1) as f64
     }
 
     fn observe(&self, rtt: Duration, now: Instant) {

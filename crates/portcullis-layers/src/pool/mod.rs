@@ -69,4 +69,4 @@ pub use service::{
     Deployment, DeploymentStatus, Group, Pool, PoolEntries, PoolError, PoolHandle, PoolRanking,
     grouped,
 };
-pub use strategy::{PoolConfig, Strategy};
+pub use strategy::{PoolConfig, SLOW_MARGIN, Strategy};

@@ -124,6 +124,8 @@ pub enum PoolError {
     ZeroWeight(String),
     /// Two deployments with one name.
     DuplicateName(String),
+    /// A `slow_factor` that is negative or not a number.
+    InvalidSlowFactor,
 }
 
 impl fmt::Display for PoolError {
@@ -132,6 +134,9 @@ impl fmt::Display for PoolError {
             PoolError::Empty => f.write_str("a pool needs at least one deployment"),
             PoolError::ZeroWeight(n) => write!(f, "deployment `{n}`: weight must be at least 1"),
             PoolError::DuplicateName(n) => write!(f, "two deployments are named `{n}`"),
+            PoolError::InvalidSlowFactor => {
+                f.write_str("slow_factor must be a finite number, 0 (off) or more")
+            }
         }
     }
 }
@@ -269,6 +274,9 @@ impl<Req: 'static> PoolRanking<Req> {
     ) -> Result<(PoolEntries<S, Req>, Self), PoolError> {
         if deployments.is_empty() {
             return Err(PoolError::Empty);
+        }
+        if !config.slow_factor.is_finite() || config.slow_factor < 0.0 {
+            return Err(PoolError::InvalidSlowFactor);
         }
         let mut infos = Vec::with_capacity(deployments.len());
         let mut entries = Vec::with_capacity(deployments.len());

@@ -45,7 +45,7 @@ pub enum Strategy {
 /// assert_eq!(c.strategy, Strategy::LeastInFlight);
 /// assert_eq!(PoolConfig::default().strategy, Strategy::MostHeadroom);
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
     /// The ranking.
@@ -56,7 +56,17 @@ pub struct PoolConfig {
     pub two_choices: bool,
     /// The seed of the pool's random draws (weighted, two choices), for reproducible tests.
     pub seed: u64,
+    /// A deployment whose latency estimate is above this many times the fastest one's (and
+    /// at least [`SLOW_MARGIN`] more) goes after every other, whatever the strategy: it still
+    /// takes calls the others cannot take now, but no longer its share. `0` turns it off.
+    /// Default 3.
+    pub slow_factor: f64,
 }
+
+/// How much slower than the fastest deployment one must be, as well as
+/// [`slow_factor`](PoolConfig::slow_factor) times, to be passed over: LLM latencies vary with
+/// the length of the answer, so a small difference means nothing.
+pub const SLOW_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -64,6 +74,7 @@ impl Default for PoolConfig {
             strategy: Strategy::MostHeadroom,
             two_choices: false,
             seed: 0x5eed,
+            slow_factor: 3.0,
         }
     }
 }
@@ -139,6 +150,30 @@ impl<Req> Ranker<Req> {
                 let scores: Vec<f64> = (0..n).map(score).collect();
                 order.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]));
             }
+        }
+        self.last_if_slow(order);
+    }
+
+    /// Moves the deployments much slower than the fastest after all the others (stable).
+    fn last_if_slow(&self, order: &mut [usize]) {
+        let factor = self.config.slow_factor;
+        if factor <= 0.0 {
+            return;
+        }
+        let latency: Vec<f64> = self
+            .deployments
+            .iter()
+            .map(|d| d.load.latency().as_secs_f64())
+            .collect();
+        let fastest = latency
+            .iter()
+            .copied()
+            .filter(|l| *l > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let margin = SLOW_MARGIN.as_secs_f64();
+        let slow = |i: usize| latency[i] > fastest * factor && latency[i] - fastest >= margin;
+        if order.iter().any(|&i| slow(i)) {
+            order.sort_by_key(|&i| slow(i));
         }
     }
 
