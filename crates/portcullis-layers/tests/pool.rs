@@ -265,6 +265,18 @@ async fn the_default_passes_over_a_much_slower_deployment_until_it_decays() {
     }
     assert!(rig.count("a") >= 2, "{:?}", rig.names());
 
+    // A call still in flight counts before it answers: its age is a lower bound.
+    let rig = make(&[None, None], PoolConfig::default());
+    *rig.deps[0].mode.lock().unwrap() = Mode::Hang;
+    let mut pending = Box::pin(rig.pool.clone().oneshot(req()));
+    assert!(futures_poll(&mut pending).await.is_none());
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let status = rig.pool.handle().status(&req());
+    assert_eq!(status[0].in_flight, 1);
+    assert!(status[0].latency >= Duration::from_secs(5), "{status:?}");
+    drop(pending);
+    assert_eq!(rig.pool.handle().status(&req())[0].in_flight, 0);
+
     // Off, the slow deployment keeps its turn.
     let off = PoolConfig {
         slow_factor: 0.0,

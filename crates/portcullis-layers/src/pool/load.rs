@@ -13,22 +13,52 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 
-/// How fast the latency estimate forgets: the weight of an old sample halves every
+/// How fast the latency estimate forgets by default: the weight of an old sample halves every
 /// `DECAY × ln 2` (about 7 s), as in `tower::load::PeakEwma`'s default.
-const DECAY: Duration = Duration::from_secs(10);
+pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
 
 /// One deployment's load: calls in flight, and a peak-EWMA of its latency (a slower sample
-/// counts at once, a faster one decays in over about ten seconds).
-#[derive(Debug, Default)]
+/// counts at once, a faster one decays in; between samples the estimate decays toward zero).
+/// Calls still in flight count too: while they are older on average than the estimate, their
+/// mean age is the estimate, so a deployment that just turned slow is seen before its first
+/// slow answer.
+#[derive(Debug)]
 pub struct Load {
     in_flight: AtomicUsize,
     finished: AtomicU64,
-    ewma: Mutex<Option<(f64, Instant)>>,
+    decay: Duration,
+    epoch: Instant,
+    est: Mutex<Estimate>,
+}
+
+#[derive(Debug, Default)]
+struct Estimate {
+    /// The peak-EWMA in seconds, and when it was last updated.
+    ewma: Option<(f64, Instant)>,
+    /// The sum of the start times of the calls in flight (seconds since `epoch`).
+    started: f64,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Load::new(DEFAULT_DECAY)
+    }
 }
 
 impl Load {
-    fn ewma(&self) -> MutexGuard<'_, Option<(f64, Instant)>> {
-        self.ewma.lock().unwrap_or_else(PoisonError::into_inner)
+    /// A load whose estimate forgets with time constant `decay`.
+    pub fn new(decay: Duration) -> Self {
+        Load {
+            in_flight: AtomicUsize::new(0),
+            finished: AtomicU64::new(0),
+            decay,
+            epoch: Instant::now(),
+            est: Mutex::new(Estimate::default()),
+        }
+    }
+
+    fn est(&self) -> MutexGuard<'_, Estimate> {
+        self.est.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Calls in flight now (started, neither finished nor dropped).
@@ -42,18 +72,29 @@ impl Load {
         self.finished.load(Ordering::Relaxed)
     }
 
-    /// The latency estimate (zero before the first call finished). Between calls it decays
-    /// toward zero at the same rate, as `tower::load::PeakEwma`'s does, so that a deployment
-    /// passed over for being slow is tried again after a while and can show it recovered.
+    /// The latency estimate (zero before the first call): the decayed peak-EWMA, or the mean
+    /// age of the calls in flight if that is longer.
     pub fn latency(&self) -> Duration {
         Duration::from_secs_f64(self.secs())
     }
 
+    fn since_epoch(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.epoch).as_secs_f64()
+    }
+
     fn secs(&self) -> f64 {
-        self.ewma().map_or(0.0, |(secs, at)| {
-            let idle = Instant::now().saturating_duration_since(at).as_secs_f64();
-            secs * (-idle / DECAY.as_secs_f64()).exp()
-        })
+        let now = Instant::now();
+        let est = self.est();
+        let ewma = est.ewma.map_or(0.0, |(secs, at)| {
+            let idle = now.saturating_duration_since(at).as_secs_f64();
+            secs * (-idle / self.decay.as_secs_f64()).exp()
+        });
+        let n = self.in_flight();
+        if n == 0 {
+            return ewma;
+        }
+        let mean_age = self.since_epoch(now) - est.started / n as f64;
+        ewma.max(mean_age)
     }
 
     /// The cost the latency strategy ranks by: the estimate times the calls in flight plus
@@ -62,36 +103,67 @@ impl Load {
         self.secs() * (self.in_flight() + 1) as f64
     }
 
-    fn observe(&self, rtt: Duration, now: Instant) {
+    fn start(&self, at: Instant) {
+        let mut est = self.est();
+        est.started += self.since_epoch(at);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end(&self, started: Instant, rtt: Option<(Duration, Instant)>) {
+        let mut est = self.est();
+        est.started -= self.since_epoch(started);
+        let n = self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+        if n == 0 {
+            est.started = 0.0; // no rounding left over
+        }
+        let Some((rtt, now)) = rtt else { return };
         self.finished.fetch_add(1, Ordering::Relaxed);
         let rtt = rtt.as_secs_f64();
-        let mut ewma = self.ewma();
-        let next = match *ewma {
+        let next = match est.ewma {
             None => rtt,
             Some((old, _)) if rtt > old => rtt,
             Some((old, at)) => {
                 let elapsed = now.saturating_duration_since(at).as_secs_f64();
-                let w = (-elapsed / DECAY.as_secs_f64()).exp();
+                let w = (-elapsed / self.decay.as_secs_f64()).exp();
                 old * w + rtt * (1.0 - w)
             }
         };
-        *ewma = Some((next, now));
+        est.ewma = Some((next, now));
     }
 }
 
-/// Counts one call in flight until dropped (finished, failed or cancelled).
-struct InFlight(Arc<Load>);
+/// Counts one call in flight until dropped (finished, failed or cancelled); a finished call's
+/// latency feeds the estimate.
+struct InFlight {
+    /// `None` once finished.
+    load: Option<Arc<Load>>,
+    started: Instant,
+}
 
 impl InFlight {
     fn new(load: Arc<Load>) -> Self {
-        load.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(load)
+        let started = Instant::now();
+        load.start(started);
+        InFlight {
+            load: Some(load),
+            started,
+        }
+    }
+
+    fn finish(mut self) {
+        if let Some(load) = self.load.take() {
+            let now = Instant::now();
+            let rtt = now.saturating_duration_since(self.started);
+            load.end(self.started, Some((rtt, now)));
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(load) = self.load.take() {
+            load.end(self.started, None);
+        }
     }
 }
 
@@ -145,10 +217,7 @@ impl<S: Service<Req>, Req> Service<Req> for Tracked<S> {
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let measured = self
-            .load
-            .as_ref()
-            .map(|l| (InFlight::new(l.clone()), Instant::now()));
+        let measured = self.load.as_ref().map(|l| InFlight::new(l.clone()));
         TrackedFuture {
             inner: self.inner.call(req),
             measured,
@@ -161,7 +230,7 @@ pin_project! {
     pub struct TrackedFuture<F> {
         #[pin]
         inner: F,
-        measured: Option<(InFlight, Instant)>,
+        measured: Option<InFlight>,
     }
 }
 
@@ -177,9 +246,8 @@ impl<F: Future> Future for TrackedFuture<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let out = ready!(this.inner.poll(cx));
-        if let Some((guard, started)) = this.measured.take() {
-            let now = Instant::now();
-            guard.0.observe(now.saturating_duration_since(started), now);
+        if let Some(guard) = this.measured.take() {
+            guard.finish();
         }
         Poll::Ready(out)
     }

@@ -64,9 +64,9 @@ mod load;
 mod service;
 mod strategy;
 
-pub use load::{Load, Tracked, TrackedFuture};
+pub use load::{DEFAULT_DECAY, Load, Tracked, TrackedFuture};
 pub use service::{
     Deployment, DeploymentStatus, Group, Pool, PoolEntries, PoolError, PoolHandle, PoolRanking,
     grouped,
 };
-pub use strategy::{PoolConfig, SLOW_MARGIN, Strategy};
+pub use strategy::{PoolConfig, Strategy};

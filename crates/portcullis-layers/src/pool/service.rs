@@ -126,6 +126,8 @@ pub enum PoolError {
     DuplicateName(String),
     /// A `slow_factor` that is negative or not a number.
     InvalidSlowFactor,
+    /// A `latency_decay` of zero.
+    ZeroLatencyDecay,
 }
 
 impl fmt::Display for PoolError {
@@ -134,6 +136,7 @@ impl fmt::Display for PoolError {
             PoolError::Empty => f.write_str("a pool needs at least one deployment"),
             PoolError::ZeroWeight(n) => write!(f, "deployment `{n}`: weight must be at least 1"),
             PoolError::DuplicateName(n) => write!(f, "two deployments are named `{n}`"),
+            PoolError::ZeroLatencyDecay => f.write_str("latency_decay_ms must be > 0"),
             PoolError::InvalidSlowFactor => {
                 f.write_str("slow_factor must be a finite number, 0 (off) or more")
             }
@@ -278,6 +281,9 @@ impl<Req: 'static> PoolRanking<Req> {
         if !config.slow_factor.is_finite() || config.slow_factor < 0.0 {
             return Err(PoolError::InvalidSlowFactor);
         }
+        if config.latency_decay.is_zero() {
+            return Err(PoolError::ZeroLatencyDecay);
+        }
         let mut infos = Vec::with_capacity(deployments.len());
         let mut entries = Vec::with_capacity(deployments.len());
         for d in deployments {
@@ -287,7 +293,7 @@ impl<Req: 'static> PoolRanking<Req> {
             if infos.iter().any(|i: &Info<Req>| i.name == d.name) {
                 return Err(PoolError::DuplicateName(d.name.into_owned()));
             }
-            let load = Arc::new(Load::default());
+            let load = Arc::new(Load::new(config.latency_decay));
             let mut entry = Entry::new(d.name.clone(), Tracked::new(d.service, load.clone()));
             if let Some(gate) = &d.gate {
                 let gate = gate.clone();

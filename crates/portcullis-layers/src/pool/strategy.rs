@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -57,16 +58,21 @@ pub struct PoolConfig {
     /// The seed of the pool's random draws (weighted, two choices), for reproducible tests.
     pub seed: u64,
     /// A deployment whose latency estimate is above this many times the fastest one's (and
-    /// at least [`SLOW_MARGIN`] more) goes after every other, whatever the strategy: it still
-    /// takes calls the others cannot take now, but no longer its share. `0` turns it off.
-    /// Default 3.
+    /// at least [`slow_margin`](Self::slow_margin) more) goes after every other, whatever the
+    /// strategy: it still takes calls the others cannot take now, but no longer its share.
+    /// `0` turns it off. Default 3.
     pub slow_factor: f64,
+    /// How much slower than the fastest deployment one must be, as well as `slow_factor`
+    /// times, to be passed over (`slow_margin_ms` in files; default 1 s): LLM latencies vary
+    /// with the length of the answer, so a small difference means nothing.
+    #[serde(rename = "slow_margin_ms", with = "portcullis_core::config::millis")]
+    pub slow_margin: Duration,
+    /// How fast a latency estimate forgets (`latency_decay_ms` in files; default 10 s, as
+    /// `tower::load::PeakEwma`): between calls it decays toward zero with this time constant,
+    /// so a deployment passed over for being slow is tried again after a while.
+    #[serde(rename = "latency_decay_ms", with = "portcullis_core::config::millis")]
+    pub latency_decay: Duration,
 }
-
-/// How much slower than the fastest deployment one must be, as well as
-/// [`slow_factor`](PoolConfig::slow_factor) times, to be passed over: LLM latencies vary with
-/// the length of the answer, so a small difference means nothing.
-pub const SLOW_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -75,6 +81,8 @@ impl Default for PoolConfig {
             two_choices: false,
             seed: 0x5eed,
             slow_factor: 3.0,
+            slow_margin: Duration::from_secs(1),
+            latency_decay: super::load::DEFAULT_DECAY,
         }
     }
 }
@@ -170,7 +178,7 @@ impl<Req> Ranker<Req> {
             .copied()
             .filter(|l| *l > 0.0)
             .fold(f64::INFINITY, f64::min);
-        let margin = SLOW_MARGIN.as_secs_f64();
+        let margin = self.config.slow_margin.as_secs_f64();
         let slow = |i: usize| latency[i] > fastest * factor && latency[i] - fastest >= margin;
         if order.iter().any(|&i| slow(i)) {
             order.sort_by_key(|&i| slow(i));
