@@ -49,7 +49,8 @@ pub enum RedisSource {
 }
 
 impl RedisSource {
-    fn url(&self) -> String {
+    /// Its URL.
+    pub fn url(&self) -> String {
         match self {
             RedisSource::Url(u) => u.clone(),
             RedisSource::Local(l) => l.url(),
@@ -59,7 +60,8 @@ impl RedisSource {
 
 /// Finds the Redis to use, or explains how to get one.
 pub fn redis(url: Option<String>) -> Result<RedisSource, String> {
-    if let Some(u) = url {
+    // `--redis` with no URL: start a throwaway server.
+    if let Some(u) = url.filter(|u| !u.is_empty()) {
         return Ok(RedisSource::Url(u));
     }
     match LocalRedis::start() {

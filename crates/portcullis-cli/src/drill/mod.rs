@@ -24,7 +24,9 @@ use stacks::StackKind;
 mod async_openai;
 mod failover;
 mod fleet;
+mod litellm;
 mod outage;
+pub mod pool;
 mod rate_limit;
 pub mod seed;
 mod soak;
@@ -63,6 +65,10 @@ pub enum Which {
     /// Mixed faults, cancellations and load for `--duration`, then a check that nothing leaked
     /// (permits, reservations, panics); exits non-zero if anything did.
     Soak,
+    /// Three deployments of one model with their own limits; one slows, another goes down:
+    /// one deployment, round-robin, LiteLLM-like usage routing and the pool; exits non-zero if
+    /// the pool misses a target. With `--redis`, `--instances` pools share the buckets.
+    Pool,
 }
 
 impl fmt::Display for Which {
@@ -90,8 +96,10 @@ pub struct DrillArgs {
     /// `fleet`: how many client instances.
     #[arg(long, default_value_t = 4)]
     instances: usize,
-    /// `fleet`: the Redis to share (default: start a throwaway `redis-server`).
-    #[arg(long)]
+    /// `fleet`: the Redis to share (default: start a throwaway `redis-server`). `pool`: share
+    /// the deployments' buckets across `--instances` pools in this Redis (`--redis` alone:
+    /// a throwaway server).
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
     redis: Option<String>,
     /// `fleet`: run the instances as separate OS processes.
     #[arg(long)]
@@ -175,6 +183,44 @@ async fn run_fleet(args: &DrillArgs) -> ExitCode {
     }
 }
 
+async fn run_pool(args: &DrillArgs) -> ExitCode {
+    let result = match &args.redis {
+        Some(_) => match fleet::redis(args.redis.clone()) {
+            Ok(redis) => pool::run_fleet(args.seed, args.instances.max(1), &redis).await,
+            Err(msg) => {
+                eprintln!("error: {msg}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => pool::run(args.seed).await,
+    };
+    let (report, runs) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: drill pool: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(path) = &args.svg {
+        if let Err(e) = svg::write_pool(path, &runs) {
+            eprintln!("error: writing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        progress(&format!("wrote {}", path.display()));
+    }
+    let missed = report.stacks.iter().any(pool::missed);
+    match to_value(&report) {
+        Ok(v) if args.json => print_json(&v),
+        Ok(v) => print_table(&v),
+        Err(e) => eprintln!("error: drill pool: {e}"),
+    }
+    if missed {
+        eprintln!("error: drill pool: the pool missed a target (see targets_met)");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
 /// A drill's report: what `--json` prints and the table shows (one column per stack).
 #[derive(Debug, Serialize)]
 pub struct Report<Scenario, Row> {
@@ -236,6 +282,9 @@ pub async fn run(args: DrillArgs) -> ExitCode {
     if args.which == Which::Soak {
         return run_soak(&args).await;
     }
+    if args.which == Which::Pool {
+        return run_pool(&args).await;
+    }
     let which: &[Which] = match args.which {
         Which::All => &[
             Which::Outage,
@@ -247,7 +296,7 @@ pub async fn run(args: DrillArgs) -> ExitCode {
         Which::RateLimit => &[Which::RateLimit],
         Which::Storm => &[Which::Storm],
         Which::Failover => &[Which::Failover],
-        Which::Fleet | Which::Soak => &[],
+        Which::Fleet | Which::Soak | Which::Pool => &[],
     };
     if args.svg.is_some() && !which.contains(&Which::Outage) {
         eprintln!("error: --svg draws the outage drill; run `drill outage --svg FILE`");
@@ -283,7 +332,7 @@ pub async fn run(args: DrillArgs) -> ExitCode {
             }),
             Which::RateLimit => rate_limit::run(args.seed).await.and_then(|r| to_value(&r)),
             Which::Storm => storm::run(args.seed).await.and_then(|r| to_value(&r)),
-            Which::All | Which::Failover | Which::Fleet | Which::Soak => {
+            Which::All | Which::Failover | Which::Fleet | Which::Soak | Which::Pool => {
                 unreachable!("expanded or run above")
             }
         };

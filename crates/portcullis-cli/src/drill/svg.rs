@@ -130,3 +130,86 @@ where
         .draw()?;
     Ok(())
 }
+
+/// `drill pool --svg FILE`: for each stack, each deployment's share of the calls served per
+/// quarter second, and the calls failed, with `b`'s slow phase and `c`'s outage shaded.
+pub fn write_pool(
+    path: &Path,
+    runs: &[super::pool::Run],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use super::pool::{DURATION, OUTAGE, SLOW};
+    let root = SVGBackend::new(path, (960, 260 * runs.len().max(1) as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((runs.len().max(1), 1));
+    let secs = DURATION.as_secs_f64() + 2.0;
+    let bins = (secs / BIN).ceil() as usize;
+    for (run, area) in runs.iter().zip(panels.iter()) {
+        // Requests per second by deployment `a`, `b`, `c`, and failed.
+        let mut series = vec![vec![0f64; bins]; 4];
+        for o in &run.outcomes {
+            let b = ((o.done.as_secs_f64() / BIN) as usize).min(bins - 1);
+            let s = match &o.result {
+                Ok(s) => ["a", "b", "c"]
+                    .iter()
+                    .position(|d| *d == s.provider)
+                    .unwrap_or(3),
+                Err(_) => 3,
+            };
+            series[s][b] += 1.0 / BIN;
+        }
+        let ymax = series.iter().flatten().cloned().fold(10.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!(
+                    "{}: calls/s served by each deployment (light: b slow; grey: c down)",
+                    run.name
+                ),
+                ("sans-serif", 14),
+            )
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(45)
+            .build_cartesian_2d(0f64..secs, 0f64..ymax)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc("calls/s")
+            .draw()?;
+        let phases = [
+            (SLOW.0, SLOW.1, RGBColor(245, 240, 225)),
+            (OUTAGE.0, OUTAGE.1, RGBColor(230, 230, 230)),
+        ];
+        for (from, to, color) in phases {
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(from.as_secs_f64(), 0.0), (to.as_secs_f64(), ymax)],
+                color.filled(),
+            )))?;
+        }
+        let names = ["a", "b (slows)", "c (goes down)", "failed"];
+        let colors = [
+            RGBColor(31, 119, 180),
+            RGBColor(255, 127, 14),
+            RGBColor(44, 160, 44),
+            RGBColor(214, 39, 40),
+        ];
+        for ((data, name), color) in series.iter().zip(names).zip(colors) {
+            chart
+                .draw_series(LineSeries::new(
+                    data.iter().enumerate().map(|(i, v)| (i as f64 * BIN, *v)),
+                    color.stroke_width(2),
+                ))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
