@@ -337,6 +337,9 @@ pub fn pool_config(seed: u64) -> PoolConfig {
     }
 }
 
+/// One deployment of the Portcullis pool.
+pub type Deployment<St> = ProviderStack<Labeled, OpenAiStream, St>;
+
 /// The Portcullis deployments over `sims`, their buckets in the stores `store` makes.
 pub fn deployments<St>(
     sims: &[SimHandle],
@@ -346,7 +349,7 @@ pub fn deployments<St>(
     + Send
     + Sync
     + 'static,
-) -> Result<Vec<ProviderStack<Labeled, OpenAiStream, St>>, Box<dyn std::error::Error>>
+) -> Result<Vec<Deployment<St>>, Box<dyn std::error::Error>>
 where
     St: BucketStore<Key = Arc<str>> + Clone + Send + Sync + 'static,
 {
