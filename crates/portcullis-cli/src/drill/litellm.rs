@@ -182,3 +182,85 @@ impl Service<ChatRequest> for Router {
         Box::pin(self.clone().route(req))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use portcullis::{ChatMessage, Usage};
+    use tower::service_fn;
+    use tower::util::BoxCloneSyncService;
+
+    use super::*;
+
+    /// A deployment answering with 50 tokens of usage, or 429 while `limited`.
+    fn upstream(name: &'static str, limited: Arc<AtomicBool>) -> Deployment {
+        let svc = service_fn(move |req: ChatRequest| {
+            let limited = limited.load(Ordering::Relaxed);
+            async move {
+                if limited {
+                    return Err(LlmError::new(ErrorKind::RateLimited, "429").with_status(429));
+                }
+                Ok(CompletionResult::new(name, req.model.to_string(), "ok")
+                    .with_usage(Usage::new(40, 10)))
+            }
+        });
+        Deployment {
+            service: BoxCloneSyncService::new(svc),
+            tpm: 120,
+            rpm: 1_000,
+        }
+    }
+
+    fn req() -> ChatRequest {
+        ChatRequest::new("gpt-4o-mini", vec![ChatMessage::user("hi")]).max_tokens(10)
+    }
+
+    async fn call(r: &Router) -> Result<String, ErrorKind> {
+        r.clone()
+            .oneshot(req())
+            .await
+            .map(|res| res.provider.to_string())
+            .map_err(|e| e.kind())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fewest_tokens_first_counted_after_the_call_within_the_minute() {
+        let ok = Arc::new(AtomicBool::new(false));
+        let r = Router::new(vec![upstream("a", ok.clone()), upstream("b", ok.clone())]);
+        // Counted after each call: a, b, a, b (50 tokens each; 120 a minute).
+        let mut served = Vec::new();
+        for _ in 0..4 {
+            served.push(call(&r).await.unwrap());
+        }
+        assert_eq!(served, ["a", "b", "a", "b"]);
+        // 100 counted on each: the next request's input (about 8 tokens) still fits, then
+        // neither does.
+        call(&r).await.unwrap();
+        call(&r).await.unwrap();
+        assert_eq!(call(&r).await, Err(ErrorKind::RateLimited));
+        // A new minute starts every count at zero.
+        tokio::time::sleep(scaled(Duration::from_secs(60))).await;
+        assert!(call(&r).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_cools_its_deployment_down_and_the_router_retries_elsewhere_at_once() {
+        let limited = Arc::new(AtomicBool::new(true));
+        let fine = Arc::new(AtomicBool::new(false));
+        let r = Router::new(vec![upstream("a", limited.clone()), upstream("b", fine)]);
+        let start = Instant::now();
+        assert_eq!(call(&r).await.unwrap(), "b");
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "no sleep while b is healthy"
+        );
+        limited.store(false, Ordering::Relaxed);
+        // `a` cools down for 5 s (scaled): b takes the calls until then.
+        assert_eq!(call(&r).await.unwrap(), "b");
+        tokio::time::sleep(scaled(COOLDOWN)).await;
+        tokio::time::sleep(scaled(Duration::from_secs(60))).await; // a fresh minute too
+        assert_eq!(call(&r).await.unwrap(), "a");
+    }
+}
