@@ -52,6 +52,14 @@ async fn sims(n: usize) -> Vec<SimHandle> {
     v
 }
 
+/// A stack whose one entry is the pool "gpt" of `deployments`.
+fn pooled(config: PoolConfig, deployments: Vec<ProviderStack>) -> Stack {
+    Stack::builder()
+        .pool("gpt", config, deployments)
+        .build()
+        .unwrap()
+}
+
 fn served(stack: &Stack, pool: &str) -> Vec<u64> {
     let status = stack.pool(pool).unwrap().status(&req());
     status.iter().map(|d| d.finished).collect()
@@ -60,17 +68,13 @@ fn served(stack: &Stack, pool: &str) -> Vec<u64> {
 #[tokio::test]
 async fn most_headroom_spreads_calls_in_proportion_to_the_limits() {
     let s = sims(2).await;
-    let stack = Stack::builder()
-        .pool(
-            "gpt",
-            PoolConfig::default(),
-            vec![
-                deployment("big", &s[0], 300_000),
-                deployment("small", &s[1], 100_000),
-            ],
-        )
-        .build()
-        .unwrap();
+    let stack = pooled(
+        PoolConfig::default(),
+        vec![
+            deployment("big", &s[0], 300_000),
+            deployment("small", &s[1], 100_000),
+        ],
+    );
     for _ in 0..80 {
         stack.completions().oneshot(req()).await.unwrap();
     }
@@ -95,17 +99,13 @@ async fn a_failing_deployment_fails_over_to_its_sibling_before_any_backoff() {
         max_delay: Duration::from_secs(30),
         ..retry()
     };
-    let stack = Stack::builder()
-        .pool(
-            "gpt",
-            config,
-            vec![
-                deployment("down", &s[0], 1_000_000).retry(slow_retry.clone()),
-                deployment("up", &s[1], 1_000_000).retry(slow_retry),
-            ],
-        )
-        .build()
-        .unwrap();
+    let stack = pooled(
+        config,
+        vec![
+            deployment("down", &s[0], 1_000_000).retry(slow_retry.clone()),
+            deployment("up", &s[1], 1_000_000).retry(slow_retry),
+        ],
+    );
     let started = std::time::Instant::now();
     for _ in 0..10 {
         stack.completions().oneshot(req()).await.unwrap();
@@ -156,17 +156,11 @@ async fn the_group_after_a_pool_takes_calls_when_the_whole_pool_is_down() {
 async fn streams_go_through_the_pool_too() {
     let s = sims(2).await;
     s[0].set_faults(vec![FaultRule::status(503)]).unwrap();
-    let stack = Stack::builder()
-        .pool(
-            "gpt",
-            PoolConfig::default(),
-            vec![
-                deployment("a", &s[0], 1_000_000),
-                deployment("b", &s[1], 1_000_000),
-            ],
-        )
-        .build()
-        .unwrap();
+    let two = vec![
+        deployment("a", &s[0], 1_000_000),
+        deployment("b", &s[1], 1_000_000),
+    ];
+    let stack = pooled(PoolConfig::default(), two);
     for _ in 0..4 {
         let stream = stack.streams().oneshot(req()).await.unwrap();
         let res = stream.collect().await.unwrap();

@@ -158,20 +158,12 @@ pub async fn run(
             outcomes,
         });
     }
-    Ok((
-        Report {
-            drill: Which::Pool,
-            seed,
-            scenario: scenario(),
-            stacks: rows,
-        },
-        runs,
-    ))
+    Ok((report(seed, rows), runs))
 }
 
-fn scenario() -> Scenario {
+fn report(seed: u64, stacks: Vec<Row>) -> Report<Scenario, Row> {
     let ms = |d: Duration| d.as_millis() as u64;
-    Scenario {
+    let scenario = Scenario {
         description: "three deployments (TPM 1:1:2, answers in 100 ms); load 2.5x the smallest's TPM; b +1 s, then c down",
         deployments_tpm: DEPLOYMENTS.to_vec(),
         rate_per_sec: RATE,
@@ -182,7 +174,22 @@ fn scenario() -> Scenario {
         outage_c_ms: (ms(OUTAGE.0), ms(OUTAGE.1)),
         duration_ms: ms(DURATION),
         time_scale: TIME_SCALE,
+    };
+    Report {
+        drill: Which::Pool,
+        seed,
+        scenario,
+        stacks,
     }
+}
+
+/// The upstream 429s of a run's simulators, which it then stops.
+async fn stop(sims: Vec<SimHandle>) -> u64 {
+    let upstream_429s = sims.iter().map(|s| s.stats().status(429)).sum();
+    for s in sims {
+        s.shutdown().await;
+    }
+    upstream_429s
 }
 
 /// `drill pool --instances N --redis`: N pools in one process, each offering 1/N of the load,
@@ -248,22 +255,11 @@ pub async fn run_fleet(
         faults?;
         let mut outcomes = outcomes?;
         outcomes.sort_by_key(|o| o.sent);
-        let upstream_429s = sims.iter().map(|s| s.stats().status(429)).sum();
-        for s in sims {
-            s.shutdown().await;
-        }
+        let upstream_429s = stop(sims).await;
         rows.push(measure(name, &outcomes, upstream_429s, shared));
         runs.push(Run { name, outcomes });
     }
-    Ok((
-        Report {
-            drill: Which::Pool,
-            seed,
-            scenario: scenario(),
-            stacks: rows,
-        },
-        runs,
-    ))
+    Ok((report(seed, rows), runs))
 }
 
 /// The three simulators, each with its deployment's limits.
@@ -430,10 +426,7 @@ async fn one(
     });
     let (outcomes, faults) = tokio::join!(load, schedule_faults(&sims));
     faults?;
-    let upstream_429s = sims.iter().map(|s| s.stats().status(429)).sum();
-    for s in sims {
-        s.shutdown().await;
-    }
+    let upstream_429s = stop(sims).await;
     let row = measure(
         kind.name(),
         &outcomes,
@@ -463,12 +456,7 @@ pub fn measure(
         }
     };
     let (from, to) = (OUTAGE.0 + SETTLE, OUTAGE.1);
-    let tokens: u64 = outcomes
-        .iter()
-        .filter(|o| o.done >= from && o.done < to)
-        .filter_map(|o| o.result.as_ref().ok())
-        .map(|s| s.tokens)
-        .sum();
+    let tokens = workload::tokens_done(outcomes, from, to);
     let minute = scaled(Duration::from_secs(60)).as_secs_f64();
     let healthy_per_sec = (DEPLOYMENTS[0].1 + DEPLOYMENTS[1].1) as f64 / minute;
     let goodput = tokens as f64 / (to - from).as_secs_f64() / healthy_per_sec;

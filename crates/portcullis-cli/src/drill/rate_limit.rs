@@ -235,12 +235,7 @@ async fn measure(name: String, sim: SimHandle, svc: StackService, seed: u64) -> 
 /// Tokens served per second over the steady part, over the TPM limit per second.
 pub fn goodput(outcomes: &[Outcome]) -> f64 {
     let (from, to) = STEADY;
-    let tokens: u64 = outcomes
-        .iter()
-        .filter(|o| o.done >= from && o.done < to)
-        .filter_map(|o| o.result.as_ref().ok())
-        .map(|s| s.tokens)
-        .sum();
+    let tokens = workload::tokens_done(outcomes, from, to);
     let per_sec = tokens as f64 / (to - from).as_secs_f64();
     ((per_sec / self::per_sec(TPM)) * 1000.0).round() / 1000.0
 }

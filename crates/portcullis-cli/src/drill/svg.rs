@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::stacks::StackKind;
@@ -58,24 +59,12 @@ where
         series[s][b] += 1.0 / BIN;
     }
     let ymax = series.iter().flatten().cloned().fold(10.0, f64::max) * 1.15;
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            format!(
-                "{}: requests/s by outcome (grey: the outage; bottom band: the primary's breaker, \
-                 green closed, amber half-open, red open)",
-                t.name
-            ),
-            ("sans-serif", 14),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(45)
-        .build_cartesian_2d(0f64..secs, 0f64..ymax)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds")
-        .y_desc("req/s")
-        .draw()?;
+    let caption = format!(
+        "{}: requests/s by outcome (grey: the outage; bottom band: the primary's breaker, \
+         green closed, amber half-open, red open)",
+        t.name
+    );
+    let mut chart = chart(area, caption, secs, ymax, "req/s")?;
 
     // The outage, shaded.
     let (a, b) = (t.outage.0.as_secs_f64(), t.outage.1.as_secs_f64());
@@ -111,13 +100,50 @@ where
         RGBColor(148, 103, 189),
         RGBColor(214, 39, 40),
     ];
+    lines(&mut chart, &series, &names, &colors)
+}
+
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A panel: seconds across, `y` up to `ymax`, with its caption and mesh.
+fn chart<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, plotters::coord::Shift>,
+    caption: String,
+    secs: f64,
+    ymax: f64,
+    y: &str,
+) -> Result<Chart<'a, DB>, Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 14))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(45)
+        .build_cartesian_2d(0f64..secs, 0f64..ymax)?;
+    chart.configure_mesh().x_desc("seconds").y_desc(y).draw()?;
+    Ok(chart)
+}
+
+/// Draws one line per series (a value per [`BIN`]) with its legend.
+fn lines<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, DB>,
+    series: &[Vec<f64>],
+    names: &[&str],
+    colors: &[RGBColor],
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
     for ((data, name), color) in series.iter().zip(names).zip(colors) {
+        let color = *color;
         chart
             .draw_series(LineSeries::new(
                 data.iter().enumerate().map(|(i, v)| (i as f64 * BIN, *v)),
                 color.stroke_width(2),
             ))?
-            .label(name)
+            .label(*name)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
             });
@@ -158,23 +184,11 @@ pub fn write_pool(
             series[s][b] += 1.0 / BIN;
         }
         let ymax = series.iter().flatten().cloned().fold(10.0, f64::max) * 1.15;
-        let mut chart = ChartBuilder::on(area)
-            .caption(
-                format!(
-                    "{}: calls/s served by each deployment (light: b slow; grey: c down)",
-                    run.name
-                ),
-                ("sans-serif", 14),
-            )
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(45)
-            .build_cartesian_2d(0f64..secs, 0f64..ymax)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc("calls/s")
-            .draw()?;
+        let caption = format!(
+            "{}: calls/s served by each deployment (light: b slow; grey: c down)",
+            run.name
+        );
+        let mut chart = chart(area, caption, secs, ymax, "calls/s")?;
         let phases = [
             (SLOW.0, SLOW.1, RGBColor(245, 240, 225)),
             (OUTAGE.0, OUTAGE.1, RGBColor(230, 230, 230)),
@@ -192,23 +206,7 @@ pub fn write_pool(
             RGBColor(44, 160, 44),
             RGBColor(214, 39, 40),
         ];
-        for ((data, name), color) in series.iter().zip(names).zip(colors) {
-            chart
-                .draw_series(LineSeries::new(
-                    data.iter().enumerate().map(|(i, v)| (i as f64 * BIN, *v)),
-                    color.stroke_width(2),
-                ))?
-                .label(name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()?;
+        lines(&mut chart, &series, &names, &colors)?;
     }
     root.present()?;
     Ok(())

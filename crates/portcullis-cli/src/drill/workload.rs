@@ -93,6 +93,16 @@ pub async fn run(
     out
 }
 
+/// Tokens of the calls served that finished in `[from, to)`.
+pub fn tokens_done(outcomes: &[Outcome], from: Duration, to: Duration) -> u64 {
+    outcomes
+        .iter()
+        .filter(|o| o.done >= from && o.done < to)
+        .filter_map(|o| o.result.as_ref().ok())
+        .map(|s| s.tokens)
+        .sum()
+}
+
 /// The `p`-th percentile (0..=100) of the latencies, in milliseconds.
 pub fn percentile_ms(outcomes: &[Outcome], p: f64) -> f64 {
     let mut v: Vec<f64> = outcomes
