@@ -302,6 +302,33 @@ async fn the_default_passes_over_a_much_slower_deployment_until_it_decays() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pool_is_an_entry_of_a_fallback_chain() {
+    use portcullis_layers::fallback::{Entry, Fallback};
+    // As an entry, a pool has no retry of its own (`Pool::new`): its failure goes to the
+    // chain's next entry at once.
+    let log = Log::default();
+    let (a, da) = deployment("a", None, &log);
+    let (b, db) = deployment("b", None, &log);
+    let pool = Pool::new(vec![a, b], PoolConfig::default()).unwrap();
+    let backup = upstream("backup", Arc::new(Mutex::new(Mode::Ok)), log.clone());
+    let chain = Fallback::new(vec![
+        Entry::new("pool", tower::util::Either::Left(pool)),
+        Entry::new("backup", tower::util::Either::Right(backup)),
+    ])
+    .unwrap();
+    assert_eq!(chain.clone().oneshot(req()).await.unwrap().provider, "a");
+    for d in [&da, &db] {
+        *d.mode.lock().unwrap() = Mode::Overloaded;
+    }
+    let started = Instant::now();
+    assert_eq!(chain.oneshot(req()).await.unwrap().provider, "backup");
+    // Both deployments were tried, then the chain's next entry, with no sleep.
+    let names: Vec<_> = log.lock().unwrap().iter().map(|(n, _)| *n).collect();
+    assert_eq!(&names[1..], ["b", "a", "backup"]);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
 async fn two_choices_is_seeded_and_still_prefers_headroom() {
     let run = || async {
         let rig = make(

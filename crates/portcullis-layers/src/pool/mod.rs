@@ -25,8 +25,11 @@
 //! # Composition
 //!
 //! A pool is a `Service` like any other: an entry of a [`Fallback`](crate::fallback::Fallback)
-//! (priority groups of pools: two OpenAI keys first, then an Anthropic pool), or under a
-//! `RetryLayer` or a deadline. Each deployment's service carries its own breaker and bucket,
+//! (priority groups of pools: two OpenAI keys first, then an Anthropic pool; build it with
+//! [`Pool::new`], no retry of its own, so that its failure goes to the next entry at once), or
+//! under a `RetryLayer` or a deadline. The `Stack` builds its pools differently, as groups of
+//! one ranked chain ([`PoolRanking`], [`grouped`]), so that one retry budget and one failover
+//! rule cover them all. Each deployment's service carries its own breaker and bucket,
 //! so their state is per deployment, not per model name. Clones share everything.
 //!
 //! ```
