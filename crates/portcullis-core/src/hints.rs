@@ -91,7 +91,8 @@ impl RateLimitHints {
                 reset: get(headers, &format!("x-ratelimit-reset-{field}")).and_then(|v| {
                     parse_go_duration(v).or_else(|| malformed("x-ratelimit-reset", v))
                 }),
-            };
+            }
+            .without_sentinels();
             if hint.is_known() {
                 *h.slot(name) = hint;
             }
@@ -144,7 +145,29 @@ fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 fn int(headers: &HeaderMap, name: &str) -> Option<u64> {
     let v = get(headers, name)?;
-    v.parse().ok().or_else(|| malformed(name, v))
+    match v.parse::<u64>() {
+        Ok(n) => Some(n),
+        // Azure OpenAI sends `-1` for a figure it does not have (e.g. on provisioned or
+        // serverless deployments): unknown, not malformed, and never "exhausted".
+        Err(_) if v.parse::<i64>().is_ok_and(|n| n < 0) => None,
+        Err(_) => malformed(name, v),
+    }
+}
+
+impl LimitHint {
+    /// A limit of `0` on an answered request is no limit at all (Azure OpenAI sends it on
+    /// some deployments for "not metered"): then neither that limit nor its remaining count is
+    /// known, so nothing is learned from it and nothing is paused by it.
+    fn without_sentinels(self) -> Self {
+        match self.limit {
+            Some(0) => LimitHint {
+                limit: None,
+                remaining: None,
+                reset: self.reset,
+            },
+            _ => self,
+        }
+    }
 }
 
 fn malformed<T>(name: &str, value: &str) -> Option<T> {
@@ -438,6 +461,31 @@ mod tests {
             Some(Duration::ZERO),
             "past resets clamp to zero"
         );
+    }
+
+    #[test]
+    fn azure_sentinels_are_unknown_not_exhausted() {
+        let h = headers(&[
+            ("x-ratelimit-remaining-requests", "-1"),
+            ("x-ratelimit-remaining-tokens", "-1"),
+        ]);
+        let r = RateLimitHints::from_headers(&h);
+        assert!(r.is_empty(), "{r:?}");
+        let h = headers(&[
+            ("x-ratelimit-limit-tokens", "0"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-limit-requests", "60"),
+            ("x-ratelimit-remaining-requests", "0"),
+        ]);
+        let r = RateLimitHints::from_headers(&h);
+        assert_eq!(r.tokens, LimitHint::default());
+        // A real limit with nothing left is exhausted.
+        assert_eq!(r.requests.limit, Some(60));
+        assert_eq!(r.requests.remaining, Some(0));
+        // Azure's 429: `retry-after-ms` wins.
+        let h = headers(&[("retry-after-ms", "1500"), ("retry-after", "2")]);
+        let r = RateLimitHints::from_headers(&h);
+        assert_eq!(r.retry_after, Some(Duration::from_millis(1500)));
     }
 
     #[test]

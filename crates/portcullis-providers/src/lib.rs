@@ -53,6 +53,7 @@
 #![forbid(unsafe_code)]
 
 pub mod anthropic;
+pub mod azure;
 mod builder;
 mod call;
 mod error_body;
@@ -67,6 +68,7 @@ pub mod wire;
 pub use anthropic::{
     Anthropic, AnthropicBuilder, AnthropicProvider, AnthropicStream, StructuredOutput,
 };
+pub use azure::{AzureOpenAi, AzureOpenAiProvider, AzureOpenAiStream};
 pub use builder::Builder;
 pub use call::ResponseFuture;
 pub use error_body::ErrorBody;

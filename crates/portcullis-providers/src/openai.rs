@@ -370,7 +370,10 @@ impl From<WireUsage> for Usage {
 struct Completion {
     model: String,
     choices: Vec<Choice>,
-    usage: WireUsage,
+    /// Absent from some compatible servers' answers: then zero, which a token bucket reads as
+    /// "not reported" and settles at its estimate.
+    #[serde(default)]
+    usage: Option<WireUsage>,
 }
 
 #[derive(Deserialize)]
@@ -505,7 +508,7 @@ impl Wire for OpenAi {
             ),
         };
         let mut r = CompletionResult::new(OPENAI, c.model, content)
-            .with_usage(c.usage.into())
+            .with_usage(c.usage.map(Into::into).unwrap_or_default())
             .with_finish_reason(finish_reason);
         read_calls(choice.message.tool_calls, &mut r)?;
         Ok(r)

@@ -98,7 +98,7 @@ impl SimApi for Anthropic {
         vec![1, p.input_tokens, p.max_tokens.unwrap_or(0)]
     }
 
-    fn capacities(&self, limits: &Limits) -> Vec<u64> {
+    fn capacities(&self, limits: &Limits, _: &str) -> Vec<u64> {
         let l = &limits.anthropic;
         vec![l.rpm, l.input_tpm, l.output_tpm]
     }

@@ -48,7 +48,7 @@ pub(crate) trait SimApi: Sync {
     /// What a request charges to each limit bucket, in the order of [`SimApi::capacities`].
     fn costs(&self, p: &Parsed) -> Vec<u64>;
     /// The bucket capacities `limits` set for this API.
-    fn capacities(&self, limits: &Limits) -> Vec<u64>;
+    fn capacities(&self, limits: &Limits, model: &str) -> Vec<u64>;
     /// What to give back to which bucket once the answer is known, if anything.
     fn refund(&self, p: &Parsed, g: &Generated) -> Option<(usize, u64)>;
     /// The answer, complete or streamed, bent by `mangle`.
@@ -183,6 +183,7 @@ pub(crate) async fn handle<B>(
     endpoint: &Endpoint,
     headers: HeaderMap,
     body: B,
+    deployment: Option<&str>,
 ) -> Answer
 where
     B: http_body::Body<Data = Bytes>,
@@ -211,10 +212,14 @@ where
     let parsed = serde_json::from_slice::<Value>(&bytes)
         .map_err(|_| api.invalid_json())
         .and_then(|v| api.parse(&v, endpoint.op));
-    let parsed = match parsed {
+    let mut parsed = match parsed {
         Ok(p) => p,
         Err(e) => return Answer::send(fail(e), "bad_request"),
     };
+    // An Azure deployment answers as its deployment, and its limits are its own.
+    if let Some(d) = deployment {
+        parsed.model = d.to_owned();
+    }
     shared.stats(|s| Stats::bump(&mut s.by_model, &parsed.model));
 
     if let Op::CountTokens(body) = endpoint.op {

@@ -103,7 +103,7 @@ impl Limiter {
         now: Instant,
     ) -> Decision {
         let window = self.limits.window();
-        let caps = api.capacities(&self.limits);
+        let caps = api.capacities(&self.limits, model);
         let buckets = self
             .buckets
             .entry((api.family(), api_key.to_owned(), model.to_owned()))

@@ -111,8 +111,9 @@ impl SimApi for OpenAi {
         vec![1, p.input_tokens + p.max_tokens.unwrap_or(0)]
     }
 
-    fn capacities(&self, limits: &Limits) -> Vec<u64> {
-        vec![limits.openai.rpm, limits.openai.tpm]
+    fn capacities(&self, limits: &Limits, model: &str) -> Vec<u64> {
+        let l = limits.models.get(model).unwrap_or(&limits.openai);
+        vec![l.rpm, l.tpm]
     }
 
     /// None: OpenAI keeps what it charged.

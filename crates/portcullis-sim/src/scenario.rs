@@ -49,6 +49,10 @@ pub struct Limits {
     pub openai: OpenAiLimits,
     /// Limits of `/v1/messages`.
     pub anthropic: AnthropicLimits,
+    /// OpenAI limits of particular models instead of `openai`: an Azure deployment answers as
+    /// its name, so this gives each deployment its own (`{"gpt-4o-eu": {"rpm": 60, "tpm":
+    /// 30000}}`).
+    pub models: std::collections::BTreeMap<String, OpenAiLimits>,
 }
 
 impl Default for Limits {
@@ -57,6 +61,7 @@ impl Default for Limits {
             time_scale: 1.0,
             openai: OpenAiLimits::default(),
             anthropic: AnthropicLimits::default(),
+            models: Default::default(),
         }
     }
 }
@@ -368,13 +373,17 @@ impl Limits {
                 message: "must be a finite number above 0".into(),
             });
         }
-        let all = [
-            ("openai.rpm", self.openai.rpm),
-            ("openai.tpm", self.openai.tpm),
-            ("anthropic.rpm", self.anthropic.rpm),
-            ("anthropic.input_tpm", self.anthropic.input_tpm),
-            ("anthropic.output_tpm", self.anthropic.output_tpm),
+        let mut all = vec![
+            ("openai.rpm".to_owned(), self.openai.rpm),
+            ("openai.tpm".to_owned(), self.openai.tpm),
+            ("anthropic.rpm".to_owned(), self.anthropic.rpm),
+            ("anthropic.input_tpm".to_owned(), self.anthropic.input_tpm),
+            ("anthropic.output_tpm".to_owned(), self.anthropic.output_tpm),
         ];
+        for (model, l) in &self.models {
+            all.push((format!("models.{model}.rpm"), l.rpm));
+            all.push((format!("models.{model}.tpm"), l.tpm));
+        }
         match all.iter().find(|(_, v)| *v == 0) {
             Some((name, _)) => Err(ScenarioError::Invalid {
                 field: format!("limits.{name}"),

@@ -69,17 +69,25 @@ async fn route(
     shared: &Shared,
     req: Request<Incoming>,
 ) -> Result<Response<SimBody>, DropConnection> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let path = parts.uri.path();
-    let endpoint = (parts.method == Method::POST)
-        .then(|| api::route(path))
+    // Azure OpenAI: a deployment's URL is the OpenAI route for that deployment.
+    let azure = (parts.method == Method::POST)
+        .then(|| azure::deployment(&parts.uri))
         .flatten();
+    let endpoint = match &azure {
+        Some(_) => api::route(azure::OPENAI_PATH),
+        None => (parts.method == Method::POST)
+            .then(|| api::route(path))
+            .flatten(),
+    };
     if path.starts_with("/_sim/") {
         return Ok(control(shared, &parts.method, path, body).await);
     }
     shared.stats(|s| {
         s.requests += 1;
         let name = match (endpoint, path) {
+            (Some(_), _) if azure.is_some() => azure::ENDPOINT_NAME,
             (Some((_, e)), _) => e.name,
             (None, "/v1/models") => "models",
             _ => "not_found",
@@ -87,7 +95,18 @@ async fn route(
         Stats::bump(&mut s.by_endpoint, name);
     });
     let answer = match endpoint {
-        Some((api, e)) => api::handle(shared, api, e, parts.headers, body).await,
+        Some((api, e)) if azure.is_some() => {
+            let deployment = azure.as_ref().and_then(|d| d.as_ref().ok());
+            match deployment {
+                Some(d) => {
+                    azure::auth(&mut parts.headers);
+                    let answer = api::handle(shared, api, e, parts.headers, body, Some(d)).await;
+                    azure::answer(answer)
+                }
+                None => azure::missing_version(),
+            }
+        }
+        Some((api, e)) => api::handle(shared, api, e, parts.headers, body, None).await,
         None if parts.method == Method::GET && path == "/v1/models" => {
             let models = api::by_headers(&parts.headers).models();
             Answer::send(wire::json_response(StatusCode::OK, &models), "ok")
@@ -103,6 +122,62 @@ async fn route(
         }
     });
     answer.response.ok_or(DropConnection)
+}
+
+/// The Azure OpenAI shape over the OpenAI routes.
+mod azure {
+    use http::{HeaderMap, HeaderValue, StatusCode, Uri};
+
+    use crate::api::Answer;
+    use crate::wire;
+
+    /// The OpenAI route a deployment's URL serves.
+    pub(super) const OPENAI_PATH: &str = "/v1/chat/completions";
+    /// Its name in the stats.
+    pub(super) const ENDPOINT_NAME: &str = "azure_chat_completions";
+
+    /// `/openai/deployments/{name}/chat/completions`: the deployment, with `Err` when the
+    /// query has no `api-version` (Azure answers 404).
+    pub(super) fn deployment(uri: &Uri) -> Option<Result<String, ()>> {
+        let name = uri
+            .path()
+            .strip_prefix("/openai/deployments/")?
+            .strip_suffix("/chat/completions")
+            .filter(|d| !d.is_empty() && !d.contains('/'))?;
+        let versioned = uri.query().is_some_and(|q| {
+            q.split('&')
+                .any(|kv| kv.starts_with("api-version=") && kv.len() > 12)
+        });
+        Some(versioned.then(|| name.to_owned()).ok_or(()))
+    }
+
+    /// `api-key: K` is Azure's `Authorization: Bearer K`.
+    pub(super) fn auth(headers: &mut HeaderMap) {
+        if let Some(key) = headers.get("api-key").and_then(|k| k.to_str().ok()) {
+            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
+                headers.insert(http::header::AUTHORIZATION, v);
+            }
+        }
+    }
+
+    /// Azure's request id header beside OpenAI's.
+    pub(super) fn answer(mut answer: Answer) -> Answer {
+        if let Some(r) = answer.response.as_mut() {
+            if let Some(id) = r.headers().get("x-request-id").cloned() {
+                r.headers_mut().insert("apim-request-id", id);
+            }
+        }
+        answer
+    }
+
+    /// What Azure answers without an `api-version`.
+    pub(super) fn missing_version() -> Answer {
+        let body = serde_json::json!({"error": {"code": "404", "message": "Resource not found"}});
+        Answer::send(
+            wire::json_response(StatusCode::NOT_FOUND, &body),
+            "not_found",
+        )
+    }
 }
 
 /// The 404 of a path no API serves, in the shape of whichever API the headers look like.

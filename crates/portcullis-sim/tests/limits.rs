@@ -16,6 +16,7 @@ fn limits(openai: OpenAiLimits, anthropic: AnthropicLimits) -> Limits {
         time_scale: 60.0, // a one-second "minute"
         openai,
         anthropic,
+        ..Limits::default()
     }
 }
 
