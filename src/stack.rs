@@ -94,7 +94,8 @@ use portcullis_layers::{
     ByModel, CircuitBreaker, CircuitBreakerLayer, Entry, Fallback, TokenBucket, TokenBucketLayer,
 };
 use portcullis_providers::{
-    AnthropicProvider, AnthropicStream, ApiKey, OpenAiProvider, OpenAiStream,
+    AnthropicProvider, AnthropicStream, ApiKey, AzureOpenAi, AzureOpenAiProvider,
+    AzureOpenAiStream, OpenAiProvider, OpenAiStream,
 };
 use serde::{Deserialize, Serialize};
 use tower::util::Either;
@@ -106,11 +107,11 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(150);
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One of the built-in providers, as a complete-call service: OpenAI on the left, Anthropic
-/// on the right.
-pub type Provider = Either<OpenAiProvider, AnthropicProvider>;
+/// or Azure OpenAI on the right.
+pub type Provider = Either<OpenAiProvider, Either<AnthropicProvider, AzureOpenAiProvider>>;
 
 /// One of the built-in providers, as a streaming service.
-pub type ProviderStream = Either<OpenAiStream, AnthropicStream>;
+pub type ProviderStream = Either<OpenAiStream, Either<AnthropicStream, AzureOpenAiStream>>;
 
 /// The per-provider chain: breaker → (bucket, its state in `St`) → attempt timeout → `S`. Its
 /// retries are the fallback's ([`Entry::retry`]).
@@ -254,8 +255,17 @@ impl ProviderStack<Provider, ProviderStream> {
 
     /// An Anthropic provider named `"anthropic"`.
     pub fn anthropic(provider: AnthropicProvider) -> Self {
-        let stream = Either::Right(provider.streaming());
-        ProviderStack::new(portcullis_core::ANTHROPIC, Either::Right(provider), stream)
+        let stream = Either::Right(Either::Left(provider.streaming()));
+        let complete = Either::Right(Either::Left(provider));
+        ProviderStack::new(portcullis_core::ANTHROPIC, complete, stream)
+    }
+
+    /// An Azure OpenAI deployment named `"azure-openai"` (name each deployment of a pool with
+    /// [`name`](Self::name)).
+    pub fn azure(provider: AzureOpenAiProvider) -> Self {
+        let stream = Either::Right(Either::Right(provider.streaming()));
+        let complete = Either::Right(Either::Right(provider));
+        ProviderStack::new("azure-openai", complete, stream)
     }
 }
 
@@ -554,6 +564,29 @@ impl Stack {
                         b = b.api_key(k);
                     }
                     ProviderStack::anthropic(b.build().map_err(err)?)
+                }
+                Api::AzureOpenai => {
+                    let wire = match &p.deployment {
+                        Some(d) => AzureOpenAi::new(d),
+                        None => AzureOpenAi::v1(),
+                    };
+                    let wire = match &p.api_version {
+                        Some(v) => wire.api_version(v),
+                        None => wire,
+                    };
+                    let Some(url) = &p.base_url else {
+                        let e = ConfigError::new(
+                            "provider",
+                            "base_url",
+                            "Azure OpenAI needs the resource's endpoint",
+                        );
+                        return Err(StackError::Config(Some(p.name.clone()), e));
+                    };
+                    let mut b = AzureOpenAiProvider::builder_for(wire).base_url(url.clone());
+                    if let Some(k) = key {
+                        b = b.api_key(k);
+                    }
+                    ProviderStack::azure(b.build().map_err(err)?)
                 }
             };
             ps = ps
@@ -948,6 +981,8 @@ pub enum Api {
     Openai,
     /// Anthropic Messages.
     Anthropic,
+    /// Azure OpenAI (`base_url` is the resource's endpoint; `deployment`, or the v1 API).
+    AzureOpenai,
 }
 
 /// A [`Stack`] as configuration (serde: JSON, TOML, …). Validated by [`Stack::from_config`].
@@ -1000,6 +1035,12 @@ pub struct ProviderConfig {
     /// The model to ask this provider for, instead of the caller's.
     #[serde(default)]
     pub model: Option<String>,
+    /// Azure OpenAI: the deployment (without one, the v1 API, where `model` names it).
+    #[serde(default)]
+    pub deployment: Option<String>,
+    /// Azure OpenAI: the `api-version` (default `portcullis_providers::azure::DEFAULT_API_VERSION`).
+    #[serde(default)]
+    pub api_version: Option<String>,
     /// Whether it has a larger context window than the providers before it.
     #[serde(default)]
     pub larger_context: bool,

@@ -123,3 +123,29 @@ async fn two_azure_regions_as_one_pool() {
     let status = stack.pool("gpt-4o").unwrap().status(&req());
     assert_eq!(status.iter().map(|d| d.finished).sum::<u64>(), 20);
 }
+
+#[tokio::test]
+async fn azure_deployments_from_a_configuration() {
+    let sim = sim().await;
+    // Any non-empty key passes the simulator; the test reads one from a variable every
+    // environment has, so that it sets none.
+    let json = format!(
+        r#"{{"providers": [
+            {{"name": "eu", "api": "azure_openai", "base_url": "http://{addr}", "api_key_env": "PATH",
+              "deployment": "gpt-4o-eu", "api_version": "2024-10-21", "pool": "gpt-4o"}},
+            {{"name": "us", "api": "azure_openai", "base_url": "http://{addr}", "api_key_env": "PATH",
+              "deployment": "gpt-4o-us", "pool": "gpt-4o"}}]}}"#,
+        addr = sim.addr()
+    );
+    let config: portcullis::StackConfig = serde_json::from_str(&json).unwrap();
+    let stack = Stack::from_config(&config).unwrap();
+    let res = stack.completions().oneshot(req()).await.unwrap();
+    assert!(["gpt-4o-eu", "gpt-4o-us"].contains(&res.model.as_str()));
+    assert_eq!(sim.stats().endpoint("azure_chat_completions"), 1);
+
+    // Azure has no public default endpoint: a configuration without one is refused.
+    let json = r#"{"providers": [{"name": "x", "api": "azure_openai", "api_key_env": "PATH", "deployment": "d"}]}"#;
+    let config: portcullis::StackConfig = serde_json::from_str(json).unwrap();
+    let err = Stack::from_config(&config).unwrap_err();
+    assert!(err.to_string().contains("base_url"), "{err}");
+}

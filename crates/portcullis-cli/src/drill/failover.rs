@@ -307,7 +307,7 @@ fn litellm_like(
     };
     let chain = vec![
         group("openai", Either::Left(openai))?,
-        group("anthropic", Either::Right(anthropic))?.model(SECONDARY_MODEL),
+        group("anthropic", Either::Right(Either::Left(anthropic)))?.model(SECONDARY_MODEL),
     ];
     let fallback = Fallback::new(chain)?.failover(FailoverPolicy::RetryEachThenFallback);
     Ok(BoxCloneSyncService::new(fallback))
