@@ -27,6 +27,14 @@ fn retry() -> RetryConfig {
     }
 }
 
+fn long_retry() -> RetryConfig {
+    RetryConfig {
+        base_delay: Duration::from_secs(30),
+        max_delay: Duration::from_secs(30),
+        ..retry()
+    }
+}
+
 fn deployment(name: &'static str, sim: &SimHandle, tpm: u64) -> ProviderStack {
     let p = OpenAiProvider::builder()
         .base_url(sim.openai_base_url())
@@ -94,11 +102,7 @@ async fn a_failing_deployment_fails_over_to_its_sibling_before_any_backoff() {
         strategy: Strategy::RoundRobin,
         ..PoolConfig::default()
     };
-    let slow_retry = RetryConfig {
-        base_delay: Duration::from_secs(30),
-        max_delay: Duration::from_secs(30),
-        ..retry()
-    };
+    let slow_retry = long_retry();
     let stack = pooled(
         config,
         vec![
@@ -130,9 +134,12 @@ async fn the_group_after_a_pool_takes_calls_when_the_whole_pool_is_down() {
         .pool(
             "gpt",
             PoolConfig::default(),
+            // A long backoff: a failed deployment's retry is never due before the next
+            // group is tried (with a short one, a slow machine may retry `a` first, which the
+            // failover rule allows: it can take the call by then).
             vec![
-                deployment("a", &s[0], 1_000_000),
-                deployment("b", &s[1], 1_000_000),
+                deployment("a", &s[0], 1_000_000).retry(long_retry()),
+                deployment("b", &s[1], 1_000_000).retry(long_retry()),
             ],
         )
         .provider(
