@@ -2,6 +2,7 @@
 //!
 //! Outermost first:
 //!
+//! 0. **telemetry** ([`TelemetryLayer`](portcullis_layers::telemetry::TelemetryLayer)): a `gen_ai.chat` span per call and, with the `metrics` feature, the GenAI client metrics;
 //! 1. **deadline** ([`DeadlineLayer`]): stamps the overall deadline on the request;
 //! 2. **fallback** ([`Fallback`]): the providers in order, primary first, each with its retry
 //!    policy (from [`ProviderStack::retry`]) and a gate read from its breaker and bucket;
@@ -84,6 +85,7 @@ use portcullis_layers::pool::{
     Deployment, Group, PoolConfig, PoolError, PoolHandle, PoolRanking, Tracked, grouped,
 };
 use portcullis_layers::retry::{RetryBudget, RetryConfig, StandardPolicy};
+use portcullis_layers::telemetry::Telemetry;
 use portcullis_layers::timeout::{
     Deadline, DeadlineLayer, StreamIdle, StreamIdleLayer, Timeout, TimeoutLayer,
 };
@@ -122,11 +124,12 @@ pub type ProviderChain<S, St = MemoryStore> =
 /// flight and latency) when it is a deployment of a [pool](StackBuilder::pool), and passed
 /// through untouched otherwise.
 pub type Completions<S = Provider, St = MemoryStore> =
-    Deadline<Fallback<Tracked<ProviderChain<S, St>>, ChatRequest, StandardPolicy>>;
+    Telemetry<Deadline<Fallback<Tracked<ProviderChain<S, St>>, ChatRequest, StandardPolicy>>>;
 
 /// The streaming service a [`Stack`] yields.
-pub type Streams<S = ProviderStream, St = MemoryStore> =
-    Deadline<Fallback<Tracked<ProviderChain<StreamIdle<S>, St>>, ChatRequest, StandardPolicy>>;
+pub type Streams<S = ProviderStream, St = MemoryStore> = Telemetry<
+    Deadline<Fallback<Tracked<ProviderChain<StreamIdle<S>, St>>, ChatRequest, StandardPolicy>>,
+>;
 
 /// Builds a provider's bucket store from the provider's name and its limits (the default:
 /// [`MemoryStore::new`]; see [`ProviderStack::store`]).
@@ -850,8 +853,8 @@ where
             streams = streams.ranked(grouped(stream_groups));
         }
         Ok(Stack {
-            completions: deadline.layer(completions),
-            streams: deadline.layer(streams),
+            completions: Telemetry::new(deadline.layer(completions)),
+            streams: Telemetry::new(deadline.layer(streams)),
             handles,
             pools,
         })

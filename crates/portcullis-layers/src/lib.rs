@@ -27,6 +27,7 @@ pub mod key;
 pub mod keyed;
 pub mod pool;
 pub mod retry;
+pub mod telemetry;
 pub mod timeout;
 pub mod token_bucket;
 

@@ -335,6 +335,13 @@ impl<V: Complete> Complete for Entry<V> {
 /// Logs a transition, as the seed's logger did: a warning when a breaker opens. `overflow`:
 /// the breaker shared by the keys beyond the cap.
 fn log<K: Debug>(t: &Transition<K>, overflow: bool) {
+    let state = |s: CircuitState| match s {
+        CircuitState::Closed => ("closed", 0.0),
+        CircuitState::HalfOpen => ("half_open", 1.0),
+        CircuitState::Open => ("open", 2.0),
+    };
+    let (from, to) = (state(t.from), state(t.to));
+    crate::telemetry::breaker(&t.name, from.0, to.0, to.1);
     if t.to == CircuitState::Open {
         tracing::warn!(
             breaker = %t.name, key = ?t.key, overflow, from = %t.from, to = %t.to,

@@ -219,6 +219,7 @@ where
                         None => return give_up(outcome, *this.attempts, stop),
                         Some(Next::Sleep(to, until)) => {
                             log_backoff(chain, to, until - now, &outcome, &class);
+                            crate::telemetry::retry(crate::telemetry::reason(&class));
                             *this.idx = to;
                             let sleep = Box::pin(tokio::time::sleep_until(until));
                             this.state.set(State::Waiting { sleep });
@@ -228,6 +229,12 @@ where
                                 return Poll::Ready(outcome);
                             };
                             log_failover(chain, from, to, &outcome);
+                            match from == to {
+                                true => crate::telemetry::retry(crate::telemetry::reason(&class)),
+                                false => {
+                                    crate::telemetry::failover(&chain[from].name, &chain[to].name)
+                                }
+                            }
                             *this.idx = to;
                             *this.next = Some(chain[to].remapped(copy));
                             let svc = chain[to].service.clone();

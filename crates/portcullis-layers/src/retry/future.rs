@@ -183,6 +183,9 @@ fn log_retry<Req: RequestInfo, E: Display + Classify>(
     delay: Duration,
     error: Option<&E>,
 ) {
+    crate::telemetry::retry(error.map_or("rejected_response", |e| {
+        crate::telemetry::reason(&e.classify())
+    }));
     let reason = match error {
         Some(e) => tracing::field::display(e as &dyn Display),
         None => tracing::field::display(&"response rejected by the policy" as &dyn Display),

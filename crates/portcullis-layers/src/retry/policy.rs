@@ -332,6 +332,7 @@ impl<Req, Res: OnFinish, E: Classify> Policy<Req, Res, E> for StandardPolicy {
             return Decision::GiveUp(RetryStop::Deadline);
         }
         if self.budget.as_ref().is_some_and(|b| !b.try_withdraw()) {
+            crate::telemetry::budget_refused();
             return Decision::GiveUp(RetryStop::BudgetExhausted);
         }
         Decision::Retry(delay)

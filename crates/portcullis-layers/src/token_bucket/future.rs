@@ -224,6 +224,26 @@ where
                     match ready!(fut.poll(cx)) {
                         Ok(adm) => {
                             ctx.ticket = Some(adm.ticket);
+                            crate::telemetry::bucket_wait(&ctx.name, adm.wait);
+                            #[cfg(feature = "metrics")]
+                            if let Some(l) = ctx.store.levels(&ctx.key) {
+                                let label = ctx.key.label();
+                                let limits = &l.limits;
+                                let buckets = [
+                                    ("requests", limits.requests, l.levels.requests),
+                                    ("tokens", limits.tokens, l.levels.tokens),
+                                    ("input_tokens", limits.input_tokens, l.levels.input),
+                                    ("output_tokens", limits.output_tokens, l.levels.output),
+                                ];
+                                for (bucket, rate, level) in buckets {
+                                    if let (Some(rate), Some(level)) = (rate, level) {
+                                        let cap = rate.capacity() as f64;
+                                        crate::telemetry::bucket_level(
+                                            &ctx.name, &label, bucket, level, cap,
+                                        );
+                                    }
+                                }
+                            }
                             if adm.wait.is_zero() {
                                 this.state.set(State::Ready);
                             } else {
@@ -251,6 +271,7 @@ where
                                         capacity,
                                         "token bucket: refused, cost over capacity"
                                     );
+                                    crate::telemetry::refused(&ctx.name, "over_capacity");
                                     crate::refuse(OverCapacity { cost, capacity })
                                 }
                                 Denied::Throttled { retry_after } => {
@@ -260,6 +281,7 @@ where
                                         wait_ms = retry_after.as_millis() as u64,
                                         "token bucket: refused, wait too long"
                                     );
+                                    crate::telemetry::refused(&ctx.name, "throttled");
                                     crate::refuse(Throttled { retry_after })
                                 }
                             }));
@@ -290,6 +312,7 @@ where
                     let until = crate::after(now, wait);
                     if until > *limit {
                         ctx.refund("paused beyond the allowed wait");
+                        crate::telemetry::refused(&ctx.name, "throttled");
                         this.state.set(State::Done);
                         return Poll::Ready(Err(crate::refuse(Throttled { retry_after: wait })));
                     }
