@@ -407,9 +407,44 @@ fn app(stack: Stack, limits: GatewayLimits) -> Router {
     };
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/metrics", axum::routing::get(metrics))
         .with_state(gw)
         .layer(DefaultBodyLimit::max(limits.body_bytes))
         .layer(axum::middleware::from_fn_with_state(permits, shed))
+}
+
+/// The Prometheus recorder, installed once at start (with the `metrics` feature).
+static PROMETHEUS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+/// Installs the Prometheus recorder, before the stack is built (built with `--features
+/// metrics`; without it the layers record nothing and `/metrics` says how to turn it on).
+fn install_prometheus() {
+    if !portcullis::layers::telemetry::ENABLED {
+        return;
+    }
+    match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => {
+            let _ = PROMETHEUS.set(handle);
+        }
+        Err(e) => eprintln!("# metrics: no Prometheus recorder: {e}"),
+    }
+}
+
+/// `GET /metrics`: every metric of the stack in the Prometheus text format.
+async fn metrics() -> Response {
+    match PROMETHEUS.get() {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics are off: cargo run --example axum_gateway --features metrics\n",
+        )
+            .into_response(),
+    }
 }
 
 /// Admits a request if a permit is free, else answers 503 at once. The permit lives in the
@@ -445,6 +480,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
+    install_prometheus();
     let backend = common::backend(Simulator::builder().seed(5)).await?;
     let stack = backend.stack().deadline(Duration::from_secs(60)).build()?;
 
@@ -459,7 +495,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .into_future(),
     );
-    println!("# gateway listening on http://{addr}/v1/chat/completions");
+    println!("# gateway listening on http://{addr}/v1/chat/completions (metrics: GET /metrics)");
 
     if serve.is_some() {
         println!(
@@ -470,6 +506,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::signal::ctrl_c().await?;
     } else {
         demo(&stack, addr, backend.sim.as_ref()).await?;
+        if let Some(h) = PROMETHEUS.get() {
+            let text = h.render();
+            println!(
+                "# GET /metrics: {} series, e.g.:",
+                text.lines().filter(|l| !l.starts_with('#')).count()
+            );
+            for line in text
+                .lines()
+                .filter(|l| l.starts_with("gen_ai_client_operation_duration_count"))
+            {
+                println!("#   {line}");
+            }
+        }
     }
     let _ = stop.send(());
     drain(server, DRAIN).await?;
