@@ -21,12 +21,8 @@ pin_project! {
 }
 
 impl<F> TelemetryFuture<F> {
-    pub(crate) fn new(inner: F, span: tracing::Span, call: Call) -> Self {
-        TelemetryFuture {
-            inner,
-            span,
-            call: Some(call),
-        }
+    pub(crate) fn new(inner: F, span: tracing::Span, call: Option<Call>) -> Self {
+        TelemetryFuture { inner, span, call }
     }
 }
 
