@@ -45,7 +45,21 @@ pin_project! {
         // The entries best first, when a ranking ordered them for this request (a pool);
         // `None`: in the chain's order.
         ranked: Option<Box<[usize]>>,
+        // The `gen_ai.attempt` span of the attempt in flight (disabled without a subscriber).
+        span: tracing::Span,
     }
+}
+
+/// The span of one attempt: a child of the call's span, entered while the attempt is polled.
+fn attempt_span(entry: &str, attempt: u32) -> tracing::Span {
+    tracing::info_span!(
+        "gen_ai.attempt",
+        portcullis.attempt = attempt,
+        portcullis.entry = entry,
+        error.type = tracing::field::Empty,
+        portcullis.retry.reason = tracing::field::Empty,
+        portcullis.retry.delay_ms = tracing::field::Empty,
+    )
 }
 
 pin_project! {
@@ -122,6 +136,7 @@ where
             attempts: 0,
             slots: None,
             ranked: None,
+            span: tracing::Span::none(),
         }
     }
 
@@ -139,8 +154,10 @@ where
         req: Option<Req>,
         started: Instant,
     ) -> Self {
+        let span = attempt_span(&chain[0].name, 1);
         let mut f = Self::with(State::Calling { fut }, chain, order, req, started);
         f.attempts = 1;
+        f.span = span;
         f
     }
 
@@ -185,7 +202,10 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { fut } => {
-                    let outcome = ready!(fut.poll(cx));
+                    let outcome = {
+                        let _attempt = this.span.enter();
+                        ready!(fut.poll(cx))
+                    };
                     // An `Ok` that stands for a failure (an HTTP 503) is treated as the error
                     // would be; with nowhere to go it is returned as it is.
                     let class = match &outcome {
@@ -208,6 +228,8 @@ where
                         slots
                     });
                     scope(chain, slots, from, &class);
+                    this.span
+                        .record("error.type", crate::telemetry::reason(&class));
                     let stop = judge(chain, slots, from, req, &outcome, *this.started, now);
                     let next = match this.order {
                         FailoverPolicy::FailoverFirst => {
@@ -219,6 +241,14 @@ where
                         None => return give_up(outcome, *this.attempts, stop),
                         Some(Next::Sleep(to, until)) => {
                             log_backoff(chain, to, until - now, &outcome, &class);
+                            this.span.record(
+                                "portcullis.retry.delay_ms",
+                                (until - now).as_millis() as u64,
+                            );
+                            this.span.record(
+                                "portcullis.retry.reason",
+                                crate::telemetry::reason(&class),
+                            );
                             crate::telemetry::retry(crate::telemetry::reason(&class));
                             *this.idx = to;
                             let sleep = Box::pin(tokio::time::sleep_until(until));
@@ -286,7 +316,11 @@ where
                         .next
                         .take()
                         .expect("an attempt's copy is made when it is chosen");
-                    let fut = svc.call(copy);
+                    *this.span = attempt_span(&entry.name, *this.attempts);
+                    let fut = {
+                        let _attempt = this.span.enter();
+                        svc.call(copy)
+                    };
                     this.state.set(State::Calling { fut });
                 }
                 StateProj::Expired => {
