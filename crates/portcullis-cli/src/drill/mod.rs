@@ -110,6 +110,55 @@ pub struct DrillArgs {
     /// `soak`: how many workers send calls at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Print, after the report, every metric the layers recorded during the run (all stacks
+    /// together), in the names of `portcullis::layers::telemetry`.
+    #[arg(long)]
+    metrics: bool,
+}
+
+/// A recorder that keeps every metric of the run, for `--metrics`.
+struct Recorded(metrics_util::debugging::Snapshotter);
+
+impl Recorded {
+    /// Installs the recorder for the whole process (`None` if another one already is).
+    fn install() -> Option<Recorded> {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::set_global_recorder(recorder).ok()?;
+        Some(Recorded(snapshotter))
+    }
+
+    /// Prints every series: a counter's count, a gauge's value, a histogram's count and sum.
+    fn print(&self) {
+        use metrics_util::debugging::DebugValue;
+        let mut lines: Vec<String> = self
+            .0
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(k, _, _, v)| {
+                let labels: Vec<String> = k
+                    .key()
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
+                let value = match v {
+                    DebugValue::Counter(n) => n.to_string(),
+                    DebugValue::Gauge(g) => format!("{:.3}", g.into_inner()),
+                    DebugValue::Histogram(h) => {
+                        let sum: f64 = h.iter().map(|x| x.into_inner()).sum();
+                        format!("count {} sum {sum:.3}", h.len())
+                    }
+                };
+                format!("{}{{{}}} {value}", k.key().name(), labels.join(","))
+            })
+            .collect();
+        lines.sort();
+        println!("\n== metrics recorded ({} series)", lines.len());
+        for l in lines {
+            println!("{l}");
+        }
+    }
 }
 
 async fn run_soak(args: &DrillArgs) -> ExitCode {
@@ -274,8 +323,22 @@ pub fn progress(msg: &str) {
     }
 }
 
-/// Runs `portcullis drill`: prints a table per drill, or the JSON reports.
+/// Runs `portcullis drill`: prints a table per drill, or the JSON reports (then, with
+/// `--metrics`, every metric recorded).
 pub async fn run(args: DrillArgs) -> ExitCode {
+    let recorded = if args.metrics {
+        Recorded::install()
+    } else {
+        None
+    };
+    let code = run_drills(args).await;
+    if let Some(r) = recorded {
+        r.print();
+    }
+    code
+}
+
+async fn run_drills(args: DrillArgs) -> ExitCode {
     if args.which == Which::Fleet {
         return run_fleet(&args).await;
     }
