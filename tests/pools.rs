@@ -2,29 +2,24 @@
 //! state): load spread by headroom, a failing deployment's calls taken by its sibling at once,
 //! the group after a pool taken when the whole pool is down, and the configuration's rules.
 
+mod common;
+
+use common::key;
+
 use std::time::Duration;
 
 use portcullis::layers::pool::{PoolConfig, Strategy};
 use portcullis::layers::retry::RetryConfig;
 use portcullis::layers::token_bucket::{KeyLimits, TokenBucketConfig};
-use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
+use portcullis::providers::{AnthropicProvider, OpenAiProvider};
 use portcullis::{
     ChatMessage, ChatRequest, FailoverPolicy, ProviderStack, Stack, StackConfig, StackError,
 };
 use portcullis_sim::{FaultRule, SimHandle, Simulator};
 use tower::ServiceExt;
 
-fn key() -> ApiKey {
-    ApiKey::new("sk-test").unwrap()
-}
-
 fn retry() -> RetryConfig {
-    RetryConfig {
-        max_retries: 2,
-        base_delay: Duration::from_millis(5),
-        max_delay: Duration::from_millis(10),
-        ..RetryConfig::default()
-    }
+    common::fast_retry(2)
 }
 
 fn long_retry() -> RetryConfig {

@@ -1,12 +1,11 @@
 //! The spans of a call through the `Stack`: one `gen_ai.chat` span with the GenAI attributes,
 //! and a `gen_ai.attempt` child per attempt, read back by a capturing `tracing` layer.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use portcullis::layers::retry::RetryConfig;
-use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
 use portcullis::{ChatMessage, ChatRequest, ProviderStack, Stack};
 use portcullis_sim::{Family, FaultRule, Simulator};
 use tower::ServiceExt;
@@ -74,21 +73,8 @@ fn a_failed_over_call_is_one_chat_span_with_an_attempt_per_provider() {
                 .start()
                 .await
                 .unwrap();
-            let key = || ApiKey::new("sk-test").unwrap();
-            let retry = RetryConfig {
-                base_delay: Duration::from_millis(5),
-                ..RetryConfig::default()
-            };
-            let openai = OpenAiProvider::builder()
-                .base_url(sim.openai_base_url())
-                .api_key(key())
-                .build()
-                .unwrap();
-            let anthropic = AnthropicProvider::builder()
-                .base_url(sim.anthropic_base_url())
-                .api_key(key())
-                .build()
-                .unwrap();
+            let retry = common::fast_retry(3);
+            let (openai, anthropic) = (common::openai(&sim), common::anthropic(&sim));
             let stack = Stack::builder()
                 .provider(ProviderStack::openai(openai).retry(retry.clone()))
                 .provider(

@@ -3,42 +3,24 @@
 //! `metrics` feature (CI runs `--all-features`).
 #![cfg(feature = "metrics")]
 
-use std::time::Duration;
+mod common;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use portcullis::layers::retry::RetryConfig;
 use portcullis::layers::telemetry::{attr, metric};
-use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
 use portcullis::{ChatMessage, ChatRequest, ProviderStack, Stack};
 use portcullis_sim::{Family, FaultKind, FaultRule, SimHandle, Simulator};
 use tower::ServiceExt;
 
-fn key() -> ApiKey {
-    ApiKey::new("sk-test").unwrap()
-}
-
 fn retry() -> RetryConfig {
-    RetryConfig {
-        max_retries: 2,
-        base_delay: Duration::from_millis(5),
-        max_delay: Duration::from_millis(10),
-        ..RetryConfig::default()
-    }
+    common::fast_retry(2)
 }
 
 fn stack(sim: &SimHandle, with_fallback: bool) -> Stack {
-    let openai = OpenAiProvider::builder()
-        .base_url(sim.openai_base_url())
-        .api_key(key())
-        .build()
-        .unwrap();
+    let openai = common::openai(sim);
     let mut b = Stack::builder().provider(ProviderStack::openai(openai).retry(retry()));
     if with_fallback {
-        let anthropic = AnthropicProvider::builder()
-            .base_url(sim.anthropic_base_url())
-            .api_key(key())
-            .build()
-            .unwrap();
+        let anthropic = common::anthropic(sim);
         b = b.provider(
             ProviderStack::anthropic(anthropic)
                 .model("claude-haiku-4-5")

@@ -3,10 +3,12 @@
 //! the other way round, and an entry that refuses a request before sending it, so that the
 //! fallback takes it.
 
-use std::time::Duration;
+mod common;
+
+use common::key;
 
 use portcullis::layers::retry::RetryConfig;
-use portcullis::providers::{AnthropicProvider, ApiKey, OpenAiProvider};
+use portcullis::providers::{AnthropicProvider, OpenAiProvider};
 use portcullis::{
     ChatMessage, ChatRequest, CompletionResult, FinishReason, Part, ProviderStack, Reasoning,
     Stack, Tool, ToolChoice,
@@ -15,17 +17,8 @@ use portcullis_sim::{Family, FaultRule, SimHandle, Simulator};
 use serde_json::json;
 use tower::ServiceExt;
 
-fn key() -> ApiKey {
-    ApiKey::new("sk-test").unwrap()
-}
-
 fn retry() -> RetryConfig {
-    RetryConfig {
-        max_retries: 1,
-        base_delay: Duration::from_millis(5),
-        max_delay: Duration::from_millis(10),
-        ..RetryConfig::default()
-    }
+    common::fast_retry(1)
 }
 
 fn openai(sim: &SimHandle) -> ProviderStack {
