@@ -116,28 +116,32 @@ pub fn reason(class: &portcullis_core::Classification) -> &'static str {
 pub const MAX_MODEL_LABELS: usize = 64;
 
 /// The label of a model name: itself for the first [`MAX_MODEL_LABELS`] distinct names seen
-/// in this process, `other` after.
-pub fn model_label(model: &str) -> String {
-    use std::collections::HashSet;
-    use std::sync::{Mutex, OnceLock, PoisonError};
-    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+/// in this process, `other` after. A name seen before costs a lookup, no allocation.
+pub fn model_label(model: &str) -> std::sync::Arc<str> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+    static SEEN: OnceLock<Mutex<HashMap<Box<str>, Arc<str>>>> = OnceLock::new();
+    static OTHER: OnceLock<Arc<str>> = OnceLock::new();
     let mut seen = SEEN
         .get_or_init(Mutex::default)
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    if seen.contains(model) {
-        return model.to_owned();
+    if let Some(label) = seen.get(model) {
+        return label.clone();
     }
     if seen.len() < MAX_MODEL_LABELS {
-        seen.insert(model.to_owned());
-        return model.to_owned();
+        let label: Arc<str> = Arc::from(model);
+        seen.insert(Box::from(model), label.clone());
+        return label;
     }
-    "other".to_owned()
+    OTHER.get_or_init(|| Arc::from("other")).clone()
 }
 
 #[cfg(feature = "metrics")]
 mod on {
     use super::{attr, metric, model_label};
+    use metrics::SharedString;
+    use std::sync::Arc;
     use std::time::Duration;
 
     pub(crate) fn retry(reason: &'static str) {
@@ -148,31 +152,41 @@ mod on {
         metrics::counter!(metric::RETRY_BUDGET_REFUSALS).increment(1);
     }
 
-    pub(crate) fn breaker(layer: &str, from: &'static str, to: &'static str, state: f64) {
-        let layer = layer.to_owned();
+    pub(crate) fn breaker(layer: &Arc<str>, from: &'static str, to: &'static str, state: f64) {
+        let layer = SharedString::from(layer.clone());
         metrics::counter!(metric::BREAKER_TRANSITIONS, attr::LAYER => layer.clone(), attr::FROM => from, attr::TO => to)
             .increment(1);
         metrics::gauge!(metric::BREAKER_STATE, attr::LAYER => layer).set(state);
     }
 
-    pub(crate) fn bucket_wait(layer: &str, wait: Duration) {
-        metrics::histogram!(metric::BUCKET_WAIT, attr::LAYER => layer.to_owned())
+    pub(crate) fn bucket_wait(layer: &Arc<str>, wait: Duration) {
+        metrics::histogram!(metric::BUCKET_WAIT, attr::LAYER => SharedString::from(layer.clone()))
             .record(wait.as_secs_f64());
     }
 
-    pub(crate) fn refused(layer: &str, refusal: &'static str) {
-        metrics::counter!(metric::REFUSALS, attr::LAYER => layer.to_owned(), attr::REFUSAL => refusal)
+    pub(crate) fn refused(layer: &Arc<str>, refusal: &'static str) {
+        metrics::counter!(metric::REFUSALS, attr::LAYER => SharedString::from(layer.clone()), attr::REFUSAL => refusal)
             .increment(1);
     }
 
+    /// Whether this admission refreshes its bucket's level gauges: one in [`LEVEL_EVERY`](super::LEVEL_EVERY).
+    pub(crate) fn sample_levels() -> bool {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        N.fetch_add(1, Ordering::Relaxed) % super::LEVEL_EVERY == 0
+    }
+
     pub(crate) fn bucket_level(
-        layer: &str,
+        layer: &Arc<str>,
         model: &str,
         bucket: &'static str,
         level: f64,
         limit: f64,
     ) {
-        let (layer, model) = (layer.to_owned(), model_label(model));
+        let (layer, model) = (
+            SharedString::from(layer.clone()),
+            SharedString::from(model_label(model)),
+        );
         metrics::gauge!(metric::BUCKET_LEVEL, attr::LAYER => layer.clone(), attr::GEN_AI_REQUEST_MODEL => model.clone(), attr::BUCKET => bucket)
             .set(level);
         metrics::gauge!(metric::BUCKET_LIMIT, attr::LAYER => layer, attr::GEN_AI_REQUEST_MODEL => model, attr::BUCKET => bucket)
@@ -191,20 +205,18 @@ mod on {
         usage: Option<(u64, u64)>,
         error: Option<&'static str>,
     ) {
-        let model = model_label(&c.model);
-        let provider = provider.to_owned();
-        let mut labels = vec![
-            (attr::GEN_AI_OPERATION_NAME, "chat".to_owned()),
-            (attr::GEN_AI_PROVIDER_NAME, provider),
-            (attr::GEN_AI_REQUEST_MODEL, model),
-        ];
+        let model = SharedString::from(model_label(&c.model));
+        let provider = SharedString::from(provider.to_owned());
+        let mut labels = Vec::with_capacity(5);
+        labels.push(metrics::Label::from_static_parts(
+            attr::GEN_AI_OPERATION_NAME,
+            "chat",
+        ));
+        labels.push(metrics::Label::new(attr::GEN_AI_PROVIDER_NAME, provider));
+        labels.push(metrics::Label::new(attr::GEN_AI_REQUEST_MODEL, model));
         if let Some(e) = error {
-            labels.push((attr::ERROR_TYPE, e.to_owned()));
+            labels.push(metrics::Label::from_static_parts(attr::ERROR_TYPE, e));
         }
-        let labels: Vec<metrics::Label> = labels
-            .into_iter()
-            .map(|(k, v)| metrics::Label::new(k, v))
-            .collect();
         metrics::histogram!(metric::GEN_AI_CLIENT_OPERATION_DURATION, labels.clone())
             .record(c.started.elapsed().as_secs_f64());
         if let Some((input, output)) = usage {
@@ -262,7 +274,11 @@ mod on {
 }
 
 #[cfg(feature = "metrics")]
-pub(crate) use on::bucket_level;
+pub(crate) use on::{bucket_level, sample_levels};
+
+/// The bucket level and limit gauges are refreshed at one admission in this many (a gauge
+/// keeps its last value; the handles read the levels exactly at any time).
+pub const LEVEL_EVERY: u32 = 16;
 pub(crate) use on::{
     breaker, bucket_wait, budget_refused, call, failover, first_chunk, interrupted, refused, retry,
 };

@@ -226,7 +226,10 @@ where
                             ctx.ticket = Some(adm.ticket);
                             crate::telemetry::bucket_wait(&ctx.name, adm.wait);
                             #[cfg(feature = "metrics")]
-                            if let Some(l) = ctx.store.levels(&ctx.key) {
+                            if let Some(l) = crate::telemetry::sample_levels()
+                                .then(|| ctx.store.levels(&ctx.key))
+                                .flatten()
+                            {
                                 let label = ctx.key.label();
                                 let limits = &l.limits;
                                 let buckets = [
