@@ -119,6 +119,9 @@ fn a_failed_over_call_is_one_chat_span_with_an_attempt_per_provider() {
     assert_eq!(attempts[0].fields["portcullis.attempt"], "1");
     assert_eq!(attempts[0].fields["portcullis.entry"], "openai");
     assert_eq!(attempts[0].fields["error.type"], "unavailable");
+    assert_eq!(attempts[0].fields["portcullis.breaker.state"], "closed");
+    assert_eq!(attempts[0].fields["portcullis.bucket.wait_ms"], "0");
     assert_eq!(attempts[1].fields["portcullis.attempt"], "2");
     assert_eq!(attempts[1].fields["portcullis.entry"], "anthropic");
+    assert_eq!(attempts[1].fields["portcullis.breaker.state"], "closed");
 }

@@ -117,9 +117,20 @@ where
                 state
             }
         };
+        // The state at admission, on the attempt's span (a no-op without a subscriber).
+        let span = tracing::Span::current();
         match state.admit() {
-            Ok(permit) => ResponseFuture::called(self.inner.call(req), Guard::new(state, permit)),
+            Ok(permit) => {
+                let at = if permit.probe.is_some() {
+                    "half_open"
+                } else {
+                    "closed"
+                };
+                span.record("portcullis.breaker.state", at);
+                ResponseFuture::called(self.inner.call(req), Guard::new(state, permit))
+            }
             Err(retry_after) => {
+                span.record("portcullis.breaker.state", "open");
                 ResponseFuture::rejected(crate::refuse(CircuitOpen { retry_after }))
             }
         }

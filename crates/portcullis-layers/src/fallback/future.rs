@@ -50,12 +50,15 @@ pin_project! {
     }
 }
 
-/// The span of one attempt: a child of the call's span, entered while the attempt is polled.
-fn attempt_span(entry: &str, attempt: u32) -> tracing::Span {
+/// The span of one attempt: a child of the call's span, entered while the attempt is made and
+/// polled. The breaker records its state at admission on it, the bucket its wait.
+pub(super) fn attempt_span(entry: &str, attempt: u32) -> tracing::Span {
     tracing::info_span!(
         "gen_ai.attempt",
         portcullis.attempt = attempt,
         portcullis.entry = entry,
+        portcullis.breaker.state = tracing::field::Empty,
+        portcullis.bucket.wait_ms = tracing::field::Empty,
         error.type = tracing::field::Empty,
         portcullis.retry.reason = tracing::field::Empty,
         portcullis.retry.delay_ms = tracing::field::Empty,
@@ -149,12 +152,12 @@ where
     /// The first attempt, sent to the primary the service drove ready.
     pub(super) fn called(
         fut: S::Future,
+        span: tracing::Span,
         chain: Arc<[Entry<S, Req, P>]>,
         order: FailoverPolicy,
         req: Option<Req>,
         started: Instant,
     ) -> Self {
-        let span = attempt_span(&chain[0].name, 1);
         let mut f = Self::with(State::Calling { fut }, chain, order, req, started);
         f.attempts = 1;
         f.span = span;

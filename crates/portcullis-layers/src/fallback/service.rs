@@ -329,8 +329,12 @@ where
         };
         let copy = entry.remapped(copy);
         if first == 0 && ranked.is_none() {
-            let fut = self.primary.call(copy);
-            FallbackFuture::called(fut, chain, self.order, kept, now)
+            let span = super::future::attempt_span(&entry.name, 1);
+            let fut = {
+                let _attempt = span.enter();
+                self.primary.call(copy)
+            };
+            FallbackFuture::called(fut, span, chain, self.order, kept, now)
         } else {
             // A ranked call drives its own clone ready: the primary readied by `poll_ready`
             // may not be the one chosen.

@@ -225,6 +225,8 @@ where
                         Ok(adm) => {
                             ctx.ticket = Some(adm.ticket);
                             crate::telemetry::bucket_wait(&ctx.name, adm.wait);
+                            tracing::Span::current()
+                                .record("portcullis.bucket.wait_ms", adm.wait.as_millis() as u64);
                             #[cfg(feature = "metrics")]
                             if let Some(l) = crate::telemetry::sample_levels()
                                 .then(|| ctx.store.levels(&ctx.key))
