@@ -266,10 +266,10 @@ fn chat_stream_of_only_pings_times_out() {
         ];
         let (stderr, took) = chat_against(&url, &args);
         assert!(stderr.starts_with("error: timeout"), "{provider}: {stderr}");
-        assert!(
-            took < Duration::from_millis(500 + 1500),
-            "{provider}: {took:?}"
-        );
+        // Bounded by the 0.5 s timeout, not by the 30 s default idle limit. The margin is wide
+        // because a loaded machine (this binary runs drills in parallel) took over 2 s to
+        // start the process and connect.
+        assert!(took < Duration::from_secs(10), "{provider}: {took:?}");
     }
 }
 
