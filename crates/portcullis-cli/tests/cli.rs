@@ -232,7 +232,8 @@ fn chat_gives_up_on_a_server_that_never_answers() {
     let (stderr, took) = chat_against(&url, &["--timeout", "0.5", "--retries", "1"]);
     assert!(stderr.starts_with("error: timeout"), "{stderr}");
     assert!(took >= Duration::from_millis(1000), "{took:?}");
-    assert!(took < Duration::from_millis(2000 + 1500), "{took:?}");
+    // The upper bound is the 60 s hang it must not wait for (a loaded machine adds seconds).
+    assert!(took < Duration::from_secs(10), "{took:?}");
 }
 
 /// Writes `keepalive` every 100 ms for a minute, and nothing else.
@@ -292,7 +293,8 @@ fn chat_stream_that_trickles_is_bounded_by_the_deadline() {
     let (stderr, took) = chat_against(&url, &["--stream", "--timeout", "1", "--retries", "0"]);
     assert!(stderr.starts_with("error: timeout"), "{stderr}");
     assert!(took >= Duration::from_millis(1900), "{took:?}");
-    assert!(took < Duration::from_millis(2000 + 1500), "{took:?}");
+    // The upper bound is the never-ending stream it must not wait for.
+    assert!(took < Duration::from_secs(12), "{took:?}");
 }
 
 #[test]
