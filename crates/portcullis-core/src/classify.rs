@@ -608,9 +608,14 @@ impl ErrorKind {
             Some("overloaded_error") => ErrorKind::Overloaded,
             Some("server_error" | "api_error" | "internal_server_error") => ErrorKind::Server,
             Some("timeout_error") => ErrorKind::Timeout,
-            Some("invalid_request_error" | "invalid_request" | "unsupported_parameter") => {
-                ErrorKind::InvalidRequest
-            }
+            // Azure OpenAI's content filter (400 `code: content_filter`, or the same error as
+            // a stream event): the same request is refused again anywhere it is sent.
+            Some(
+                "invalid_request_error"
+                | "invalid_request"
+                | "unsupported_parameter"
+                | "content_filter",
+            ) => ErrorKind::InvalidRequest,
             Some("authentication_error" | "invalid_api_key") => ErrorKind::Authentication,
             Some("permission_error") => ErrorKind::PermissionDenied,
             Some("not_found_error" | "model_not_found") => ErrorKind::NotFound,
@@ -648,6 +653,17 @@ mod tests {
         );
         assert!(!ErrorKind::QuotaExhausted.classification().retry);
         assert!(ErrorKind::RateLimited.classification().retry);
+    }
+
+    #[test]
+    fn content_filter_is_an_invalid_request_even_inside_a_stream() {
+        for status in [Some(400), None] {
+            let kind = ErrorKind::from_wire(status, None, Some("content_filter"));
+            assert_eq!(kind, ErrorKind::InvalidRequest, "{status:?}");
+            let c = kind.classification();
+            assert!(!c.retry && !c.breaker_failure);
+            assert_eq!(c.failover, Failover::Never);
+        }
     }
 
     #[test]

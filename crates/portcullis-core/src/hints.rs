@@ -4,11 +4,26 @@
 //!   HTTP date;
 //! - `x-should-retry: true|false`;
 //! - OpenAI `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, resets as Go durations
-//!   (`6m0s`, `120ms`, `1h2m3s`, `0s`);
+//!   (`6m0s`, `120ms`, `1h2m3s`, `0s`) or, as Azure OpenAI sends them, plain seconds (`55`);
 //! - Anthropic `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`,
 //!   resets as RFC 3339 times.
 //!
 //! A malformed value is skipped with a `debug` event, never a panic and never a default.
+//!
+//! **Azure OpenAI's sentinels.** Azure sends the OpenAI names, but not always with OpenAI's
+//! meaning, and a sentinel read as a figure would pause a healthy deployment:
+//! - `x-ratelimit-limit-tokens: -1`, `x-ratelimit-remaining-tokens: -1`,
+//!   `x-ratelimit-reset-tokens: 0` on deployments that do not report a figure (reported in
+//!   <https://github.com/openai/openai-dotnet/issues/838> and on Microsoft Q&A, "Azure OpenAI
+//!   Responses API x-ratelimit headers values -1, 0", Nov 2025);
+//! - a limit of `0` on deployments that are not metered that way (provisioned throughput);
+//! - `x-ratelimit-reset-tokens` as plain seconds, and on a 429 without `retry-after` the
+//!   hyphenated `x-rate-limit-reset-tokens: 55`
+//!   (<https://github.com/openai/openai-python/issues/937>).
+//!
+//! So a negative count is unknown, not malformed; a limit that is negative or `0` makes that
+//! whole limit unknown (its remaining count and reset too), never "exhausted"; and a plain
+//! number of seconds is a reset.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -85,14 +100,15 @@ impl RateLimitHints {
             ..Default::default()
         };
         for (field, name) in [("requests", 0usize), ("tokens", 1)] {
-            let hint = LimitHint {
-                limit: int(headers, &format!("x-ratelimit-limit-{field}")),
-                remaining: int(headers, &format!("x-ratelimit-remaining-{field}")),
-                reset: get(headers, &format!("x-ratelimit-reset-{field}")).and_then(|v| {
-                    parse_go_duration(v).or_else(|| malformed("x-ratelimit-reset", v))
+            let hint = LimitHint::stated(
+                count(headers, &format!("x-ratelimit-limit-{field}")),
+                count(headers, &format!("x-ratelimit-remaining-{field}")),
+                get(headers, &format!("x-ratelimit-reset-{field}")).and_then(|v| {
+                    parse_go_duration(v)
+                        .or_else(|| plain_secs(v))
+                        .or_else(|| malformed("x-ratelimit-reset", v))
                 }),
-            }
-            .without_sentinels();
+            );
             if hint.is_known() {
                 *h.slot(name) = hint;
             }
@@ -103,16 +119,16 @@ impl RateLimitHints {
             ("input-tokens", 2),
             ("output-tokens", 3),
         ] {
-            let hint = LimitHint {
-                limit: int(headers, &format!("anthropic-ratelimit-{field}-limit")),
-                remaining: int(headers, &format!("anthropic-ratelimit-{field}-remaining")),
-                reset: get(headers, &format!("anthropic-ratelimit-{field}-reset")).and_then(|v| {
+            let hint = LimitHint::stated(
+                count(headers, &format!("anthropic-ratelimit-{field}-limit")),
+                count(headers, &format!("anthropic-ratelimit-{field}-remaining")),
+                get(headers, &format!("anthropic-ratelimit-{field}-reset")).and_then(|v| {
                     match parse_rfc3339(v) {
                         Some(at) => Some(at.duration_since(now).unwrap_or(Duration::ZERO)),
                         None => malformed("anthropic-ratelimit reset", v),
                     }
                 }),
-            };
+            );
             if hint.is_known() {
                 *h.slot(name) = hint;
             }
@@ -143,30 +159,59 @@ fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     }
 }
 
-fn int(headers: &HeaderMap, name: &str) -> Option<u64> {
-    let v = get(headers, name)?;
+/// A count header (a limit or a remaining count) as the server stated it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Count {
+    /// Absent or malformed.
+    Absent,
+    /// Negative: Azure OpenAI's "no figure" (`-1`).
+    Sentinel,
+    /// A figure.
+    Is(u64),
+}
+
+fn count(headers: &HeaderMap, name: &str) -> Count {
+    let Some(v) = get(headers, name) else {
+        return Count::Absent;
+    };
     match v.parse::<u64>() {
-        Ok(n) => Some(n),
-        // Azure OpenAI sends `-1` for a figure it does not have (e.g. on provisioned or
-        // serverless deployments): unknown, not malformed, and never "exhausted".
-        Err(_) if v.parse::<i64>().is_ok_and(|n| n < 0) => None,
-        Err(_) => malformed(name, v),
+        Ok(n) => Count::Is(n),
+        Err(_) if v.parse::<i64>().is_ok_and(|n| n < 0) => Count::Sentinel,
+        Err(_) => {
+            malformed::<()>(name, v);
+            Count::Absent
+        }
     }
 }
 
 impl LimitHint {
-    /// A limit of `0` on an answered request is no limit at all (Azure OpenAI sends it on
-    /// some deployments for "not metered"): then neither that limit nor its remaining count is
-    /// known, so nothing is learned from it and nothing is paused by it.
-    fn without_sentinels(self) -> Self {
-        match self.limit {
-            Some(0) => LimitHint {
-                limit: None,
-                remaining: None,
-                reset: self.reset,
-            },
-            _ => self,
+    /// One limit from its three headers. A limit that is a sentinel (negative) or `0` says the
+    /// server has no figure for this limit (Azure OpenAI; see the module docs): then nothing
+    /// of it is known, its remaining count and reset included, so nothing is learned or
+    /// paused by it. A negative remaining count alone is unknown too.
+    fn stated(limit: Count, remaining: Count, reset: Option<Duration>) -> Self {
+        match limit {
+            Count::Sentinel | Count::Is(0) => LimitHint::default(),
+            _ => {
+                let known = |c| match c {
+                    Count::Is(n) => Some(n),
+                    _ => None,
+                };
+                LimitHint {
+                    limit: known(limit),
+                    remaining: known(remaining),
+                    reset,
+                }
+            }
         }
+    }
+}
+
+/// Plain non-negative seconds (`55`, `1.5`), as Azure OpenAI sends some resets.
+fn plain_secs(v: &str) -> Option<Duration> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => Some(secs_f64(s)),
+        _ => None,
     }
 }
 
@@ -188,7 +233,11 @@ fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
             }
         }
     }
-    let v = get(headers, "retry-after")?;
+    let Some(v) = get(headers, "retry-after") else {
+        // Azure OpenAI's 429 without `retry-after` (openai-python#937): plain seconds.
+        let v = get(headers, "x-rate-limit-reset-tokens")?;
+        return plain_secs(v).or_else(|| malformed("x-rate-limit-reset-tokens", v));
+    };
     if let Ok(s) = v.parse::<f64>() {
         if s.is_finite() && s >= 0.0 {
             return Some(secs_f64(s));
@@ -489,6 +538,68 @@ mod tests {
     }
 
     #[test]
+    fn azure_no_figure_triplet_says_nothing() {
+        // openai-dotnet#838: what some Azure deployments send on every answer.
+        let h = headers(&[
+            ("x-ratelimit-limit-tokens", "-1"),
+            ("x-ratelimit-remaining-tokens", "-1"),
+            ("x-ratelimit-reset-tokens", "0"),
+            ("x-ratelimit-remaining-requests", "79"),
+        ]);
+        let r = RateLimitHints::from_headers(&h);
+        assert_eq!(r.tokens, LimitHint::default(), "not exhausted, not reset");
+        assert_eq!(r.requests.remaining, Some(79));
+        // A limit of 0 drops its reset too; a negative remaining count under a real limit
+        // keeps the limit.
+        let h = headers(&[
+            ("x-ratelimit-limit-requests", "0"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "1m0s"),
+            ("x-ratelimit-limit-tokens", "30000"),
+            ("x-ratelimit-remaining-tokens", "-1"),
+        ]);
+        let r = RateLimitHints::from_headers(&h);
+        assert!(!r.requests.is_known(), "{:?}", r.requests);
+        assert_eq!(r.tokens.limit, Some(30_000));
+        assert_eq!(r.tokens.remaining, None);
+        // Anthropic's names go through the same rule.
+        let h = headers(&[("anthropic-ratelimit-tokens-remaining", "-5")]);
+        assert!(RateLimitHints::from_headers(&h).is_empty());
+    }
+
+    #[test]
+    fn azure_plain_second_resets_and_its_429_without_retry_after() {
+        let h = headers(&[
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "55"),
+        ]);
+        let r = RateLimitHints::from_headers(&h);
+        assert_eq!(r.tokens.remaining, Some(0), "a real zero is exhausted");
+        assert_eq!(r.tokens.reset, Some(Duration::from_secs(55)));
+        assert_eq!(r.retry_after, None);
+        // openai-python#937: Azure's 429 with only the hyphenated reset.
+        let h = headers(&[
+            ("x-rate-limit-reset-tokens", "55"),
+            ("x-ratelimit-remaining-requests", "3"),
+        ]);
+        let r = RateLimitHints::from_headers(&h);
+        assert_eq!(r.retry_after, Some(Duration::from_secs(55)));
+        // `retry-after` wins over it; garbage and negatives are skipped.
+        let h = headers(&[("retry-after", "2"), ("x-rate-limit-reset-tokens", "55")]);
+        assert_eq!(
+            RateLimitHints::from_headers(&h).retry_after,
+            Some(Duration::from_secs(2))
+        );
+        for bad in ["-3", "soon", "NaN"] {
+            let h = headers(&[
+                ("x-rate-limit-reset-tokens", bad),
+                ("x-ratelimit-reset-tokens", bad),
+            ]);
+            assert!(RateLimitHints::from_headers(&h).is_empty(), "{bad}");
+        }
+    }
+
+    #[test]
     fn go_durations() {
         assert_eq!(parse_go_duration("0s"), Some(Duration::ZERO));
         assert_eq!(
@@ -511,7 +622,7 @@ mod tests {
         fn header_values_never_panic(v in "[ -~]{0,40}") {
             if let Ok(val) = http::HeaderValue::from_str(&v) {
                 let mut h = HeaderMap::new();
-                for name in ["retry-after", "retry-after-ms", "x-ratelimit-reset-tokens", "anthropic-ratelimit-tokens-reset", "x-ratelimit-remaining-requests"] {
+                for name in ["retry-after", "retry-after-ms", "x-ratelimit-reset-tokens", "x-rate-limit-reset-tokens", "x-ratelimit-limit-tokens", "anthropic-ratelimit-tokens-reset", "x-ratelimit-remaining-requests"] {
                     h.insert(name, val.clone());
                 }
                 let _ = RateLimitHints::from_headers(&h);
