@@ -201,6 +201,13 @@ where
         return Answer::send(fail(api.missing_key()), "unauthorized");
     };
     let key = key.to_owned();
+    // An Azure deployment's quota is the deployment's, whichever of the resource's keys calls
+    // it; OpenAI's and Anthropic's limits are per key (organization) and model.
+    let limit_key = if deployment.is_some() {
+        ""
+    } else {
+        key.as_str()
+    };
 
     let bytes = match Limited::new(body, settings.max_body_bytes).collect().await {
         Ok(c) => c.to_bytes(),
@@ -262,7 +269,7 @@ where
     let model = parsed.model.as_str();
     let decision = lock(&shared.limiter).check(
         api,
-        &key,
+        limit_key,
         model,
         &api.costs(&parsed),
         tokio::time::Instant::now(),
@@ -294,7 +301,7 @@ where
             lock(&shared.cache).apply(&scope, &parsed.cache_points, tokio::time::Instant::now());
     }
     if let Some((which, amount)) = api.refund(&parsed, &generated) {
-        lock(&shared.limiter).refund(api, &key, model, which, amount);
+        lock(&shared.limiter).refund(api, limit_key, model, which, amount);
     }
     let ctx = Ctx {
         request_id,

@@ -23,6 +23,12 @@
 //!   output TPM (refunding the unused part at the end). A request over a limit gets a 429
 //!   `rate_limit_exceeded` / `rate_limit_error` with `retry-after` (whole seconds, rounded up;
 //!   OpenAI adds `retry-after-ms`) and the limit headers. `time_scale` compresses the minute.
+//! - Azure OpenAI: `POST /openai/deployments/{deployment}/chat/completions?api-version=…`
+//!   answers as the OpenAI route does, as the deployment (its `model`), with `api-key` auth (or
+//!   a bearer token), `apim-request-id`, and the deployment's own limits, shared by every key
+//!   ([`Limits::models`], [`Simulator::deployment`]). No `api-version` gets Azure's 404, and
+//!   with [`Scenario::deployments`] declared, so does an unknown deployment
+//!   (`DeploymentNotFound`).
 //! - Faults ([`FaultRule`]), by probability or on a timeline of [`Phase`]s, per API, changeable
 //!   at run time. They apply to `/v1/chat/completions` and `/v1/messages` only.
 //! - [`Stats`] of everything received.
@@ -109,10 +115,14 @@
 //! max_body_bytes = 4194304  # larger bodies get a 413
 //! chunk_delay_ms = 0        # pause between streamed events
 //!
+//! deployments = ["gpt-4o-eu", "gpt-4o-us"]  # Azure deployments served (default: any name)
+//!
 //! [limits]
 //! time_scale = 60.0         # a "minute" lasts 60 s / time_scale = 1 s
 //! openai = { rpm = 500, tpm = 200000 }
 //! anthropic = { rpm = 50, input_tpm = 30000, output_tpm = 8000 }
+//! # Per model on /v1/chat/completions, per deployment on Azure's route.
+//! models = { "gpt-4o-eu" = { rpm = 60, tpm = 30000 } }
 //!
 //! # Faults that always apply. kind is one of: rate_limit, insufficient_quota, billing,
 //! # status (with status = 400..599), overloaded, latency (with latency_ms), hang, reset,
@@ -265,6 +275,26 @@ impl Simulator {
     /// The timeline of phases.
     pub fn timeline(mut self, phases: Vec<Phase>) -> Self {
         self.scenario.timeline = phases;
+        self
+    }
+
+    /// Serves the Azure OpenAI deployment `name` with its own `limits` (see
+    /// [`Scenario::deployments`]); once one is declared, undeclared names get a 404.
+    ///
+    /// ```
+    /// use portcullis_sim::{OpenAiLimits, Simulator};
+    ///
+    /// let sim = Simulator::builder()
+    ///     .deployment("gpt-4o-eu", OpenAiLimits { rpm: 60, tpm: 30_000 })
+    ///     .deployment("gpt-4o-us", OpenAiLimits { rpm: 600, tpm: 300_000 });
+    /// # let _ = sim;
+    /// ```
+    pub fn deployment(mut self, name: impl Into<String>, limits: OpenAiLimits) -> Self {
+        let name = name.into();
+        self.scenario.limits.models.insert(name.clone(), limits);
+        if !self.scenario.deployments.contains(&name) {
+            self.scenario.deployments.push(name);
+        }
         self
     }
 

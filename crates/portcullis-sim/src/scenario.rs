@@ -24,6 +24,11 @@ pub struct Scenario {
     pub faults: Vec<FaultRule>,
     /// Phases, one after another from the start (or from the last `set_timeline`).
     pub timeline: Vec<Phase>,
+    /// The Azure OpenAI deployments served at `/openai/deployments/{name}/chat/completions`.
+    /// Empty (the default): any name is served. Otherwise another name gets Azure's 404
+    /// `DeploymentNotFound`. A deployment's limits are [`Limits::models`]`[name]`, else
+    /// [`Limits::openai`].
+    pub deployments: Vec<String>,
 }
 
 impl Default for Scenario {
@@ -35,6 +40,7 @@ impl Default for Scenario {
             limits: Limits::default(),
             faults: Vec::new(),
             timeline: Vec::new(),
+            deployments: Vec::new(),
         }
     }
 }
@@ -51,7 +57,8 @@ pub struct Limits {
     pub anthropic: AnthropicLimits,
     /// OpenAI limits of particular models instead of `openai`: an Azure deployment answers as
     /// its name, so this gives each deployment its own (`{"gpt-4o-eu": {"rpm": 60, "tpm":
-    /// 30000}}`).
+    /// 30000}}`). A deployment's limits are shared by every key that calls it, as Azure's
+    /// quota is per deployment; a model's on `/v1/chat/completions` are per key.
     pub models: std::collections::BTreeMap<String, OpenAiLimits>,
 }
 

@@ -99,9 +99,14 @@ async fn route(
             let deployment = azure.as_ref().and_then(|d| d.as_ref().ok());
             match deployment {
                 Some(d) => {
-                    azure::auth(&mut parts.headers);
-                    let answer = api::handle(shared, api, e, parts.headers, body, Some(d)).await;
-                    azure::answer(answer)
+                    let keyed = azure::auth(&mut parts.headers);
+                    if keyed && !shared.deployments.is_empty() && !shared.deployments.contains(d) {
+                        azure::deployment_not_found()
+                    } else {
+                        let answer =
+                            api::handle(shared, api, e, parts.headers, body, Some(d)).await;
+                        azure::answer(answer)
+                    }
                 }
                 None => azure::missing_version(),
             }
@@ -151,13 +156,15 @@ mod azure {
         Some(versioned.then(|| name.to_owned()).ok_or(()))
     }
 
-    /// `api-key: K` is Azure's `Authorization: Bearer K`.
-    pub(super) fn auth(headers: &mut HeaderMap) {
+    /// `api-key: K` is Azure's `Authorization: Bearer K`. Whether the request carries a key
+    /// at all (a missing one is left to the OpenAI route's 401).
+    pub(super) fn auth(headers: &mut HeaderMap) -> bool {
         if let Some(key) = headers.get("api-key").and_then(|k| k.to_str().ok()) {
             if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
                 headers.insert(http::header::AUTHORIZATION, v);
             }
         }
+        headers.contains_key(http::header::AUTHORIZATION)
     }
 
     /// Azure's request id header beside OpenAI's.
@@ -168,6 +175,19 @@ mod azure {
             }
         }
         answer
+    }
+
+    /// What Azure answers for a deployment the resource does not have.
+    pub(super) fn deployment_not_found() -> Answer {
+        let body = serde_json::json!({"error": {
+            "code": "DeploymentNotFound",
+            "message": "The API deployment for this resource does not exist. If you created the \
+                        deployment within the last 5 minutes, please wait a moment and try again."
+        }});
+        Answer::send(
+            wire::json_response(StatusCode::NOT_FOUND, &body),
+            "deployment_not_found",
+        )
     }
 
     /// What Azure answers without an `api-version`.

@@ -93,6 +93,8 @@ pub(crate) struct Shared {
     pub cache: Mutex<PromptCache>,
     pub rng: Mutex<SmallRng>,
     pub shutdown: watch::Sender<bool>,
+    /// [`Scenario::deployments`]: fixed at start.
+    pub deployments: Vec<String>,
 }
 
 impl Shared {
@@ -109,6 +111,7 @@ impl Shared {
             cache: Mutex::new(PromptCache::default()),
             rng: Mutex::new(SmallRng::seed_from_u64(s.seed)),
             shutdown: watch::channel(false).0,
+            deployments: s.deployments.clone(),
         }
     }
 
