@@ -10,10 +10,18 @@
 //! - **Rate limits**: Azure sends OpenAI's `x-ratelimit-remaining-{requests,tokens}` (and on
 //!   some deployments the `-limit-` ones) and `retry-after-ms` / `retry-after` on a 429, read by
 //!   the one header parser ([`RateLimitHints`](portcullis_core::RateLimitHints)), which takes
-//!   the `-1` Azure sends for "no figure" and a limit of `0` as unknown, not as exhausted.
+//!   the `-1` Azure sends for "no figure" and a limit of `0` as unknown, not as exhausted, and
+//!   reads resets in plain seconds (see [`portcullis_core::hints`] for the sources).
 //! - **Request id**: `apim-request-id`.
-//! - **Errors**: the OpenAI error envelope; a `content_filter` refusal is a non-retryable
-//!   `InvalidRequest` (the classification table's row for it), not a reason to fail over.
+//! - **Answers**: OpenAI's parser, which skips Azure's extras: `prompt_filter_results`, a first
+//!   stream chunk with no choices, and the asynchronous filter's annotation chunks, which have
+//!   no `delta`. Output stopped by the filter ends with
+//!   [`FinishReason::ContentFilter`](portcullis_core::FinishReason::ContentFilter).
+//! - **Errors**: the OpenAI error envelope; a `content_filter` refusal (a 400, or the same error
+//!   as a stream event) is a non-retryable `InvalidRequest` (the classification table's row for
+//!   it), not a reason to fail over; `DeploymentNotFound` is `NotFound`.
+//! - **Keys**: never sent over plain `http://` to a host other than loopback (the builder
+//!   refuses to build).
 //!
 //! ```
 //! use portcullis_providers::{ApiKey, AzureOpenAi, AzureOpenAiProvider};

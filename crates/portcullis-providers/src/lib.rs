@@ -3,13 +3,15 @@
 //! LLM HTTP APIs as [`tower_service::Service`]s, over one pooled hyper + rustls [`Transport`].
 //! One generic [`Provider`] does the HTTP, the errors and the streaming for every API; a
 //! [`Wire`] says what one API looks like (path, headers, request body, response, stream events,
-//! error body). OpenAI Chat Completions ([`OpenAi`]) and Anthropic Messages ([`Anthropic`]) are
-//! built in; another API is one more `Wire` (see [`wire`]).
+//! error body). OpenAI Chat Completions ([`OpenAi`]), Anthropic Messages ([`Anthropic`]) and
+//! Azure OpenAI deployments ([`AzureOpenAi`]) are built in; an OpenAI-compatible server (vLLM,
+//! Ollama, LM Studio) is the OpenAI wire at its base URL ([`OpenAiProvider::compatible`]);
+//! another API is one more `Wire` (see [`wire`]).
 //!
 //! | service | request | response |
 //! |---|---|---|
-//! | [`Provider<W>`](Provider): [`OpenAiProvider`], [`AnthropicProvider`] | [`ChatRequest`](portcullis_core::ChatRequest) | [`CompletionResult`](portcullis_core::CompletionResult) |
-//! | [`StreamingProvider<W>`](StreamingProvider) (from `.streaming()`): [`OpenAiStream`], [`AnthropicStream`] | [`ChatRequest`](portcullis_core::ChatRequest) | [`ChatStream`](portcullis_core::ChatStream) |
+//! | [`Provider<W>`](Provider): [`OpenAiProvider`], [`AnthropicProvider`], [`AzureOpenAiProvider`] | [`ChatRequest`](portcullis_core::ChatRequest) | [`CompletionResult`](portcullis_core::CompletionResult) |
+//! | [`StreamingProvider<W>`](StreamingProvider) (from `.streaming()`): [`OpenAiStream`], [`AnthropicStream`], [`AzureOpenAiStream`] | [`ChatRequest`](portcullis_core::ChatRequest) | [`ChatStream`](portcullis_core::ChatStream) |
 //!
 //! - **Typed errors.** Every failure is an [`LlmError`](portcullis_core::LlmError) whose kind
 //!   comes from [`ErrorKind::from_wire`](portcullis_core::ErrorKind::from_wire) (status plus the

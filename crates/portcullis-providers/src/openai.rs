@@ -45,6 +45,30 @@ impl OpenAi {
     }
 }
 
+impl Provider<OpenAi> {
+    /// A builder for an OpenAI-compatible server (vLLM, Ollama, LM Studio, llama.cpp…) at
+    /// `base_url` (the URL that `/chat/completions` is joined to, usually ending in `/v1`):
+    /// no key (add one with [`Builder::api_key`]) and the legacy `max_tokens`, which every such
+    /// server knows. The answers are read by the same OpenAI parser, which takes what these
+    /// servers leave out or add: no `usage` (then zero, and a token bucket settles at its
+    /// estimate), no `id` / `created` / `system_fingerprint`, usage only in a last chunk or in
+    /// none, unknown fields.
+    ///
+    /// ```
+    /// use portcullis_providers::OpenAiProvider;
+    ///
+    /// # fn main() -> Result<(), portcullis_core::LlmError> {
+    /// let ollama = OpenAiProvider::compatible("http://localhost:11434/v1").build()?;
+    /// assert_eq!(ollama.url().to_string(), "http://localhost:11434/v1/chat/completions");
+    /// # Ok(()) }
+    /// ```
+    pub fn compatible(base_url: impl Into<String>) -> OpenAiBuilder {
+        Builder::new(OpenAi::default().legacy_max_tokens(true))
+            .base_url(base_url)
+            .without_api_key()
+    }
+}
+
 impl Builder<OpenAi> {
     /// Sends the legacy `max_tokens` instead of `max_completion_tokens` (see
     /// [`OpenAi::legacy_max_tokens`]).
@@ -391,8 +415,9 @@ struct ResponseMessage {
     content: Option<String>,
     #[serde(default)]
     refusal: Option<String>,
+    /// `null` from some compatible servers, as `[]` or absent from others.
     #[serde(default)]
-    tool_calls: Vec<Value>,
+    tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Deserialize)]
@@ -510,7 +535,7 @@ impl Wire for OpenAi {
         let mut r = CompletionResult::new(OPENAI, c.model, content)
             .with_usage(c.usage.map(Into::into).unwrap_or_default())
             .with_finish_reason(finish_reason);
-        read_calls(choice.message.tool_calls, &mut r)?;
+        read_calls(choice.message.tool_calls.unwrap_or_default(), &mut r)?;
         Ok(r)
     }
 
@@ -535,12 +560,16 @@ struct Chunk {
 struct ChunkChoice {
     #[serde(default)]
     index: u32,
-    delta: Delta,
+    /// Absent (or null) in Azure OpenAI's content-filter annotation chunks (the asynchronous
+    /// filter: `content_filter_results` / `content_filter_offsets` and no delta; see
+    /// openai-python#1677, microsoft/autogen#6465): nothing to yield then.
+    #[serde(default)]
+    delta: Option<Delta>,
     #[serde(default)]
     finish_reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct Delta {
     #[serde(default)]
     content: Option<String>,
@@ -615,12 +644,13 @@ impl EventParser for ChunkParser {
         if let Some(r) = choice.finish_reason {
             self.finish = Some(finish_reason(&r));
         }
-        let mut out = StreamChunk::delta(choice.delta.content.unwrap_or_default());
-        if let Some(refusal) = choice.delta.refusal.filter(|r| !r.is_empty()) {
+        let delta = choice.delta.unwrap_or_default();
+        let mut out = StreamChunk::delta(delta.content.unwrap_or_default());
+        if let Some(refusal) = delta.refusal.filter(|r| !r.is_empty()) {
             self.refused = true;
             out.delta.push_str(&refusal);
         }
-        for call in choice.delta.tool_calls.into_iter().flatten() {
+        for call in delta.tool_calls.into_iter().flatten() {
             let (name, arguments) = match call.function {
                 Some(f) => (f.name, f.arguments.unwrap_or_default()),
                 None => (None, String::new()),

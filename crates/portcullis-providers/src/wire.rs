@@ -4,8 +4,11 @@
 //! [`ErrorKind::from_wire`](portcullis_core::ErrorKind::from_wire)), the body cap, SSE
 //! decoding, the commit point of a stream, key redaction, request ids and rate-limit headers.
 //!
-//! [`OpenAi`](crate::OpenAi) and [`Anthropic`](crate::Anthropic) are the built-in wires. A new
-//! API (Azure OpenAI, an OpenAI-compatible server, Gemini…) is one more `Wire`:
+//! [`OpenAi`](crate::OpenAi), [`Anthropic`](crate::Anthropic) and
+//! [`AzureOpenAi`](crate::AzureOpenAi) are the built-in wires; an OpenAI-compatible server
+//! (vLLM, Ollama, LM Studio) is the OpenAI wire at another base URL
+//! ([`OpenAiProvider::compatible`](crate::OpenAiProvider::compatible)). A new API (Gemini…) is
+//! one more `Wire`:
 //!
 //! ```no_run
 //! use portcullis_core::{ChatRequest, CompletionResult, FinishReason, LlmError, StreamChunk, Usage};
@@ -102,29 +105,32 @@ use crate::sse::SseEvent;
 /// Settings of one API (OpenAI's `max_tokens` spelling, Anthropic's version) live in the wire
 /// value. See the [module docs](self) for a whole example.
 ///
-/// An OpenAI-compatible server that only differs in its path and auth header reuses
-/// [`OpenAi`](crate::OpenAi)'s body and parsers:
+/// An API that only differs from OpenAI's in its path and auth header reuses
+/// [`OpenAi`](crate::OpenAi)'s body and parsers, as the built-in
+/// [`AzureOpenAi`](crate::AzureOpenAi) does. (For a plain OpenAI-compatible server, vLLM,
+/// Ollama or LM Studio, no new wire is needed: see
+/// [`OpenAiProvider::compatible`](crate::OpenAiProvider::compatible).)
 ///
 /// ```no_run
 /// use http::HeaderMap;
 /// use portcullis_core::{ChatRequest, CompletionResult, LlmError};
 /// use portcullis_providers::{ApiKey, Builder, OpenAi, Wire};
 ///
-/// #[derive(Debug, Clone)]
-/// struct AzureOpenAi {
-///     path: String, // "/openai/deployments/{deployment}/chat/completions?api-version=…"
+/// /// A company gateway: `POST /llm/chat`, the key in `x-gateway-key`.
+/// #[derive(Debug, Clone, Default)]
+/// struct Gateway {
 ///     openai: OpenAi,
 /// }
 ///
-/// impl Wire for AzureOpenAi {
+/// impl Wire for Gateway {
 ///     type Parser = <OpenAi as Wire>::Parser;
-///     fn name(&self) -> &'static str { "azure-openai" }
-///     fn default_base_url(&self) -> &str { "https://my-resource.openai.azure.com" }
-///     fn api_key_env(&self) -> &str { "AZURE_OPENAI_API_KEY" }
-///     fn path(&self) -> &str { &self.path }
+///     fn name(&self) -> &'static str { "gateway" }
+///     fn default_base_url(&self) -> &str { "https://llm.internal.example" }
+///     fn api_key_env(&self) -> &str { "GATEWAY_KEY" }
+///     fn path(&self) -> &str { "/llm/chat" }
 ///     fn headers(&self, key: Option<&ApiKey>, headers: &mut HeaderMap) {
 ///         if let Some(key) = key {
-///             headers.insert("api-key", key.header(""));
+///             headers.insert("x-gateway-key", key.header(""));
 ///         }
 ///     }
 ///     fn request_body(&self, req: &ChatRequest, stream: bool) -> Result<Vec<u8>, LlmError> {
@@ -139,9 +145,8 @@ use crate::sse::SseEvent;
 /// }
 ///
 /// # fn run() -> Result<(), LlmError> {
-/// let path = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21".to_owned();
-/// let azure = Builder::new(AzureOpenAi { path, openai: OpenAi::default() }).build()?;
-/// # let _ = azure; Ok(()) }
+/// let gateway = Builder::new(Gateway::default()).build()?; // reads GATEWAY_KEY
+/// # let _ = gateway; Ok(()) }
 /// ```
 pub trait Wire: Clone + Send + Sync + 'static {
     /// The state machine that reads one streamed answer.

@@ -44,6 +44,12 @@ async fn complete_answers_in_each_servers_shape() {
             None,
             FinishReason::Length,
         ),
+        (
+            "minimal.json",
+            "Rivers carve canyons.",
+            None,
+            FinishReason::Stop,
+        ),
     ];
     for (file, text, total, finish) in cases {
         server.set(Canned::new(200, "application/json", body(file)));
@@ -70,6 +76,12 @@ async fn streams_in_each_servers_shape() {
             15,
             FinishReason::Length,
         ),
+        (
+            "lmstudio_stream.sse",
+            "Stars are suns.",
+            13,
+            FinishReason::Stop,
+        ),
     ];
     for (file, text, total, finish) in cases {
         server.set(Canned::new(200, "text/event-stream", body(file)));
@@ -83,4 +95,28 @@ async fn streams_in_each_servers_shape() {
         assert_eq!(res.finish_reason, finish, "{file}");
         assert_eq!(res.usage.total_tokens, total, "{file}");
     }
+}
+
+#[tokio::test]
+async fn the_compatible_builder_sends_no_key_and_the_legacy_max_tokens() {
+    let server = Server::start().await;
+    server.set(Canned::new(200, "application/json", body("ollama.json")));
+    let ollama = OpenAiProvider::compatible(format!("{}/v1", server.base()))
+        .build()
+        .unwrap();
+    let res = ollama.oneshot(request("llama3.2")).await.unwrap();
+    assert_eq!(res.model, "llama3.2");
+    let seen = server.last();
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert!(!seen.headers.contains_key("authorization"));
+    assert!(seen.body["max_tokens"].is_u64(), "{}", seen.body);
+    assert!(seen.body.get("max_completion_tokens").is_none());
+
+    // A server that wants a key gets it as a bearer token.
+    let keyed = OpenAiProvider::compatible(format!("{}/v1", server.base()))
+        .api_key(portcullis_providers::ApiKey::new("local-key").unwrap())
+        .build()
+        .unwrap();
+    keyed.oneshot(request("llama3.2")).await.unwrap();
+    assert_eq!(server.last().headers["authorization"], "Bearer local-key");
 }
