@@ -29,6 +29,7 @@ use portcullis_core::{
 };
 use portcullis_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use portcullis_layers::retry::{RetryLayer, StandardPolicy};
+use portcullis_layers::telemetry::TelemetryLayer;
 use portcullis_layers::token_bucket::{KeyLimits, TokenBucketConfig, TokenBucketLayer};
 use portcullis_layers::{DeadlineLayer, Entry, FallbackLayer, TimeoutLayer};
 use tokio::runtime::Runtime;
@@ -289,6 +290,7 @@ macro_rules! cases {
         $run(g, "portcullis/token_bucket", ample_bucket().layer(Mock));
         $run(g, "portcullis/fallback", fallback().layer(Mock));
         $run(g, "portcullis/timeout", timeout().layer(Mock));
+        $run(g, "portcullis/telemetry", TelemetryLayer::new().layer(Mock));
         $run(
             g,
             "portcullis/deadline",
@@ -420,7 +422,19 @@ criterion_group! {
         .measurement_time(Duration::from_secs(2));
     targets = layers
 }
+/// Built with `--features metrics`, the benches record into a real exporter: a Prometheus
+/// recorder installed for the process, as a service that serves `/metrics` has (rendering is
+/// not measured: a scrape is not on the call path). Without the feature, no metrics code exists.
+fn install_recorder() {
+    #[cfg(feature = "metrics")]
+    {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::set_global_recorder(recorder).expect("the only recorder");
+    }
+}
+
 fn main() {
+    install_recorder();
     if let Ok(case) = std::env::var("LAYERS_PROFILE") {
         let calls = std::env::var("LAYERS_PROFILE_CALLS")
             .ok()

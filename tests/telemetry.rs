@@ -187,3 +187,52 @@ fn a_stream_cut_after_its_first_chunk() {
     );
     assert_eq!(errors.len(), 1);
 }
+
+#[test]
+fn bucket_levels_and_limits() {
+    use portcullis::layers::token_bucket::{KeyLimits, TokenBucketConfig};
+    let s = recorded(|| async {
+        let sim = Simulator::builder().start().await.unwrap();
+        let limits = KeyLimits::rpm_tpm(600, 100_000).unwrap();
+        let stack = Stack::builder()
+            .provider(
+                ProviderStack::openai(common::openai(&sim))
+                    .limits(TokenBucketConfig::new().default_limits(limits)),
+            )
+            .build()
+            .unwrap();
+        // More than one refresh period, so the cached gauges are set twice.
+        for _ in 0..2 * portcullis::layers::telemetry::LEVEL_EVERY {
+            stack.completions().oneshot(req()).await.unwrap();
+        }
+    });
+    let gauge = |name: &str, bucket: &str| -> Vec<f64> {
+        let labels = [
+            (attr::LAYER, "openai"),
+            (attr::GEN_AI_REQUEST_MODEL, "gpt-4o-mini"),
+            (attr::BUCKET, bucket),
+        ];
+        matching(&s, name, &labels)
+            .map(|v| match v {
+                DebugValue::Gauge(g) => g.into_inner(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(gauge(metric::BUCKET_LIMIT, "requests"), [600.0]);
+    assert_eq!(gauge(metric::BUCKET_LIMIT, "tokens"), [100_000.0]);
+    let requests = gauge(metric::BUCKET_LEVEL, "requests");
+    assert_eq!(requests.len(), 1);
+    // Refreshed at one of the 32 admissions (the 17th when this test runs alone; the
+    // sampling counter is the process's): at most 32 requests taken, a few refilled since.
+    assert!((560.0..600.0).contains(&requests[0]), "{requests:?}");
+    // Buckets this key does not have get no series.
+    assert!(gauge(metric::BUCKET_LIMIT, "input_tokens").is_empty());
+    // One duration series for the one (provider, model), every call in it.
+    let durations = matching(&s, metric::GEN_AI_CLIENT_OPERATION_DURATION, &[]).count();
+    assert_eq!(durations, 1);
+    assert_eq!(
+        samples(&s, metric::GEN_AI_CLIENT_OPERATION_DURATION, &[]).len(),
+        32
+    );
+}

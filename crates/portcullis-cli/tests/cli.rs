@@ -392,6 +392,122 @@ fn the_failover_drill_meets_its_targets_with_the_default_stack() {
     }
 }
 
+/// Runs `drill <which> --json --metrics`: the report, and each metric line's series (name and
+/// labels, as printed) with its value (a histogram's count).
+fn drill_with_metrics(which: &str) -> (serde_json::Value, Vec<(String, f64)>) {
+    let out = portcullis()
+        .args(["drill", which, "--json", "--metrics"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    let (json, metrics) = stdout
+        .split_once("\n== metrics recorded")
+        .expect("a metrics section");
+    let series = metrics
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (series, value) = l.rsplit_once("} ").expect("series {labels} value");
+            let value = value.strip_prefix("count ").unwrap_or(value);
+            let value = value.split(' ').next().unwrap().parse().unwrap();
+            (format!("{series}}}"), value)
+        })
+        .collect();
+    (serde_json::from_str(json).unwrap(), series)
+}
+
+/// The sum over the series named `name` whose labels include every one of `labels` (and none
+/// of those written `!label`).
+fn metric(series: &[(String, f64)], name: &str, labels: &[&str]) -> f64 {
+    let has = |s: &str, l: &str| match l.strip_prefix('!') {
+        Some(l) => !s.contains(l),
+        None => s.contains(l),
+    };
+    series
+        .iter()
+        .filter(|(s, _)| s.starts_with(&format!("{name}{{")) && labels.iter().all(|l| has(s, l)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The rows of `stacks` whose name is one of `names`, summed on `field`.
+fn rows(report: &serde_json::Value, names: &[&str], field: &str) -> f64 {
+    report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| names.contains(&r["name"].as_str().unwrap()))
+        .map(|r| r[field].as_f64().unwrap())
+        .sum()
+}
+
+#[test]
+fn the_rate_limit_drill_table_agrees_with_its_metrics() {
+    // Two rows run through the layers (`portcullis` and `learned`, both under the provider
+    // name `openai`); the others are hand-written loops that record nothing.
+    let (report, m) = drill_with_metrics("rate-limit");
+    let layered = ["portcullis", "learned"];
+    let duration = "gen_ai.client.operation.duration";
+    assert_eq!(
+        rows(&report, &layered, "requests"),
+        metric(&m, duration, &[]),
+        "every call is one duration sample:\n{report}\n{m:?}"
+    );
+    assert_eq!(
+        rows(&report, &layered, "succeeded"),
+        metric(
+            &m,
+            duration,
+            &["gen_ai.provider.name=openai", "!error.type"]
+        ),
+        "{m:?}"
+    );
+    let refused = rows(&report, &layered, "rejected_locally");
+    assert!(refused > 0.0, "{report}");
+    assert_eq!(refused, metric(&m, duration, &["error.type=throttled"]));
+    assert_eq!(
+        refused,
+        metric(
+            &m,
+            "portcullis.bucket.refusals",
+            &["portcullis.refusal=throttled"]
+        )
+    );
+    assert_eq!(rows(&report, &layered, "upstream_429s"), 0.0, "{report}");
+    // Each call the bucket admitted went upstream and succeeded.
+    assert_eq!(
+        rows(&report, &layered, "succeeded"),
+        metric(&m, "portcullis.bucket.wait", &[])
+    );
+}
+
+#[test]
+fn the_storm_drill_table_agrees_with_its_metrics() {
+    let (report, m) = drill_with_metrics("storm");
+    let upstream = rows(&report, &["portcullis"], "upstream_calls");
+    assert!(upstream > 0.0, "{report}");
+    // Each upstream call was admitted by the bucket, failed with a 503 and was retried (the
+    // retry then refused by the open breaker).
+    assert_eq!(upstream, metric(&m, "portcullis.bucket.wait", &[]), "{m:?}");
+    assert_eq!(
+        upstream,
+        metric(&m, "portcullis.retry.attempts", &["reason=unavailable"])
+    );
+    assert_eq!(
+        rows(&report, &["portcullis"], "requests"),
+        metric(&m, "gen_ai.client.operation.duration", &[])
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "portcullis.breaker.transitions",
+            &["from=closed", "to=open"]
+        ),
+        1.0
+    );
+}
+
 /// A recording of `../portcullis-providers/tests/data`, served whole to every request.
 fn serve_recording(name: &str) -> String {
     let path = format!(

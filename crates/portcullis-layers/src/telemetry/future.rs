@@ -77,7 +77,7 @@ where
                     }
                     let error = match finish {
                         Finish::Failed { .. } => {
-                            super::interrupted(&provider);
+                            super::interrupted(&call, &provider);
                             span.record("error.type", "stream_interrupted");
                             Some("stream_interrupted")
                         }

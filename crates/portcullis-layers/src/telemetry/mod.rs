@@ -140,8 +140,8 @@ pub fn model_label(model: &str) -> std::sync::Arc<str> {
 #[cfg(feature = "metrics")]
 mod on {
     use super::{attr, metric, model_label};
-    use metrics::SharedString;
-    use std::sync::Arc;
+    use metrics::{Counter, Gauge, Histogram, SharedString};
+    use std::sync::{Arc, OnceLock, PoisonError, RwLock};
     use std::time::Duration;
 
     pub(crate) fn retry(reason: &'static str) {
@@ -159,14 +159,48 @@ mod on {
         metrics::gauge!(metric::BREAKER_STATE, attr::LAYER => layer).set(state);
     }
 
-    pub(crate) fn bucket_wait(layer: &Arc<str>, wait: Duration) {
-        metrics::histogram!(metric::BUCKET_WAIT, attr::LAYER => SharedString::from(layer.clone()))
-            .record(wait.as_secs_f64());
+    /// A token bucket layer's series, registered at its first admission (so against the
+    /// recorder installed by then) and shared by its clones: an admission then records
+    /// through a handle, with no lookup and no allocation.
+    #[derive(Clone, Default)]
+    pub(crate) struct BucketMeters {
+        series: Arc<OnceLock<BucketSeries>>,
+        levels: Arc<RwLock<Vec<LevelSeries>>>,
     }
 
-    pub(crate) fn refused(layer: &Arc<str>, refusal: &'static str) {
-        metrics::counter!(metric::REFUSALS, attr::LAYER => SharedString::from(layer.clone()), attr::REFUSAL => refusal)
-            .increment(1);
+    struct BucketSeries {
+        wait: Histogram,
+        throttled: Counter,
+        over_capacity: Counter,
+    }
+
+    impl BucketMeters {
+        fn get(&self, layer: &Arc<str>) -> &BucketSeries {
+            self.series.get_or_init(|| {
+                let layer = SharedString::from(layer.clone());
+                let refusals = |r: &'static str| {
+                    metrics::counter!(metric::REFUSALS, attr::LAYER => layer.clone(), attr::REFUSAL => r)
+                };
+                BucketSeries {
+                    wait: metrics::histogram!(metric::BUCKET_WAIT, attr::LAYER => layer.clone()),
+                    throttled: refusals("throttled"),
+                    over_capacity: refusals("over_capacity"),
+                }
+            })
+        }
+    }
+
+    pub(crate) fn bucket_wait(m: &BucketMeters, layer: &Arc<str>, wait: Duration) {
+        m.get(layer).wait.record(wait.as_secs_f64());
+    }
+
+    pub(crate) fn refused(m: &BucketMeters, layer: &Arc<str>, refusal: &'static str) {
+        let series = m.get(layer);
+        match refusal {
+            "over_capacity" => &series.over_capacity,
+            _ => &series.throttled,
+        }
+        .increment(1);
     }
 
     /// Whether this admission refreshes its bucket's level gauges: one in [`LEVEL_EVERY`](super::LEVEL_EVERY).
@@ -176,26 +210,183 @@ mod on {
         N.fetch_add(1, Ordering::Relaxed) % super::LEVEL_EVERY == 0
     }
 
-    pub(crate) fn bucket_level(
+    /// One model's level and limit gauges, per bucket, registered at first use.
+    struct LevelSeries {
+        model: Box<str>,
+        gauges: [OnceLock<(Gauge, Gauge)>; 4],
+    }
+
+    /// Sets the level and limit gauges of `model`'s buckets (`None`: a bucket it does not
+    /// have). The first [`MAX_MODEL_LABELS`](super::MAX_MODEL_LABELS) models keep their handles.
+    pub(crate) fn bucket_levels(
+        m: &BucketMeters,
         layer: &Arc<str>,
         model: &str,
-        bucket: &'static str,
-        level: f64,
-        limit: f64,
+        buckets: [(&'static str, Option<(f64, f64)>); 4],
     ) {
-        let (layer, model) = (
-            SharedString::from(layer.clone()),
-            SharedString::from(model_label(model)),
-        );
-        metrics::gauge!(metric::BUCKET_LEVEL, attr::LAYER => layer.clone(), attr::GEN_AI_REQUEST_MODEL => model.clone(), attr::BUCKET => bucket)
-            .set(level);
-        metrics::gauge!(metric::BUCKET_LIMIT, attr::LAYER => layer, attr::GEN_AI_REQUEST_MODEL => model, attr::BUCKET => bucket)
-            .set(limit);
+        let set = |s: &LevelSeries| {
+            for (i, (bucket, figures)) in buckets.iter().enumerate() {
+                if let Some((level, limit)) = figures {
+                    let (l, c) = s.gauges[i].get_or_init(|| {
+                        let labels = [
+                            metrics::Label::new(attr::LAYER, SharedString::from(layer.clone())),
+                            metrics::Label::new(
+                                attr::GEN_AI_REQUEST_MODEL,
+                                SharedString::from(model_label(&s.model)),
+                            ),
+                            metrics::Label::from_static_parts(attr::BUCKET, bucket),
+                        ];
+                        (
+                            metrics::gauge!(metric::BUCKET_LEVEL, labels.to_vec()),
+                            metrics::gauge!(metric::BUCKET_LIMIT, labels.to_vec()),
+                        )
+                    });
+                    l.set(*level);
+                    c.set(*limit);
+                }
+            }
+        };
+        let is = |s: &&LevelSeries| *s.model == *model;
+        {
+            let all = m.levels.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(s) = all.iter().find(is) {
+                return set(s);
+            }
+        }
+        let mut all = m.levels.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = all.iter().find(is) {
+            return set(s);
+        }
+        let series = LevelSeries {
+            model: model.into(),
+            gauges: Default::default(),
+        };
+        set(&series);
+        if all.len() < super::MAX_MODEL_LABELS {
+            all.push(series);
+        }
     }
 
     pub(crate) fn failover(from: &str, to: &str) {
         metrics::counter!(metric::FAILOVERS, attr::FROM => from.to_owned(), attr::TO => to.to_owned())
             .increment(1);
+    }
+
+    /// How many (provider, model, error) series one [`Telemetry`](super::Telemetry) keeps
+    /// handles for; a call outside them records through the recorder's lookup instead.
+    const MAX_CALL_SERIES: usize = 256;
+
+    /// A [`Telemetry`](super::Telemetry) service's call series, shared by its clones: each
+    /// (provider, model, error) registers its handles once, at its first call, and a call
+    /// then records through them under a read lock, with no allocation.
+    #[derive(Clone, Default)]
+    pub(crate) struct CallMeters(Arc<RwLock<Vec<CallSeries>>>);
+
+    struct CallSeries {
+        provider: Box<str>,
+        /// The request's model (its label is [`model_label`]'s).
+        model: Arc<str>,
+        error: Option<&'static str>,
+        labels: Vec<metrics::Label>,
+        duration: Histogram,
+        // Registered on first use, so that no empty series is exported for what never
+        // happened (tokens of a failed call, a completion's first chunk).
+        input: OnceLock<Histogram>,
+        output: OnceLock<Histogram>,
+        first_chunk: OnceLock<Histogram>,
+        interrupted: OnceLock<Counter>,
+    }
+
+    impl CallSeries {
+        fn new(provider: &str, model: &Arc<str>, error: Option<&'static str>) -> Self {
+            let mut labels = vec![
+                metrics::Label::from_static_parts(attr::GEN_AI_OPERATION_NAME, "chat"),
+                metrics::Label::new(attr::GEN_AI_PROVIDER_NAME, provider.to_owned()),
+                metrics::Label::new(
+                    attr::GEN_AI_REQUEST_MODEL,
+                    SharedString::from(model_label(model)),
+                ),
+            ];
+            if let Some(e) = error {
+                labels.push(metrics::Label::from_static_parts(attr::ERROR_TYPE, e));
+            }
+            CallSeries {
+                duration: metrics::histogram!(
+                    metric::GEN_AI_CLIENT_OPERATION_DURATION,
+                    labels.clone()
+                ),
+                provider: provider.into(),
+                model: model.clone(),
+                error,
+                labels,
+                input: OnceLock::new(),
+                output: OnceLock::new(),
+                first_chunk: OnceLock::new(),
+                interrupted: OnceLock::new(),
+            }
+        }
+
+        fn tokens(&self, kind: &'static str) -> &Histogram {
+            let cell = if kind == "input" {
+                &self.input
+            } else {
+                &self.output
+            };
+            cell.get_or_init(|| {
+                let mut l = self.labels.clone();
+                l.push(metrics::Label::from_static_parts(
+                    attr::GEN_AI_TOKEN_TYPE,
+                    kind,
+                ));
+                metrics::histogram!(metric::GEN_AI_CLIENT_TOKEN_USAGE, l)
+            })
+        }
+
+        fn first_chunk(&self) -> &Histogram {
+            self.first_chunk.get_or_init(|| {
+                metrics::histogram!(
+                    metric::GEN_AI_CLIENT_TIME_TO_FIRST_CHUNK,
+                    self.labels[..3].to_vec()
+                )
+            })
+        }
+
+        fn interrupted(&self) -> &Counter {
+            self.interrupted.get_or_init(|| {
+                metrics::counter!(metric::STREAM_INTERRUPTIONS, self.labels[1..2].to_vec())
+            })
+        }
+    }
+
+    impl CallMeters {
+        /// Runs `record` on the series of (provider, model, error), registering it first if
+        /// this is its first call.
+        fn with(
+            &self,
+            provider: &str,
+            model: &Arc<str>,
+            error: Option<&'static str>,
+            record: impl FnOnce(&CallSeries),
+        ) {
+            let is = |s: &CallSeries| {
+                s.error == error && *s.provider == *provider && *s.model == **model
+            };
+            {
+                let all = self.0.read().unwrap_or_else(PoisonError::into_inner);
+                if let Some(s) = all.iter().find(|s| is(s)) {
+                    return record(s);
+                }
+            }
+            let mut all = self.0.write().unwrap_or_else(PoisonError::into_inner);
+            if let Some(s) = all.iter().find(|s| is(s)) {
+                return record(s);
+            }
+            let series = CallSeries::new(provider, model, error);
+            record(&series);
+            if all.len() < MAX_CALL_SERIES {
+                all.push(series);
+            }
+        }
     }
 
     /// One finished call: its duration, and its tokens when it reported usage.
@@ -205,48 +396,37 @@ mod on {
         usage: Option<(u64, u64)>,
         error: Option<&'static str>,
     ) {
-        let model = SharedString::from(model_label(&c.model));
-        let provider = SharedString::from(provider.to_owned());
-        let mut labels = Vec::with_capacity(5);
-        labels.push(metrics::Label::from_static_parts(
-            attr::GEN_AI_OPERATION_NAME,
-            "chat",
-        ));
-        labels.push(metrics::Label::new(attr::GEN_AI_PROVIDER_NAME, provider));
-        labels.push(metrics::Label::new(attr::GEN_AI_REQUEST_MODEL, model));
-        if let Some(e) = error {
-            labels.push(metrics::Label::from_static_parts(attr::ERROR_TYPE, e));
-        }
-        metrics::histogram!(metric::GEN_AI_CLIENT_OPERATION_DURATION, labels.clone())
-            .record(c.started.elapsed().as_secs_f64());
-        if let Some((input, output)) = usage {
-            for (kind, n) in [("input", input), ("output", output)] {
-                let mut l = labels.clone();
-                l.push(metrics::Label::new(attr::GEN_AI_TOKEN_TYPE, kind));
-                metrics::histogram!(metric::GEN_AI_CLIENT_TOKEN_USAGE, l).record(n as f64);
+        let elapsed = c.started.elapsed().as_secs_f64();
+        c.meters.with(provider, &c.model, error, |s| {
+            s.duration.record(elapsed);
+            if let Some((input, output)) = usage {
+                s.tokens("input").record(input as f64);
+                s.tokens("output").record(output as f64);
             }
-        }
+        });
     }
 
     pub(crate) fn first_chunk(c: &super::service::Call, provider: &str, after: Duration) {
-        metrics::histogram!(
-            metric::GEN_AI_CLIENT_TIME_TO_FIRST_CHUNK,
-            attr::GEN_AI_OPERATION_NAME => "chat",
-            attr::GEN_AI_PROVIDER_NAME => provider.to_owned(),
-            attr::GEN_AI_REQUEST_MODEL => model_label(&c.model)
-        )
-        .record(after.as_secs_f64());
+        c.meters.with(provider, &c.model, None, |s| {
+            s.first_chunk().record(after.as_secs_f64())
+        });
     }
 
-    pub(crate) fn interrupted(provider: &str) {
-        metrics::counter!(metric::STREAM_INTERRUPTIONS, attr::GEN_AI_PROVIDER_NAME => provider.to_owned())
-            .increment(1);
+    pub(crate) fn interrupted(c: &super::service::Call, provider: &str) {
+        c.meters
+            .with(provider, &c.model, None, |s| s.interrupted().increment(1));
     }
 }
 
 #[cfg(not(feature = "metrics"))]
 mod on {
     use std::time::Duration;
+    /// Nothing: no metrics compiled in.
+    #[derive(Clone, Copy, Default)]
+    pub(crate) struct BucketMeters;
+    /// Nothing: no metrics compiled in.
+    #[derive(Clone, Copy, Default)]
+    pub(crate) struct CallMeters;
     #[inline(always)]
     pub(crate) fn retry(_: &'static str) {}
     #[inline(always)]
@@ -254,9 +434,9 @@ mod on {
     #[inline(always)]
     pub(crate) fn breaker(_: &str, _: &'static str, _: &'static str, _: f64) {}
     #[inline(always)]
-    pub(crate) fn bucket_wait(_: &str, _: Duration) {}
+    pub(crate) fn bucket_wait(_: &BucketMeters, _: &str, _: Duration) {}
     #[inline(always)]
-    pub(crate) fn refused(_: &str, _: &'static str) {}
+    pub(crate) fn refused(_: &BucketMeters, _: &str, _: &'static str) {}
     #[inline(always)]
     pub(crate) fn failover(_: &str, _: &str) {}
     #[inline(always)]
@@ -270,17 +450,30 @@ mod on {
     #[inline(always)]
     pub(crate) fn first_chunk(_: &super::service::Call, _: &str, _: Duration) {}
     #[inline(always)]
-    pub(crate) fn interrupted(_: &()) {}
+    pub(crate) fn interrupted(_: &super::service::Call, _: &()) {}
+}
+
+impl std::fmt::Debug for BucketMeters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BucketMeters")
+    }
+}
+
+impl std::fmt::Debug for CallMeters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallMeters")
+    }
 }
 
 #[cfg(feature = "metrics")]
-pub(crate) use on::{bucket_level, sample_levels};
+pub(crate) use on::{bucket_levels, sample_levels};
 
 /// The bucket level and limit gauges are refreshed at one admission in this many (a gauge
 /// keeps its last value; the handles read the levels exactly at any time).
 pub const LEVEL_EVERY: u32 = 16;
 pub(crate) use on::{
-    breaker, bucket_wait, budget_refused, call, failover, first_chunk, interrupted, refused, retry,
+    BucketMeters, CallMeters, breaker, bucket_wait, budget_refused, call, failover, first_chunk,
+    interrupted, refused, retry,
 };
 
 /// Whether metrics are compiled in (this crate's `metrics` feature).

@@ -62,18 +62,24 @@ pub(crate) struct Call {
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) model: std::sync::Arc<str>,
     pub(crate) started: Instant,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) meters: super::CallMeters,
 }
 
 /// The service of a [`TelemetryLayer`](super::TelemetryLayer).
 #[derive(Debug, Clone)]
 pub struct Telemetry<S> {
     inner: S,
+    meters: super::CallMeters,
 }
 
 impl<S> Telemetry<S> {
     /// Records calls through `inner`.
     pub fn new(inner: S) -> Self {
-        Telemetry { inner }
+        Telemetry {
+            inner,
+            meters: Default::default(),
+        }
     }
 }
 
@@ -110,6 +116,7 @@ where
         let call = (super::ENABLED || !span.is_disabled()).then(|| Call {
             model: req.model.clone(),
             started: Instant::now(),
+            meters: self.meters.clone(),
         });
         let inner = {
             let _entered = span.enter();

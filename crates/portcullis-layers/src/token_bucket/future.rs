@@ -52,6 +52,7 @@ struct Ctx<St: BucketStore> {
     store: St,
     key: St::Key,
     name: Arc<str>,
+    meters: crate::telemetry::BucketMeters,
     cost: TokenCost,
     /// Which reported tokens count against the limits (cache reads do not on current Anthropic
     /// models), from the cost function ([`CostOf::usage_rule`](portcullis_core::CostOf::usage_rule)).
@@ -171,7 +172,7 @@ where
         req: Req,
         store: St,
         key: St::Key,
-        name: Arc<str>,
+        (name, meters): (Arc<str>, crate::telemetry::BucketMeters),
         cost: TokenCost,
         rule: UsageRule,
         max_wait: Duration,
@@ -189,6 +190,7 @@ where
                 store,
                 key,
                 name,
+                meters,
                 cost,
                 rule,
                 max_wait,
@@ -224,7 +226,7 @@ where
                     match ready!(fut.poll(cx)) {
                         Ok(adm) => {
                             ctx.ticket = Some(adm.ticket);
-                            crate::telemetry::bucket_wait(&ctx.name, adm.wait);
+                            crate::telemetry::bucket_wait(&ctx.meters, &ctx.name, adm.wait);
                             tracing::Span::current()
                                 .record("portcullis.bucket.wait_ms", adm.wait.as_millis() as u64);
                             #[cfg(feature = "metrics")]
@@ -232,22 +234,27 @@ where
                                 .then(|| ctx.store.levels(&ctx.key))
                                 .flatten()
                             {
-                                let label = ctx.key.label();
                                 let limits = &l.limits;
-                                let buckets = [
-                                    ("requests", limits.requests, l.levels.requests),
-                                    ("tokens", limits.tokens, l.levels.tokens),
-                                    ("input_tokens", limits.input_tokens, l.levels.input),
-                                    ("output_tokens", limits.output_tokens, l.levels.output),
-                                ];
-                                for (bucket, rate, level) in buckets {
-                                    if let (Some(rate), Some(level)) = (rate, level) {
-                                        let cap = rate.capacity() as f64;
-                                        crate::telemetry::bucket_level(
-                                            &ctx.name, &label, bucket, level, cap,
-                                        );
-                                    }
-                                }
+                                let figures = |rate: Option<super::Rate>, level: Option<f64>| {
+                                    Some((level?, rate?.capacity() as f64))
+                                };
+                                crate::telemetry::bucket_levels(
+                                    &ctx.meters,
+                                    &ctx.name,
+                                    &ctx.key.label(),
+                                    [
+                                        ("requests", figures(limits.requests, l.levels.requests)),
+                                        ("tokens", figures(limits.tokens, l.levels.tokens)),
+                                        (
+                                            "input_tokens",
+                                            figures(limits.input_tokens, l.levels.input),
+                                        ),
+                                        (
+                                            "output_tokens",
+                                            figures(limits.output_tokens, l.levels.output),
+                                        ),
+                                    ],
+                                );
                             }
                             if adm.wait.is_zero() {
                                 this.state.set(State::Ready);
@@ -276,7 +283,11 @@ where
                                         capacity,
                                         "token bucket: refused, cost over capacity"
                                     );
-                                    crate::telemetry::refused(&ctx.name, "over_capacity");
+                                    crate::telemetry::refused(
+                                        &ctx.meters,
+                                        &ctx.name,
+                                        "over_capacity",
+                                    );
                                     crate::refuse(OverCapacity { cost, capacity })
                                 }
                                 Denied::Throttled { retry_after } => {
@@ -286,7 +297,7 @@ where
                                         wait_ms = retry_after.as_millis() as u64,
                                         "token bucket: refused, wait too long"
                                     );
-                                    crate::telemetry::refused(&ctx.name, "throttled");
+                                    crate::telemetry::refused(&ctx.meters, &ctx.name, "throttled");
                                     crate::refuse(Throttled { retry_after })
                                 }
                             }));
@@ -317,7 +328,7 @@ where
                     let until = crate::after(now, wait);
                     if until > *limit {
                         ctx.refund("paused beyond the allowed wait");
-                        crate::telemetry::refused(&ctx.name, "throttled");
+                        crate::telemetry::refused(&ctx.meters, &ctx.name, "throttled");
                         this.state.set(State::Done);
                         return Poll::Ready(Err(crate::refuse(Throttled { retry_after: wait })));
                     }

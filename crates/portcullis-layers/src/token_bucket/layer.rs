@@ -20,6 +20,8 @@ pub(crate) struct Settings<KF, C> {
     pub(crate) name: Arc<str>,
     pub(crate) max_wait: Duration,
     pub(crate) max_pause: Duration,
+    /// This layer's metric handles (nothing without the `metrics` feature).
+    pub(crate) meters: crate::telemetry::BucketMeters,
 }
 
 /// Applies a dual RPM / TPM token bucket to a service. See the [module docs](super).
@@ -108,6 +110,7 @@ impl<St> TokenBucketLayer<ByModel, ChatCost, St> {
                 name: name.into(),
                 max_wait,
                 max_pause: super::DEFAULT_MAX_PAUSE,
+                meters: Default::default(),
             }),
             store,
         }
@@ -128,6 +131,7 @@ impl<KF, C, St> TokenBucketLayer<KF, C, St> {
                 name: self.settings.name.clone(),
                 max_wait: self.settings.max_wait,
                 max_pause: self.settings.max_pause,
+                meters: self.settings.meters.clone(),
             }),
             store,
         }
@@ -148,6 +152,7 @@ impl<KF, C, St> TokenBucketLayer<KF, C, St> {
                 name: s.name.clone(),
                 max_wait: s.max_wait,
                 max_pause,
+                meters: s.meters.clone(),
             }),
             store: self.store,
         }

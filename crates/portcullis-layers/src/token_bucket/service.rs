@@ -110,7 +110,7 @@ where
             req,
             self.store.clone(),
             key,
-            self.settings.name.clone(),
+            (self.settings.name.clone(), self.settings.meters.clone()),
             cost,
             rule,
             self.settings.max_wait,
