@@ -63,8 +63,8 @@ use axum::routing::post;
 use futures_util::{StreamExt, stream};
 use portcullis::providers::{ApiKey, OpenAiProvider};
 use portcullis::{
-    ChatMessage, ChatRequest, ChatStream, CompletionResult, ErrorKind, LlmError, ResponseFormat,
-    Stack, StreamChunk,
+    ChatMessage, ChatRequest, ChatStream, CompletionResult, ErrorKind, LlmError, ProviderStack,
+    ResponseFormat, Stack, StreamChunk,
 };
 use portcullis_sim::{Family, FaultKind, FaultRule, Simulator};
 use serde::Deserialize;
@@ -469,27 +469,107 @@ async fn shed(State(permits): State<Arc<Semaphore>>, req: Request, next: Next) -
     Response::from_parts(parts, Body::from_stream(body))
 }
 
+/// The command line: `[--serve [ADDR]] [--upstream URL] [--model NAME]...`.
+#[derive(Debug, Default)]
+struct Args {
+    serve: Option<String>,
+    upstream: Option<String>,
+    models: BTreeSet<String>,
+}
+
+impl Args {
+    fn parse(args: impl Iterator<Item = String>) -> Result<Args, String> {
+        let usage = "usage: axum_gateway [--serve [ADDR]] [--upstream URL] [--model NAME]...";
+        let mut out = Args::default();
+        let mut args = args.peekable();
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--serve" => {
+                    let addr = args.next_if(|n| !n.starts_with("--"));
+                    out.serve = Some(addr.unwrap_or_else(|| "127.0.0.1:3000".into()));
+                }
+                "--upstream" => {
+                    let url = args
+                        .next()
+                        .ok_or(format!("--upstream needs a URL\n{usage}"))?;
+                    out.upstream = Some(url);
+                }
+                "--model" => {
+                    let m = args
+                        .next()
+                        .ok_or(format!("--model needs a name\n{usage}"))?;
+                    out.models.insert(m);
+                }
+                other => return Err(format!("unknown argument {other:?}\n{usage}")),
+            }
+        }
+        if out.upstream.is_some() && out.serve.is_none() {
+            return Err(format!(
+                "--upstream serves real traffic: add --serve\n{usage}"
+            ));
+        }
+        if out.upstream.is_some() && out.models.is_empty() {
+            return Err(format!(
+                "--upstream: name the models the gateway lets through with --model\n{usage}"
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// The provider for `--upstream URL`: OpenAI itself (`api.openai.com`, key from
+/// `OPENAI_API_KEY`), or any OpenAI-compatible server (the legacy `max_tokens` they all know;
+/// a key from `OPENAI_API_KEY` when set, else none).
+fn upstream_provider(url: &str) -> Result<OpenAiProvider, Box<dyn std::error::Error>> {
+    let key = std::env::var("OPENAI_API_KEY").ok();
+    let builder = if url.contains("://api.openai.com") {
+        OpenAiProvider::builder().base_url(url)
+    } else {
+        OpenAiProvider::compatible(url)
+    };
+    let builder = match key {
+        Some(k) => builder.api_key(ApiKey::new(k)?),
+        None => builder,
+    };
+    Ok(builder.build()?)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let serve = match args.next().as_deref() {
-        None => None,
-        Some("--serve") => Some(args.next().unwrap_or_else(|| "127.0.0.1:3000".into())),
-        Some(other) => {
-            return Err(format!("unknown argument {other:?} (try --serve [ADDR])").into());
-        }
-    };
+    let Args {
+        serve,
+        upstream,
+        models,
+    } = Args::parse(std::env::args().skip(1))?;
 
     install_prometheus();
-    let backend = common::backend(Simulator::builder().seed(5)).await?;
-    let stack = backend.stack().deadline(Duration::from_secs(60)).build()?;
+    let mut limits = GatewayLimits::default();
+    let (stack, backend) = match &upstream {
+        // Any OpenAI-compatible host: vLLM, Ollama, LM Studio, or OpenAI itself with a key.
+        Some(url) => {
+            let provider = upstream_provider(url)?;
+            let stack = Stack::builder()
+                .provider(ProviderStack::openai(provider))
+                .deadline(Duration::from_secs(60))
+                .build()?;
+            (stack, None)
+        }
+        None => {
+            let backend = common::backend(Simulator::builder().seed(5)).await?;
+            let stack = backend.stack().deadline(Duration::from_secs(60)).build()?;
+            (stack, Some(backend))
+        }
+    };
+    if !models.is_empty() {
+        limits.models = models;
+    }
 
     let addr: SocketAddr = serve.as_deref().unwrap_or("127.0.0.1:0").parse()?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        axum::serve(listener, app(stack.clone(), GatewayLimits::default()))
+        axum::serve(listener, app(stack.clone(), limits.clone()))
             .with_graceful_shutdown(async {
                 let _ = stopped.await;
             })
@@ -498,14 +578,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("# gateway listening on http://{addr}/v1/chat/completions (metrics: GET /metrics)");
 
     if serve.is_some() {
+        if let Some(url) = &upstream {
+            println!("# upstream: {url} (models: {:?})", limits.models);
+        }
+        let model = limits.models.iter().next().map_or(MODEL, String::as_str);
         println!(
             "# try: curl -s http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n\
-             #        -d '{{\"model\": \"{MODEL}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'"
+             #        -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'"
         );
         println!("# Ctrl-C to stop");
         tokio::signal::ctrl_c().await?;
     } else {
-        demo(&stack, addr, backend.sim.as_ref()).await?;
+        let sim = backend.as_ref().and_then(|b| b.sim.as_ref());
+        demo(&stack, addr, sim).await?;
         if let Some(h) = PROMETHEUS.get() {
             let text = h.render();
             println!(
@@ -667,6 +752,55 @@ mod tests {
         let body = res.into_body().collect().await.unwrap().to_bytes();
         let v: Value = serde_json::from_slice(&body).unwrap();
         (status, v["error"]["code"].as_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn the_command_line() {
+        let parse = |a: &[&str]| Args::parse(a.iter().map(|s| s.to_string()));
+        let a = parse(&["--serve"]).unwrap();
+        assert_eq!(a.serve.as_deref(), Some("127.0.0.1:3000"));
+        assert!(a.upstream.is_none());
+        let a = parse(&[
+            "--serve",
+            "--upstream",
+            "http://localhost:8000/v1",
+            "--model",
+            "llama",
+        ])
+        .unwrap();
+        assert_eq!(a.serve.as_deref(), Some("127.0.0.1:3000"));
+        assert_eq!(a.upstream.as_deref(), Some("http://localhost:8000/v1"));
+        assert_eq!(a.models, ["llama".to_owned()].into());
+        let a = parse(&["--serve", "0.0.0.0:80", "--upstream", "u", "--model", "m"]).unwrap();
+        assert_eq!(a.serve.as_deref(), Some("0.0.0.0:80"));
+        // Real traffic needs --serve and an explicit model allowlist.
+        assert!(parse(&["--upstream", "u", "--model", "m"]).is_err());
+        assert!(parse(&["--serve", "--upstream", "u"]).is_err());
+        assert!(parse(&["--upstream"]).is_err());
+        assert!(parse(&["--bogus"]).is_err());
+    }
+
+    /// `--upstream` to an OpenAI-compatible host (the simulator stands in for vLLM): the key
+    /// is `OPENAI_API_KEY` when set, else none, and the simulator, like OpenAI, wants one.
+    #[tokio::test]
+    async fn an_upstream_url_serves_through_any_openai_compatible_host() {
+        let sim = Simulator::builder().seed(9).start().await.unwrap();
+        let provider = upstream_provider(&sim.openai_base_url()).unwrap();
+        let stack = Stack::builder()
+            .provider(ProviderStack::openai(provider))
+            .build()
+            .unwrap();
+        let res = app(stack, GatewayLimits::default())
+            .oneshot(post(chat(MODEL, false)))
+            .await
+            .unwrap();
+        if std::env::var_os("OPENAI_API_KEY").is_some() {
+            assert_eq!(res.status(), StatusCode::OK);
+        } else {
+            // The upstream refused the gateway's (missing) key: a 401 the caller can read.
+            assert_eq!(error_code(res).await.0, StatusCode::UNAUTHORIZED);
+        }
+        assert_eq!(sim.stats().requests, 1, "the call went to the upstream URL");
     }
 
     #[tokio::test]

@@ -466,20 +466,17 @@ fn the_rate_limit_drill_table_agrees_with_its_metrics() {
     let refused = rows(&report, &layered, "rejected_locally");
     assert!(refused > 0.0, "{report}");
     assert_eq!(refused, metric(&m, duration, &["error.type=throttled"]));
-    assert_eq!(
-        refused,
-        metric(
-            &m,
-            "portcullis.bucket.refusals",
-            &["portcullis.refusal=throttled"]
-        )
+    // A refusal the retry layer retried (and that then got through) is a refusal but not a
+    // refused call: each refused call had at least one.
+    let refusals = metric(
+        &m,
+        "portcullis.bucket.refusals",
+        &["portcullis.refusal=throttled"],
     );
+    assert!(refusals >= refused, "{refusals} {refused}");
     assert_eq!(rows(&report, &layered, "upstream_429s"), 0.0, "{report}");
-    // Each call the bucket admitted went upstream and succeeded.
-    assert_eq!(
-        rows(&report, &layered, "succeeded"),
-        metric(&m, "portcullis.bucket.wait", &[])
-    );
+    // Each successful call was admitted by the bucket (a retried one more than once).
+    assert!(metric(&m, "portcullis.bucket.wait", &[]) >= rows(&report, &layered, "succeeded"));
 }
 
 #[test]
@@ -487,13 +484,11 @@ fn the_storm_drill_table_agrees_with_its_metrics() {
     let (report, m) = drill_with_metrics("storm");
     let upstream = rows(&report, &["portcullis"], "upstream_calls");
     assert!(upstream > 0.0, "{report}");
-    // Each upstream call was admitted by the bucket, failed with a 503 and was retried (the
-    // retry then refused by the open breaker).
+    // Each upstream call was admitted by the bucket and failed with a 503.
     assert_eq!(upstream, metric(&m, "portcullis.bucket.wait", &[]), "{m:?}");
-    assert_eq!(
-        upstream,
-        metric(&m, "portcullis.retry.attempts", &["reason=unavailable"])
-    );
+    // Each 503 was retried unless it was a call's last allowed attempt.
+    let retries = metric(&m, "portcullis.retry.attempts", &["reason=unavailable"]);
+    assert!(retries > 0.0 && retries <= upstream, "{retries} {upstream}");
     assert_eq!(
         rows(&report, &["portcullis"], "requests"),
         metric(&m, "gen_ai.client.operation.duration", &[])

@@ -90,47 +90,45 @@ impl RateLimitHints {
     /// assert_eq!(hints.requests.reset, None); // malformed: skipped
     /// ```
     pub fn from_headers_at(headers: &HeaderMap, now: SystemTime) -> Self {
+        let found = Found::scan(headers);
         let mut h = RateLimitHints {
-            retry_after: retry_after(headers, now),
-            should_retry: get(headers, "x-should-retry").and_then(|v| match v {
+            retry_after: retry_after(&found, now),
+            should_retry: found.should_retry.and_then(|v| match v {
                 "true" => Some(true),
                 "false" => Some(false),
                 other => malformed("x-should-retry", other),
             }),
             ..Default::default()
         };
-        for (field, name) in [("requests", 0usize), ("tokens", 1)] {
+        for (slot, ([limit, remaining, reset], names)) in
+            found.openai.iter().zip(&OPENAI_NAMES).enumerate()
+        {
             let hint = LimitHint::stated(
-                count(headers, &format!("x-ratelimit-limit-{field}")),
-                count(headers, &format!("x-ratelimit-remaining-{field}")),
-                get(headers, &format!("x-ratelimit-reset-{field}")).and_then(|v| {
+                count(*limit, names[0]),
+                count(*remaining, names[1]),
+                reset.and_then(|v| {
                     parse_go_duration(v)
                         .or_else(|| plain_secs(v))
-                        .or_else(|| malformed("x-ratelimit-reset", v))
+                        .or_else(|| malformed(names[2], v))
                 }),
             );
             if hint.is_known() {
-                *h.slot(name) = hint;
+                *h.slot(slot) = hint;
             }
         }
-        for (field, name) in [
-            ("requests", 0usize),
-            ("tokens", 1),
-            ("input-tokens", 2),
-            ("output-tokens", 3),
-        ] {
+        for (slot, ([limit, remaining, reset], names)) in
+            found.anthropic.iter().zip(&ANTHROPIC_NAMES).enumerate()
+        {
             let hint = LimitHint::stated(
-                count(headers, &format!("anthropic-ratelimit-{field}-limit")),
-                count(headers, &format!("anthropic-ratelimit-{field}-remaining")),
-                get(headers, &format!("anthropic-ratelimit-{field}-reset")).and_then(|v| {
-                    match parse_rfc3339(v) {
-                        Some(at) => Some(at.duration_since(now).unwrap_or(Duration::ZERO)),
-                        None => malformed("anthropic-ratelimit reset", v),
-                    }
+                count(*limit, names[0]),
+                count(*remaining, names[1]),
+                reset.and_then(|v| match parse_rfc3339(v) {
+                    Some(at) => Some(at.duration_since(now).unwrap_or(Duration::ZERO)),
+                    None => malformed(names[2], v),
                 }),
             );
             if hint.is_known() {
-                *h.slot(name) = hint;
+                *h.slot(slot) = hint;
             }
         }
         h
@@ -151,11 +149,115 @@ impl RateLimitHints {
     }
 }
 
-fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let v = headers.get(name)?;
-    match v.to_str() {
-        Ok(s) => Some(s.trim()),
-        Err(_) => malformed(name, "<non-ascii>"),
+/// OpenAI's limit, remaining and reset headers: requests, then tokens.
+const OPENAI_NAMES: [[&str; 3]; 2] = [
+    [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ],
+    [
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    ],
+];
+
+/// Anthropic's: requests, tokens, input tokens, output tokens.
+const ANTHROPIC_NAMES: [[&str; 3]; 4] = [
+    [
+        "anthropic-ratelimit-requests-limit",
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+    ],
+    [
+        "anthropic-ratelimit-tokens-limit",
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-tokens-reset",
+    ],
+    [
+        "anthropic-ratelimit-input-tokens-limit",
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-reset",
+    ],
+    [
+        "anthropic-ratelimit-output-tokens-limit",
+        "anthropic-ratelimit-output-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-reset",
+    ],
+];
+
+/// The values of every header read here, found in one pass over the map (a response has a
+/// dozen headers; looking each of these eighteen names up would hash every one of them). A
+/// repeated header counts once, its first value; a value that is not ASCII is skipped (and
+/// logged).
+#[derive(Default)]
+struct Found<'a> {
+    /// [`OPENAI_NAMES`]' values.
+    openai: [[Option<&'a str>; 3]; 2],
+    /// [`ANTHROPIC_NAMES`]' values.
+    anthropic: [[Option<&'a str>; 3]; 4],
+    retry_after_ms: Option<&'a str>,
+    retry_after: Option<&'a str>,
+    should_retry: Option<&'a str>,
+    /// Azure OpenAI's `x-rate-limit-reset-tokens` (plain seconds, on a 429).
+    azure_reset_tokens: Option<&'a str>,
+}
+
+impl<'a> Found<'a> {
+    fn scan(headers: &'a HeaderMap) -> Self {
+        let mut f = Found::default();
+        for (name, value) in headers {
+            let n = name.as_str();
+            let slot = if let Some(rest) = n.strip_prefix("x-ratelimit-") {
+                let Some((kind, field)) = rest.split_once('-') else {
+                    continue;
+                };
+                let (Some(k), Some(i)) = (
+                    kind_index(kind),
+                    ["requests", "tokens"].iter().position(|x| *x == field),
+                ) else {
+                    continue;
+                };
+                &mut f.openai[i][k]
+            } else if let Some(rest) = n.strip_prefix("anthropic-ratelimit-") {
+                let Some((field, kind)) = rest.rsplit_once('-') else {
+                    continue;
+                };
+                let fields = ["requests", "tokens", "input-tokens", "output-tokens"];
+                let (Some(k), Some(i)) =
+                    (kind_index(kind), fields.iter().position(|x| *x == field))
+                else {
+                    continue;
+                };
+                &mut f.anthropic[i][k]
+            } else {
+                match n {
+                    "retry-after-ms" => &mut f.retry_after_ms,
+                    "retry-after" => &mut f.retry_after,
+                    "x-should-retry" => &mut f.should_retry,
+                    "x-rate-limit-reset-tokens" => &mut f.azure_reset_tokens,
+                    _ => continue,
+                }
+            };
+            if slot.is_none() {
+                *slot = match value.to_str() {
+                    Ok(v) => Some(v.trim()),
+                    Err(_) => malformed(n, "<non-ascii>"),
+                };
+            }
+        }
+        f
+    }
+}
+
+/// `limit`, `remaining`, `reset` (OpenAI writes it first, Anthropic last).
+fn kind_index(kind: &str) -> Option<usize> {
+    match kind {
+        "limit" => Some(0),
+        "remaining" => Some(1),
+        "reset" => Some(2),
+        _ => None,
     }
 }
 
@@ -170,8 +272,8 @@ enum Count {
     Is(u64),
 }
 
-fn count(headers: &HeaderMap, name: &str) -> Count {
-    let Some(v) = get(headers, name) else {
+fn count(value: Option<&str>, name: &str) -> Count {
+    let Some(v) = value else {
         return Count::Absent;
     };
     match v.parse::<u64>() {
@@ -224,8 +326,8 @@ fn malformed<T>(name: &str, value: &str) -> Option<T> {
     None
 }
 
-fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(v) = get(headers, "retry-after-ms") {
+fn retry_after(found: &Found<'_>, now: SystemTime) -> Option<Duration> {
+    if let Some(v) = found.retry_after_ms {
         match v.parse::<f64>() {
             Ok(ms) if ms.is_finite() && ms >= 0.0 => return Some(secs_f64(ms / 1000.0)),
             _ => {
@@ -233,9 +335,9 @@ fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
             }
         }
     }
-    let Some(v) = get(headers, "retry-after") else {
+    let Some(v) = found.retry_after else {
         // Azure OpenAI's 429 without `retry-after` (openai-python#937): plain seconds.
-        let v = get(headers, "x-rate-limit-reset-tokens")?;
+        let v = found.azure_reset_tokens?;
         return plain_secs(v).or_else(|| malformed("x-rate-limit-reset-tokens", v));
     };
     if let Ok(s) = v.parse::<f64>() {
@@ -413,6 +515,23 @@ mod tests {
             RateLimitHints::from_headers_at(&h, SystemTime::UNIX_EPOCH).retry_after,
             Some(crate::config::MAX_DURATION)
         );
+    }
+
+    #[test]
+    fn one_pass_takes_the_first_of_a_repeated_header_and_skips_lookalikes() {
+        let mut h = HeaderMap::new();
+        h.append("x-ratelimit-remaining-tokens", "900".parse().unwrap());
+        h.append("x-ratelimit-remaining-tokens", "5".parse().unwrap());
+        h.insert("x-ratelimit-limit-tokens", "1000".parse().unwrap());
+        h.insert("x-ratelimit-remaining-widgets", "1".parse().unwrap());
+        h.insert("x-ratelimit-bogus", "1".parse().unwrap());
+        h.insert("anthropic-ratelimit-tokens", "1".parse().unwrap());
+        h.insert("anthropic-ratelimit-widgets-limit", "1".parse().unwrap());
+        let hints = RateLimitHints::from_headers(&h);
+        assert_eq!(hints.tokens.limit, Some(1000));
+        assert_eq!(hints.tokens.remaining, Some(900));
+        assert_eq!(hints.requests, LimitHint::default());
+        assert_eq!(hints.input_tokens, LimitHint::default());
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub(crate) struct Endpoint<W> {
     pub(crate) headers: HeaderMap,
     pub(crate) provider: &'static str,
     /// The response header holding the request id.
-    pub(crate) request_id_header: &'static str,
+    pub(crate) request_id_header: http::HeaderName,
 }
 
 impl<W: Wire> Endpoint<W> {
@@ -75,8 +75,16 @@ impl<W: Wire> Endpoint<W> {
         }
         let mut headers = HeaderMap::new();
         wire.headers(key.as_ref(), &mut headers);
+        let id = wire.request_id_header();
+        let request_id_header = http::HeaderName::from_bytes(id.as_bytes()).map_err(|e| {
+            LlmError::new(
+                ErrorKind::Configuration,
+                format!("the wire's request id header {id:?} is not a header name"),
+            )
+            .with_source(e)
+        })?;
         Ok(Endpoint {
-            request_id_header: wire.request_id_header(),
+            request_id_header,
             wire,
             transport,
             url,
@@ -89,7 +97,7 @@ impl<W: Wire> Endpoint<W> {
     /// The request id of a response.
     pub(crate) fn request_id(&self, headers: &HeaderMap) -> Option<String> {
         headers
-            .get(self.request_id_header)
+            .get(&self.request_id_header)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     }
@@ -144,7 +152,7 @@ fn post<W>(
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| LlmError::new(ErrorKind::Configuration, "invalid request").with_source(e))?;
     let h = req.headers_mut();
-    h.extend(ep.headers.clone());
+    *h = ep.headers.clone();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let accept = if stream {
         "text/event-stream"

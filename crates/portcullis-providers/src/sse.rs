@@ -202,7 +202,12 @@ impl SseDecoder {
                 if self.data.len() + value.len() + 1 > self.max_event {
                     return Err(self.fail("SSE event exceeds the size cap"));
                 }
-                self.data.push_str(&String::from_utf8_lossy(value));
+                // Valid UTF-8 (every provider's) is checked on the fast path; anything else is
+                // kept with replacement characters.
+                match std::str::from_utf8(value) {
+                    Ok(v) => self.data.push_str(v),
+                    Err(_) => self.data.push_str(&String::from_utf8_lossy(value)),
+                }
                 self.data.push('\n');
                 self.has_data = true;
             }

@@ -292,6 +292,7 @@ where
         &parsed.plan,
         parsed.max_tokens,
         &parsed.stops,
+        settings.answer_words,
         |rng| api.tool_call_id(rng),
     );
     if !parsed.cache_points.is_empty() {

@@ -147,11 +147,15 @@ pub(crate) fn answer(
     plan: &Plan,
     max_tokens: Option<u64>,
     stops: &[String],
+    words: u32,
     call_id: impl Fn(&mut SmallRng) -> String,
 ) -> Generated {
     let mut spent = 0;
     let thinking = plan.thinking.then(|| {
-        let text = format!("Let me think about this. {}", prose(fingerprint ^ 0x7417));
+        let text = format!(
+            "Let me think about this. {}",
+            prose(fingerprint ^ 0x7417, 0)
+        );
         spent += encoding.count_exact(&text);
         Thinking {
             signature: tools::sign(&text),
@@ -190,11 +194,11 @@ pub(crate) fn answer(
         match &plan.format {
             Format::JsonSchema(s) => cut(schema::example(s).to_string(), encoding, budget, &[]),
             Format::JsonObject => {
-                let text = json!({ "answer": prose(fingerprint) }).to_string();
+                let text = json!({ "answer": prose(fingerprint, 0) }).to_string();
                 cut(text, encoding, budget, &[])
             }
             Format::Text => {
-                let mut text = prose(fingerprint);
+                let mut text = prose(fingerprint, words);
                 if let Some(result) = &plan.tool_result {
                     let result: String = result.chars().take(80).collect();
                     text = format!("The tool returned: {}. {text}", result.trim());
@@ -217,15 +221,24 @@ pub(crate) fn generate(
     max_tokens: Option<u64>,
     stops: &[String],
 ) -> Generated {
-    cut(prose(fingerprint), encoding, max_tokens, stops)
+    cut(prose(fingerprint, 0), encoding, max_tokens, stops)
 }
 
 /// A few sentences of the simulator's words, seeded by `fingerprint`.
-fn prose(fingerprint: u64) -> String {
+/// A few sentences of the simulator's words; with `words` > 0, exactly that many words (in
+/// sentences of ten).
+fn prose(fingerprint: u64, words: u32) -> String {
     let mut rng = SmallRng::seed_from_u64(fingerprint);
     let mut text = String::new();
-    for _ in 0..rng.random_range(2..=4) {
-        let n = rng.random_range(5..=10);
+    let sentences = match words {
+        0 => rng.random_range(2..=4),
+        w => w.div_ceil(10),
+    };
+    for s in 0..sentences {
+        let n = match words {
+            0 => rng.random_range(5..=10),
+            w => (w - 10 * s).min(10),
+        };
         for w in 0..n {
             let word = WORDS[rng.random_range(0..WORDS.len())];
             if !text.is_empty() {
@@ -290,6 +303,16 @@ fn cut(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answer_words_is_exact() {
+        for words in [1, 10, 95, 100] {
+            let text = prose(3, words);
+            assert_eq!(text.split(' ').count(), words as usize, "{text}");
+            assert_eq!(pieces(&text).len(), words as usize);
+        }
+        assert_eq!(prose(3, 0), prose(3, 0));
+    }
 
     #[test]
     fn deterministic_and_cut() {

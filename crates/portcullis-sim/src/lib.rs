@@ -114,6 +114,7 @@
 //! seed = 42                 # seeds text, ids and the fault dice
 //! max_body_bytes = 4194304  # larger bodies get a 413
 //! chunk_delay_ms = 0        # pause between streamed events
+//! answer_words = 0          # > 0: every text answer is this many words (one chunk each)
 //!
 //! deployments = ["gpt-4o-eu", "gpt-4o-us"]  # Azure deployments served (default: any name)
 //!
@@ -307,6 +308,13 @@ impl Simulator {
     /// The pause between streamed events.
     pub fn chunk_delay(mut self, d: std::time::Duration) -> Self {
         self.scenario.chunk_delay_ms = d.as_millis() as u64;
+        self
+    }
+
+    /// Every text answer is exactly `words` words, one streamed chunk each (0: the default
+    /// two to four sentences), before `max_tokens` cuts it: long streams for benchmarks.
+    pub fn answer_words(mut self, words: u32) -> Self {
+        self.scenario.answer_words = words;
         self
     }
 

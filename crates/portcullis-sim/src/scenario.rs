@@ -18,6 +18,10 @@ pub struct Scenario {
     pub max_body_bytes: usize,
     /// Pause between two streamed events, in milliseconds (0: none).
     pub chunk_delay_ms: u64,
+    /// Every text answer is exactly this many words (one streamed chunk each), before
+    /// `max_tokens` and stop sequences cut it; 0 (the default): two to four sentences. For
+    /// benchmarks that want long streams.
+    pub answer_words: u32,
     /// Rate limits enforced per API key and model.
     pub limits: Limits,
     /// Faults that apply all the time.
@@ -37,6 +41,7 @@ impl Default for Scenario {
             seed: 0,
             max_body_bytes: 4 * 1024 * 1024,
             chunk_delay_ms: 0,
+            answer_words: 0,
             limits: Limits::default(),
             faults: Vec::new(),
             timeline: Vec::new(),

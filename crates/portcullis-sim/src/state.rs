@@ -24,6 +24,7 @@ pub(crate) struct Settings {
     pub seed: u64,
     pub max_body_bytes: usize,
     pub chunk_delay: Duration,
+    pub answer_words: u32,
 }
 
 /// The faults in force and how often each rule fired.
@@ -104,6 +105,7 @@ impl Shared {
                 seed: s.seed,
                 max_body_bytes: s.max_body_bytes,
                 chunk_delay: Duration::from_millis(s.chunk_delay_ms),
+                answer_words: s.answer_words,
             }),
             faults: Mutex::new(FaultState::new(s.plan(), Instant::now())),
             limiter: Mutex::new(Limiter::new(s.limits.clone())),
