@@ -1,11 +1,14 @@
 //! The whole call path, as a gateway's users pay for it: an HTTP request in, an upstream call,
-//! an HTTP answer out. Two axum routes over the same simulator, side by side in one run:
+//! an HTTP answer out. Three axum routes over the same simulator, side by side in one run:
 //!
 //! - **bare**: forwards the request bytes with a plain `hyper-util` client and streams the
 //!   upstream's answer back untouched (no resilience at all);
 //! - **stack**: parses the OpenAI body into a `ChatRequest`, calls [`portcullis::Stack`] with its
 //!   defaults (OpenAI provider → the same simulator), and writes an OpenAI-shaped answer (JSON,
-//!   or server-sent events for a stream).
+//!   or server-sent events for a stream);
+//! - **http**: the same layers at the HTTP level ([`portcullis::http::HttpLayer`] with its
+//!   defaults over the [`Transport`](portcullis::http::Transport)): the request and answer bytes
+//!   forwarded untouched, the key and cost read from the body, the usage from the answer.
 //!
 //! A load generator in this process drives each route in alternating rounds over keep-alive
 //! HTTP/1 connections. Simulator, proxies and load generator share the process and its 2
@@ -15,7 +18,7 @@
 //! throughput at 32 connections, and p99 at a fixed rate (5 000 completions/s, 500 streams/s);
 //! for a short completion (20 tokens) and for a stream of 100 chunks.
 //!
-//! Run: `cargo bench --bench gateway` (about a minute; `-- --quick` for a short pass).
+//! Run: `cargo bench --bench gateway` (about two minutes; `-- --quick` for a short pass).
 #![allow(missing_docs)]
 
 use std::convert::Infallible;
@@ -254,6 +257,37 @@ async fn through_stack(State(stack): State<Stack>, body: Bytes) -> Response {
         .into_response()
 }
 
+/// The HTTP-level route: the same layers over the request and answer bytes
+/// ([`portcullis::http::HttpLayer`] over the [`Transport`](portcullis::http::Transport)): no
+/// `ChatRequest`, every byte forwarded as the upstream sent it, the usage read from the
+/// answer as it passes to settle the bucket.
+#[derive(Clone)]
+struct Http {
+    svc: portcullis::http::HttpStack<portcullis::http::Transport>,
+    url: http::Uri,
+}
+
+async fn through_http(State(h): State<Http>, req: Request) -> Response {
+    use tower::ServiceExt;
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 1 << 20).await else {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    };
+    let mut up = http::Request::post(h.url.clone());
+    for name in [header::CONTENT_TYPE, header::AUTHORIZATION] {
+        if let Some(v) = parts.headers.get(&name) {
+            up = up.header(name, v);
+        }
+    }
+    let Ok(up) = up.body(body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    match h.svc.oneshot(up).await {
+        Ok(res) => res.into_inner().map(Body::new),
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
 async fn serve(router: Router) -> SocketAddr {
     use axum::serve::ListenerExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -266,7 +300,15 @@ async fn serve(router: Router) -> SocketAddr {
     addr
 }
 
-async fn start(sim: &SimHandle) -> (SocketAddr, SocketAddr) {
+/// The three routes' addresses.
+#[derive(Clone, Copy)]
+struct Routes {
+    bare: SocketAddr,
+    stack: SocketAddr,
+    http: SocketAddr,
+}
+
+async fn start(sim: &SimHandle) -> Routes {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).build(connector);
@@ -288,7 +330,23 @@ async fn start(sim: &SimHandle) -> (SocketAddr, SocketAddr) {
     let stack_route = Router::new()
         .route("/v1/chat/completions", post(through_stack))
         .with_state(stack);
-    (serve(bare_route).await, serve(stack_route).await)
+    let transport =
+        portcullis::http::Transport::new(portcullis::http::TransportConfig::default()).unwrap();
+    let layer = portcullis::http::HttpLayer::new("openai", portcullis::http::HttpConfig::default())
+        .unwrap();
+    let http_route = Router::new()
+        .route("/v1/chat/completions", post(through_http))
+        .with_state(Http {
+            svc: tower::Layer::layer(&layer, transport),
+            url: format!("{}/chat/completions", sim.openai_base_url())
+                .parse()
+                .unwrap(),
+        });
+    Routes {
+        bare: serve(bare_route).await,
+        stack: serve(stack_route).await,
+        http: serve(http_route).await,
+    }
 }
 
 // ---- the load generator ----------------------------------------------------------------------
@@ -457,7 +515,7 @@ async fn run(quick: bool) {
         .start()
         .await
         .unwrap();
-    let (bare_addr, stack_addr) = start(&sim).await;
+    let routes = start(&sim).await;
     let (rounds, secs) = if quick { (1, 1.0) } else { (3, 3.0) };
     let message = r#"[{"role":"user","content":"Say hello to the benchmark, briefly."}]"#;
     let cases = [
@@ -484,7 +542,7 @@ async fn run(quick: bool) {
          fixed-rate p99 over {FIXED_CONNECTIONS} connections"
     );
     for case in &cases {
-        // Both routes answer, with the same content events.
+        // Every route answers, with the same content events.
         let check = |addr| {
             let body = case.body.clone();
             async move {
@@ -495,78 +553,73 @@ async fn run(quick: bool) {
                     .count()
             }
         };
-        let (b, s) = (check(bare_addr).await, check(stack_addr).await);
+        let (b, s, h) = (
+            check(routes.bare).await,
+            check(routes.stack).await,
+            check(routes.http).await,
+        );
         // (The upstream's first event carries the role and an empty content, which the Stack
-        // route does not repeat.)
+        // route does not repeat; the HTTP route forwards the upstream's bytes.)
         assert!(
-            s + 1 >= b && s as f64 >= case.chunks,
-            "{}: both routes give the content events ({b} and {s})",
+            s + 1 >= b && s as f64 >= case.chunks && h == b,
+            "{}: every route gives the content events ({b}, {s} and {h})",
             case.name
         );
-        // Warm up both (connections, the tokenizer, the allocator).
-        closed_loop(bare_addr, &case.body, 0.5).await;
-        closed_loop(stack_addr, &case.body, 0.5).await;
-
-        let (mut bare_r, mut stack_r) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            bare_r.push(closed_loop(bare_addr, &case.body, secs).await);
-            stack_r.push(closed_loop(stack_addr, &case.body, secs).await);
+        let addrs = [routes.bare, routes.stack, routes.http];
+        // Warm up (connections, the tokenizer, the allocator).
+        for addr in addrs {
+            closed_loop(addr, &case.body, 0.5).await;
         }
-        let bare_p99 = fixed_rate(bare_addr, &case.body, case.rate, secs).await;
-        let stack_p99 = fixed_rate(stack_addr, &case.body, case.rate, secs).await;
+        let mut r: [Vec<Round>; 3] = Default::default();
+        for _ in 0..rounds {
+            for (i, addr) in addrs.iter().enumerate() {
+                r[i].push(closed_loop(*addr, &case.body, secs).await);
+            }
+        }
+        let mut p99 = [0.0; 3];
+        for (i, addr) in addrs.iter().enumerate() {
+            p99[i] = fixed_rate(*addr, &case.body, case.rate, secs).await;
+        }
         let m = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
-        let added: Vec<f64> = bare_r
-            .iter()
-            .zip(&stack_r)
-            .map(|(b, s)| s.cpu_us - b.cpu_us)
-            .collect();
         println!("\n== {}", case.name);
         println!(
-            "{:<34} {:>12} {:>12} {:>12}",
-            "", "bare", "stack", "stack / bare"
+            "{:<30} {:>10} {:>10} {:>10} {:>8} {:>8}",
+            "", "bare", "stack", "http", "stack/b", "http/b"
         );
-        let row = |name: &str, b: f64, s: f64| {
-            println!("{name:<34} {b:>12.1} {s:>12.1} {:>12.2}", s / b);
+        let row = |name: &str, [b, s, h]: [f64; 3]| {
+            println!(
+                "{name:<30} {b:>10.1} {s:>10.1} {h:>10.1} {:>8.2} {:>8.2}",
+                s / b,
+                h / b
+            );
         };
-        row(
-            "CPU µs per request",
-            m(&bare_r, |r| r.cpu_us),
-            m(&stack_r, |r| r.cpu_us),
-        );
-        row(
-            "throughput, req/s",
-            m(&bare_r, |r| r.rps),
-            m(&stack_r, |r| r.rps),
-        );
-        row(
-            "latency p50, ms",
-            m(&bare_r, |r| r.p50_ms),
-            m(&stack_r, |r| r.p50_ms),
-        );
-        row(
-            "latency p99, ms",
-            m(&bare_r, |r| r.p99_ms),
-            m(&stack_r, |r| r.p99_ms),
-        );
-        row(
-            &format!("p99 at {} req/s, ms", case.rate),
-            bare_p99,
-            stack_p99,
-        );
-        let added_us = median(added.clone());
-        println!(
-            "stack adds {added_us:.1} µs of CPU per request (rounds: {}), {:.0} ns per chunk",
-            added
+        let col = |f: fn(&Round) -> f64| [m(&r[0], f), m(&r[1], f), m(&r[2], f)];
+        row("CPU µs per request", col(|r| r.cpu_us));
+        row("throughput, req/s", col(|r| r.rps));
+        row("latency p50, ms", col(|r| r.p50_ms));
+        row("latency p99, ms", col(|r| r.p99_ms));
+        row(&format!("p99 at {} req/s, ms", case.rate), p99);
+        for (name, i) in [("stack", 1), ("http", 2)] {
+            let added: Vec<f64> = r[0]
                 .iter()
-                .map(|a| format!("{a:+.1}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-            added_us * 1000.0 / case.chunks,
-        );
+                .zip(&r[i])
+                .map(|(b, x)| x.cpu_us - b.cpu_us)
+                .collect();
+            let added_us = median(added.clone());
+            println!(
+                "{name} adds {added_us:.1} µs of CPU per request (rounds: {}), {:.0} ns per chunk",
+                added
+                    .iter()
+                    .map(|a| format!("{a:+.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                added_us * 1000.0 / case.chunks,
+            );
+        }
     }
 }
 
-/// `GATEWAY_PROFILE=bare|stack` (and `GATEWAY_PROFILE_SECS`, default 10): drive only that
+/// `GATEWAY_PROFILE=bare|stack|http` (and `GATEWAY_PROFILE_SECS`, default 10): drive only that
 /// route's completions (its 100-chunk streams with `GATEWAY_PROFILE_STREAM=1`), closed loop,
 /// for a profiler (`perf record -g`); see benches/README.md.
 async fn profile(route: &str) {
@@ -582,11 +635,11 @@ async fn profile(route: &str) {
         .start()
         .await
         .unwrap();
-    let (bare_addr, stack_addr) = start(&sim).await;
-    let addr = if route == "bare" {
-        bare_addr
-    } else {
-        stack_addr
+    let routes = start(&sim).await;
+    let addr = match route {
+        "bare" => routes.bare,
+        "http" => routes.http,
+        _ => routes.stack,
     };
     let stream = std::env::var_os("GATEWAY_PROFILE_STREAM").is_some();
     let secs = std::env::var("GATEWAY_PROFILE_SECS")

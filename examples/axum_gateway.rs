@@ -63,8 +63,8 @@ use axum::routing::post;
 use futures_util::{StreamExt, stream};
 use portcullis::providers::{ApiKey, OpenAiProvider};
 use portcullis::{
-    ChatMessage, ChatRequest, ChatStream, CompletionResult, ErrorKind, LlmError, ProviderStack,
-    ResponseFormat, Stack, StreamChunk,
+    ChatMessage, ChatRequest, ChatStream, CompletionResult, ErrorKind, LlmError, MediaSource, Part,
+    ProviderStack, ResponseFormat, Stack, StreamChunk, Tool, ToolCall, ToolChoice,
 };
 use portcullis_sim::{Family, FaultKind, FaultRule, Simulator};
 use serde::Deserialize;
@@ -74,13 +74,15 @@ use tower::ServiceExt;
 
 use common::{MODEL, SECONDARY_MODEL};
 
-/// The OpenAI request fields the gateway understands. Tools, images and other parts are
-/// refused with a 400 rather than dropped (a pass-through of OpenAI's full message format is
-/// not what this example shows); other fields (`n`, `user`, …) are ignored.
+/// An OpenAI Chat Completions request, as the gateway reads it: the whole chat vocabulary
+/// Portcullis carries (text and image parts, tools and tool choice, tool calls and their
+/// results, JSON and schema answers, reasoning effort, stop sequences). Fields it does not
+/// know (`n`, `user`, `logprobs`, …) are ignored; a content part or a tool of a type it cannot
+/// carry is a 400, never silently dropped.
 #[derive(Debug, Deserialize)]
 struct ChatCompletionRequest {
     model: String,
-    messages: Vec<ChatMessage>,
+    messages: Vec<InMessage>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
     #[serde(default)]
@@ -94,7 +96,13 @@ struct ChatCompletionRequest {
     #[serde(default)]
     stream: bool,
     #[serde(default)]
-    tools: Option<Value>,
+    tools: Option<Vec<InTool>>,
+    #[serde(default)]
+    tool_choice: Option<InToolChoice>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    reasoning_effort: Option<portcullis::ReasoningEffort>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,18 +116,193 @@ enum Stop {
 struct Format {
     #[serde(rename = "type")]
     kind: String,
+    #[serde(default)]
+    json_schema: Option<InSchema>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InSchema {
+    name: String,
+    #[serde(default)]
+    schema: Option<Value>,
+    #[serde(default)]
+    strict: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<InContent>,
+    #[serde(default)]
+    tool_calls: Option<Vec<InToolCall>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum InContent {
+    Text(String),
+    Parts(Vec<InPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct InPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    image_url: Option<InImage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InImage {
+    url: String,
+    #[serde(default)]
+    detail: Option<portcullis::ImageDetail>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InToolCall {
+    id: String,
+    function: InFunctionCall,
+}
+
+#[derive(Debug, Deserialize)]
+struct InFunctionCall {
+    name: String,
+    #[serde(default)]
+    arguments: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct InTool {
+    #[serde(rename = "type")]
+    kind: String,
+    function: InFunction,
+}
+
+#[derive(Debug, Deserialize)]
+struct InFunction {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<Value>,
+    #[serde(default)]
+    strict: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum InToolChoice {
+    Mode(String),
+    Named { function: InNamed },
+}
+
+#[derive(Debug, Deserialize)]
+struct InNamed {
+    name: String,
+}
+
+fn invalid(message: impl Into<String>) -> LlmError {
+    LlmError::new(ErrorKind::InvalidRequest, message.into())
+}
+
+impl InContent {
+    /// The parts of a message's content.
+    fn parts(self) -> Result<Vec<Part>, LlmError> {
+        match self {
+            InContent::Text(t) => Ok(vec![Part::text(t)]),
+            InContent::Parts(parts) => parts.into_iter().map(InPart::into_part).collect(),
+        }
+    }
+
+    /// The text of a content that may only be text (a system or tool message).
+    fn text(self) -> Result<String, LlmError> {
+        let mut text = String::new();
+        for part in self.parts()? {
+            match part.as_text() {
+                Some(t) => text.push_str(t),
+                None => return Err(invalid("this message's content may only be text")),
+            }
+        }
+        Ok(text)
+    }
+}
+
+impl InPart {
+    fn into_part(self) -> Result<Part, LlmError> {
+        match (self.kind.as_str(), self.text, self.image_url) {
+            ("text", Some(text), _) => Ok(Part::text(text)),
+            ("image_url", _, Some(image)) => Ok(Part::Image {
+                source: MediaSource::Url { url: image.url },
+                detail: image.detail,
+                cache_control: None,
+            }),
+            (kind, _, _) => Err(invalid(format!(
+                "unsupported content part type `{kind}` (this gateway takes `text` and `image_url`)"
+            ))),
+        }
+    }
+}
+
+impl InMessage {
+    fn into_message(self) -> Result<ChatMessage, LlmError> {
+        let content = self.content;
+        match self.role.as_str() {
+            "system" | "developer" => Ok(ChatMessage::system(
+                content
+                    .map(InContent::text)
+                    .transpose()?
+                    .unwrap_or_default(),
+            )),
+            "user" => match content {
+                Some(c) => Ok(ChatMessage::user_parts(c.parts()?)),
+                None => Err(invalid("a user message needs `content`")),
+            },
+            "assistant" => {
+                let mut parts = match content {
+                    Some(c) => c.parts()?,
+                    None => Vec::new(),
+                };
+                for call in self.tool_calls.unwrap_or_default() {
+                    parts.push(Part::ToolCall(ToolCall::new(
+                        call.id,
+                        call.function.name,
+                        call.function.arguments,
+                    )));
+                }
+                Ok(ChatMessage::assistant_parts(parts))
+            }
+            "tool" => {
+                let id = self
+                    .tool_call_id
+                    .ok_or_else(|| invalid("a tool message needs `tool_call_id`"))?;
+                let text = content
+                    .map(InContent::text)
+                    .transpose()?
+                    .unwrap_or_default();
+                Ok(ChatMessage::tool_result(id, text))
+            }
+            other => Err(invalid(format!("unknown message role `{other}`"))),
+        }
+    }
 }
 
 impl ChatCompletionRequest {
     fn into_chat_request(self) -> Result<ChatRequest, LlmError> {
-        let invalid = |m: &'static str| LlmError::new(ErrorKind::InvalidRequest, m);
         if self.messages.is_empty() {
             return Err(invalid("`messages` must not be empty"));
         }
-        if self.tools.is_some() {
-            return Err(invalid("this gateway does not take `tools`"));
-        }
-        let mut req = ChatRequest::new(&self.model, self.messages);
+        let messages = self
+            .messages
+            .into_iter()
+            .map(InMessage::into_message)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut req = ChatRequest::new(&self.model, messages);
         if let Some(n) = self.max_completion_tokens.or(self.max_tokens) {
             req = req.max_tokens(n);
         }
@@ -131,10 +314,57 @@ impl ChatCompletionRequest {
             Some(Stop::Many(v)) => req = req.stop_sequences(v),
             None => {}
         }
-        match self.response_format.as_ref().map(|f| f.kind.as_str()) {
-            None | Some("text") => {}
-            Some("json_object") => req = req.response_format(ResponseFormat::JsonObject),
-            Some(_) => return Err(invalid("unsupported `response_format.type`")),
+        match self.response_format {
+            None => {}
+            Some(f) => match (f.kind.as_str(), f.json_schema) {
+                ("text", _) => {}
+                ("json_object", _) => req = req.response_format(ResponseFormat::JsonObject),
+                ("json_schema", Some(s)) => {
+                    let schema = s.schema.unwrap_or_else(|| json!({"type": "object"}));
+                    req = req.response_format(ResponseFormat::JsonSchema {
+                        name: s.name.into(),
+                        schema: Arc::new(schema),
+                        strict: s.strict.unwrap_or(false),
+                    });
+                }
+                _ => return Err(invalid("unsupported `response_format`")),
+            },
+        }
+        if let Some(tools) = self.tools {
+            let tools = tools
+                .into_iter()
+                .map(|t| {
+                    if t.kind != "function" {
+                        return Err(invalid(format!("unsupported tool type `{}`", t.kind)));
+                    }
+                    let f = t.function;
+                    let params = f.parameters.unwrap_or_else(|| json!({"type": "object"}));
+                    Tool::new(f.name, f.description.unwrap_or_default(), params)
+                        .map(|tool| tool.strict(f.strict.unwrap_or(false)))
+                        .map_err(|e| invalid(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            req = req.tools(tools);
+        }
+        match self.tool_choice {
+            None => {}
+            Some(InToolChoice::Mode(m)) => {
+                req = req.tool_choice(match m.as_str() {
+                    "auto" => ToolChoice::Auto,
+                    "none" => ToolChoice::None,
+                    "required" => ToolChoice::Required,
+                    other => return Err(invalid(format!("unknown `tool_choice` `{other}`"))),
+                })
+            }
+            Some(InToolChoice::Named { function }) => {
+                req = req.tool_choice(ToolChoice::Tool(function.name))
+            }
+        }
+        if let Some(p) = self.parallel_tool_calls {
+            req = req.parallel_tool_calls(p);
+        }
+        if let Some(e) = self.reasoning_effort {
+            req = req.reasoning(portcullis::Reasoning::effort(e));
         }
         Ok(req)
     }
@@ -234,21 +464,37 @@ fn created() -> u64 {
 }
 
 fn completion_response(id: String, res: CompletionResult) -> Response {
+    // OpenAI's shape: a refusal is its own field; tool calls leave `content` null.
+    let refusal = res.finish_reason == portcullis::FinishReason::Refusal;
+    let mut message = json!({"role": "assistant", "content": Value::Null});
+    match (refusal, res.content.is_empty()) {
+        (true, _) => message["refusal"] = json!(res.content),
+        (false, false) => message["content"] = json!(res.content),
+        (false, true) if res.tool_calls.is_empty() => message["content"] = json!(""),
+        _ => {}
+    }
+    if !res.tool_calls.is_empty() {
+        message["tool_calls"] = res
+            .tool_calls
+            .iter()
+            .map(|c| {
+                json!({"id": c.id, "type": "function",
+                       "function": {"name": c.name, "arguments": c.arguments}})
+            })
+            .collect();
+    }
+    let finish = if refusal {
+        "stop"
+    } else {
+        res.finish_reason.as_str()
+    };
     let body = json!({
         "id": id,
         "object": "chat.completion",
         "created": created(),
         "model": res.model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": res.content},
-            "finish_reason": res.finish_reason.as_str(),
-        }],
-        "usage": {
-            "prompt_tokens": res.usage.input_tokens,
-            "completion_tokens": res.usage.output_tokens,
-            "total_tokens": res.usage.total_tokens,
-        },
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": usage_json(res.usage),
     });
     let mut r = axum::Json(body).into_response();
     set_provider(&mut r, &res.provider);
@@ -277,6 +523,7 @@ fn sse_response(id: String, stream: ChatStream) -> Response {
             let data: Vec<Value> = match item {
                 Some(Ok(StreamChunk {
                     delta,
+                    tool_calls,
                     finish_reason,
                     usage,
                     ..
@@ -284,6 +531,24 @@ fn sse_response(id: String, stream: ChatStream) -> Response {
                     let mut out = Vec::new();
                     if !delta.is_empty() {
                         out.push(chunk(json!({ "content": delta }), None));
+                    }
+                    if !tool_calls.is_empty() {
+                        let calls: Vec<Value> = tool_calls
+                            .into_iter()
+                            .map(|d| {
+                                let mut c = json!({"index": d.index,
+                                                   "function": {"arguments": d.arguments}});
+                                if let Some(id) = d.id {
+                                    c["id"] = json!(id);
+                                    c["type"] = json!("function");
+                                }
+                                if let Some(name) = d.name {
+                                    c["function"]["name"] = json!(name);
+                                }
+                                c
+                            })
+                            .collect();
+                        out.push(chunk(json!({ "tool_calls": calls }), None));
                     }
                     if let Some(r) = finish_reason {
                         out.push(chunk(json!({}), Some(r.as_str())));
@@ -752,6 +1017,76 @@ mod tests {
         let body = res.into_body().collect().await.unwrap().to_bytes();
         let v: Value = serde_json::from_slice(&body).unwrap();
         (status, v["error"]["code"].as_str().unwrap().to_owned())
+    }
+
+    async fn body_json(res: Response) -> (StatusCode, Value) {
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    fn weather_tool() -> Value {
+        json!([{"type": "function", "function": {"name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]}}}])
+    }
+
+    /// What the official SDKs send: content as a list of parts, tools with
+    /// `tool_choice: "required"`; the answer carries the tool call, and its result goes back.
+    #[tokio::test]
+    async fn parts_tools_and_tool_results_go_through() {
+        let (app, _sim) = gateway(GatewayLimits::default()).await;
+        let ask = json!({"model": MODEL, "max_tokens": 50, "tools": weather_tool(),
+            "tool_choice": "required",
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is the weather in Paris?"}]}]});
+        let res = app.clone().oneshot(post(ask.to_string())).await.unwrap();
+        let (status, v) = body_json(res).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(call["type"], "function");
+        assert_eq!(call["function"]["name"], "get_weather");
+        assert!(choice["message"]["content"].is_null(), "{v}");
+        // The tool's result, as the SDK sends it back.
+        let answer = json!({"model": MODEL, "max_tokens": 50, "tools": weather_tool(),
+            "messages": [
+                {"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": "Sunny, 21 C"}]});
+        let res = app.clone().oneshot(post(answer.to_string())).await.unwrap();
+        let (status, v) = body_json(res).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(text.contains("Sunny"), "{v}");
+        // A streamed tool call arrives as `tool_calls` deltas.
+        let mut streamed = ask.clone();
+        streamed["stream"] = json!(true);
+        let res = app
+            .clone()
+            .oneshot(post(streamed.to_string()))
+            .await
+            .unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("\"tool_calls\""), "{text}");
+        assert!(text.contains("\"get_weather\""), "{text}");
+        assert!(text.contains("\"finish_reason\":\"tool_calls\""), "{text}");
+        // What cannot be carried is a 400, never dropped.
+        let audio = json!({"model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]});
+        let res = app.oneshot(post(audio.to_string())).await.unwrap();
+        let (status, v) = body_json(res).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("input_audio"),
+            "{v}"
+        );
     }
 
     #[test]
