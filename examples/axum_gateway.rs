@@ -1089,6 +1089,70 @@ mod tests {
         );
     }
 
+    /// Past the upstream's own limits (the simulator's 429s, 5 requests a minute here), a
+    /// client sees 200s while there is room, then 429s with `Retry-After` (the upstream's
+    /// refusal, its wait longer than the stack retries for) or 503s with `Retry-After` (the
+    /// stack's own refusal: the bucket, paused by those 429s, will not wait that long); each
+    /// in OpenAI's error shape, which the SDKs retry after that wait. Never a 500.
+    #[tokio::test(start_paused = true)]
+    async fn under_the_upstreams_429s_clients_get_429_or_503_with_retry_after() {
+        use portcullis_sim::{Limits, OpenAiLimits};
+        let sim = Simulator::builder()
+            .limits(Limits {
+                openai: OpenAiLimits {
+                    rpm: 5,
+                    tpm: 1_000_000,
+                },
+                ..Limits::default()
+            })
+            .start()
+            .await
+            .unwrap();
+        let openai = OpenAiProvider::builder()
+            .base_url(sim.openai_base_url())
+            .api_key(ApiKey::new("sk-test").unwrap())
+            .build()
+            .unwrap();
+        let stack = Stack::builder()
+            .provider(ProviderStack::openai(openai))
+            .build()
+            .unwrap();
+        let app = app(stack, GatewayLimits::default());
+        let calls = (0..20).map(|_| {
+            let app = app.clone();
+            async move { app.oneshot(post(chat(MODEL, false))).await.unwrap() }
+        });
+        let mut seen = std::collections::BTreeMap::new();
+        for res in futures_util::future::join_all(calls).await {
+            let status = res.status();
+            *seen.entry(status.as_u16()).or_insert(0) += 1;
+            if status == StatusCode::OK {
+                continue;
+            }
+            assert!(
+                status == StatusCode::TOO_MANY_REQUESTS
+                    || status == StatusCode::SERVICE_UNAVAILABLE,
+                "{status}"
+            );
+            let after: u64 = res.headers()[header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=60).contains(&after), "Retry-After {after}");
+            let (_, code) = error_code(res).await;
+            assert!(
+                ["rate_limited", "throttled", "circuit_open"].contains(&code.as_str()),
+                "{code}"
+            );
+        }
+        // The 5 of the first minute, and those whose retry waited (in paused time) for the
+        // window to refill; the rest refused with a wait.
+        let ok = seen.get(&200).copied().unwrap_or(0);
+        assert!((5..20).contains(&ok), "{seen:?}");
+        assert_eq!(seen.values().sum::<u32>(), 20, "{seen:?}");
+    }
+
     #[test]
     fn the_command_line() {
         let parse = |a: &[&str]| Args::parse(a.iter().map(|s| s.to_string()));
