@@ -516,7 +516,7 @@ async fn run(quick: bool) {
         .await
         .unwrap();
     let routes = start(&sim).await;
-    let (rounds, secs) = if quick { (1, 1.0) } else { (3, 3.0) };
+    let (rounds, secs) = if quick { (1, 1.0) } else { (5, 2.0) };
     let message = r#"[{"role":"user","content":"Say hello to the benchmark, briefly."}]"#;
     let cases = [
         Case {

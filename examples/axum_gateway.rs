@@ -22,7 +22,12 @@
 //! cargo run --example axum_gateway            # start, send a few requests, shut down
 //! cargo run --example axum_gateway -- --serve # keep serving on 127.0.0.1:3000 until Ctrl-C
 //! cargo run --example axum_gateway -- --serve 127.0.0.1:8081
+//! # in front of any OpenAI-compatible host (key from OPENAI_API_KEY when set):
+//! cargo run --example axum_gateway -- --serve --upstream http://localhost:8000/v1 --model llama-3.1-8b
 //! ```
+//!
+//! It carries the whole chat vocabulary ([`ChatCompletionRequest`]): parts, images, tools,
+//! tool choice, tool calls and results, JSON schemas, reasoning effort.
 //!
 //! **Safe defaults, because people copy examples** ([`GatewayLimits`]):
 //! - a request body limit (1 MiB): a larger body is a 413 in OpenAI's error shape;

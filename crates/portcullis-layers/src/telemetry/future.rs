@@ -64,7 +64,7 @@ where
                 }
                 // Owned for the hook only when metrics are on (a stream's ends later).
                 #[cfg(feature = "metrics")]
-                let provider = provider.to_owned();
+                let provider = call.meters.provider(provider);
                 #[cfg(not(feature = "metrics"))]
                 let provider = ();
                 res.on_finish(move |finish: &Finish| {
@@ -92,7 +92,9 @@ where
                 let kind = e.kind().as_str();
                 span.record("error.type", kind);
                 #[cfg(feature = "metrics")]
-                let provider = provider_name(e.provider().unwrap_or("none")).to_owned();
+                let provider = call
+                    .meters
+                    .provider(provider_name(e.provider().unwrap_or("none")));
                 #[cfg(not(feature = "metrics"))]
                 let provider = ();
                 super::call(&call, &provider, None, Some(kind));

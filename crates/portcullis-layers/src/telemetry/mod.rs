@@ -283,7 +283,7 @@ mod on {
     pub(crate) struct CallMeters(Arc<RwLock<Vec<CallSeries>>>);
 
     struct CallSeries {
-        provider: Box<str>,
+        provider: Arc<str>,
         /// The request's model (its label is [`model_label`]'s).
         model: Arc<str>,
         error: Option<&'static str>,
@@ -359,6 +359,16 @@ mod on {
     }
 
     impl CallMeters {
+        /// `provider` as a shared string: the one of a series already registered (no
+        /// allocation), else a new one (at a provider's first call only).
+        pub(crate) fn provider(&self, provider: &str) -> Arc<str> {
+            let all = self.0.read().unwrap_or_else(PoisonError::into_inner);
+            match all.iter().find(|s| *s.provider == *provider) {
+                Some(s) => s.provider.clone(),
+                None => Arc::from(provider),
+            }
+        }
+
         /// Runs `record` on the series of (provider, model, error), registering it first if
         /// this is its first call.
         fn with(
