@@ -340,6 +340,53 @@ async fn an_idle_stream_ends_with_a_timeout_and_an_error_event_counts_as_its_fai
     );
 }
 
+/// A stream whose chunks come every 3 s never trips a 5 s idle limit, however long it runs;
+/// once it goes quiet, the limit counts from its last chunk.
+#[tokio::test(start_paused = true)]
+async fn a_busy_stream_is_never_idle_and_the_limit_counts_from_the_last_chunk() {
+    use futures_util::StreamExt;
+    let config = HttpConfig {
+        stream_idle_timeout: Duration::from_secs(5),
+        ..HttpConfig::default()
+    };
+    let upstream = service_fn(|_req: Request<Bytes>| async {
+        let frames = stream::iter(0..6)
+            .then(|_| async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Ok::<_, BoxError>(Frame::data(Bytes::from_static(CHUNK.as_bytes())))
+            })
+            .chain(stream::pending());
+        let frames: Frames = Box::pin(frames);
+        let res = Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(StreamBody::new(frames))
+            .unwrap();
+        Ok::<_, BoxError>(res)
+    });
+    let layer = HttpLayer::new("openai", config).unwrap();
+    let res = layer.layer(upstream).oneshot(hello("m", 5)).await.unwrap();
+    let mut body = res.into_inner().into_body();
+    let t0 = tokio::time::Instant::now();
+    for _ in 0..6 {
+        body.frame().await.unwrap().unwrap();
+    }
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_secs(18),
+        "18 s of chunks, no timeout"
+    );
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_secs(23),
+        "5 s after the last chunk"
+    );
+    assert_eq!(
+        err.downcast_ref::<LlmError>().unwrap().kind(),
+        ErrorKind::Timeout
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_json_body_reconciles_at_its_end() {
     let config = HttpConfig {

@@ -531,6 +531,7 @@ impl ChatStream {
             inner,
             idle,
             sleep: Box::pin(tokio::time::sleep(idle)),
+            last: tokio::time::Instant::now(),
             provider: self.meta.provider.clone(),
         });
         self
@@ -647,6 +648,10 @@ struct Idle {
     inner: ChunkStream,
     idle: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
+    /// When the last item came. The timer is not reset per item (that costs a timer-wheel
+    /// update per chunk): when it fires, it is pushed back to `last + idle` if an item came
+    /// since it was set.
+    last: tokio::time::Instant,
     provider: Cow<'static, str>,
 }
 
@@ -654,15 +659,20 @@ impl Stream for Idle {
     type Item = Result<StreamChunk, LlmError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Poll::Ready(item) = self.inner.as_mut().poll_next(cx) {
-            // Saturating: an idle limit too large for the clock (`Duration::MAX`) is no limit.
-            let now = tokio::time::Instant::now();
-            let next = now
-                .checked_add(self.idle.min(crate::config::MAX_DURATION))
-                .unwrap_or(now);
-            self.sleep.as_mut().reset(next);
+            self.last = tokio::time::Instant::now();
             return Poll::Ready(item);
         }
-        std::task::ready!(self.sleep.as_mut().poll(cx));
+        loop {
+            std::task::ready!(self.sleep.as_mut().poll(cx));
+            // Saturating: an idle limit too large for the clock (`Duration::MAX`) is no limit.
+            let due = self
+                .last
+                .checked_add(self.idle.min(crate::config::MAX_DURATION));
+            match due {
+                Some(due) if due > self.sleep.deadline() => self.sleep.as_mut().reset(due),
+                _ => break,
+            }
+        }
         let err = LlmError::new(
             crate::ErrorKind::Timeout,
             format!("stream idle for {:?}", self.idle),

@@ -87,7 +87,10 @@ pub struct MeteredBody<B> {
     ended: bool,
     hooks: Mutex<Vec<Hook>>,
     done: bool,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// The idle limit, its timer, and when the last frame came: the timer is not reset per
+    /// frame (a timer-wheel update per chunk); when it fires, it is pushed back to `last +
+    /// limit` if a frame came since it was set.
+    idle: Option<(Duration, Pin<Box<Sleep>>, tokio::time::Instant)>,
 }
 
 impl<B> fmt::Debug for MeteredBody<B> {
@@ -108,9 +111,10 @@ impl<B> MeteredBody<B> {
             true => Watch::Sse(Box::default()),
             false => Watch::Json(Vec::new()),
         };
-        let idle = idle
-            .filter(|_| sse)
-            .map(|d| (d, Box::pin(tokio::time::sleep_until(crate::http::after(d)))));
+        let idle = idle.filter(|_| sse).map(|d| {
+            let sleep = Box::pin(tokio::time::sleep_until(crate::http::after(d)));
+            (d, sleep, tokio::time::Instant::now())
+        });
         MeteredBody {
             prefix: None,
             inner: Some(inner),
@@ -304,10 +308,17 @@ where
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Pending => {
-                let Some((limit, sleep)) = &mut this.idle else {
+                let Some((limit, sleep, last)) = &mut this.idle else {
                     return Poll::Pending;
                 };
-                std::task::ready!(sleep.as_mut().poll(cx));
+                loop {
+                    std::task::ready!(sleep.as_mut().poll(cx));
+                    let due = last.checked_add((*limit).min(portcullis_core::config::MAX_DURATION));
+                    match due {
+                        Some(due) if due > sleep.deadline() => sleep.as_mut().reset(due),
+                        _ => break,
+                    }
+                }
                 let limit = *limit;
                 this.inner = None;
                 this.failed(ErrorKind::Timeout);
@@ -318,8 +329,8 @@ where
                 Poll::Ready(Some(Err(err.into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some((limit, sleep)) = &mut this.idle {
-                    sleep.as_mut().reset(super::after(*limit));
+                if let Some((_, _, last)) = &mut this.idle {
+                    *last = tokio::time::Instant::now();
                 }
                 let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
                 if let Some(data) = frame.data_ref() {
