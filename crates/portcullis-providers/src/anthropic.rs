@@ -892,7 +892,7 @@ impl EventParser for MessageParser {
         let name = if ev.event == "message" {
             parse::<TypeOnly>(&ev.data)?.kind
         } else {
-            ev.event
+            ev.event.into_owned()
         };
         if !self.started && !matches!(name.as_str(), "message_start" | "error" | "ping") {
             return Err(malformed(format!("`{name}` before message_start")));

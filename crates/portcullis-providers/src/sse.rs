@@ -42,8 +42,9 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SseEvent {
-    /// The event name (`event:`), or `message` when none was given.
-    pub event: String,
+    /// The event name (`event:`), or `message` when none was given (then borrowed: an
+    /// unnamed event, every OpenAI one, allocates no name).
+    pub event: std::borrow::Cow<'static, str>,
     /// The data lines, joined with `\n`.
     pub data: String,
 }
@@ -224,9 +225,9 @@ impl SseDecoder {
         let mut data = std::mem::take(&mut self.data);
         data.pop(); // the last '\n'
         let event = if event.is_empty() {
-            "message".to_owned()
+            std::borrow::Cow::Borrowed("message")
         } else {
-            event
+            std::borrow::Cow::Owned(event)
         };
         Some(SseEvent { event, data })
     }
@@ -342,7 +343,7 @@ mod tests {
 
     fn ev(event: &str, data: &str) -> SseEvent {
         SseEvent {
-            event: event.into(),
+            event: event.to_owned().into(),
             data: data.into(),
         }
     }

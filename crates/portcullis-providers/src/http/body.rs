@@ -238,7 +238,7 @@ impl<B> MeteredBody<B> {
         if ev.data.contains("\"usage\"") {
             self.take_usage(ev.data.as_bytes());
         }
-        if matches!(ev.event.as_str(), "message_stop" | "response.completed") {
+        if matches!(&*ev.event, "message_stop" | "response.completed") {
             self.ended = true;
             self.completed();
         }
