@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::sse::SseEvent;
 use crate::wire::{
-    ErrorBody, EventParser, Step, Wire, body_with_extra, check_size, from_json, malformed,
+    ErrorBody, EventParser, Step, Text, Wire, body_with_extra, check_size, from_json, malformed,
     tool_defs, unsupported,
 };
 use crate::{Builder, Provider, StreamingProvider};
@@ -391,9 +391,10 @@ impl From<WireUsage> for Usage {
 }
 
 #[derive(Deserialize)]
-struct Completion {
+struct Completion<'a> {
     model: String,
-    choices: Vec<Choice>,
+    #[serde(borrow)]
+    choices: Vec<Choice<'a>>,
     /// Absent from some compatible servers' answers: then zero, which a token bucket reads as
     /// "not reported" and settles at its estimate.
     #[serde(default)]
@@ -401,12 +402,13 @@ struct Completion {
 }
 
 #[derive(Deserialize)]
-struct Choice {
+struct Choice<'a> {
     #[serde(default)]
     index: u32,
     message: ResponseMessage,
-    #[serde(default)]
-    finish_reason: Option<String>,
+    /// Borrowed from the body: read, never kept.
+    #[serde(default, borrow)]
+    finish_reason: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -516,7 +518,7 @@ impl Wire for OpenAi {
     /// Parses a complete `chat.completion` body: choice 0's text, tool calls and usage. A
     /// refusal becomes [`FinishReason::Refusal`] with the refusal text as content.
     fn parse_response(&self, _: &ChatRequest, body: &[u8]) -> Result<CompletionResult, LlmError> {
-        let c: Completion = from_json(body)?;
+        let c: Completion<'_> = from_json(body)?;
         let choice = c
             .choices
             .into_iter()
@@ -529,7 +531,7 @@ impl Wire for OpenAi {
             Some(refusal) => (refusal, FinishReason::Refusal),
             None => (
                 choice.message.content.unwrap_or_default(),
-                finish_reason(&raw_reason),
+                finish_reason(&raw_reason.0),
             ),
         };
         let mut r = CompletionResult::new(OPENAI, c.model, content)
@@ -545,11 +547,12 @@ impl Wire for OpenAi {
 }
 
 #[derive(Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    choices: Option<Vec<ChunkChoice>>,
+struct Chunk<'a> {
+    /// Borrowed from the event: kept once, from the first chunk.
+    #[serde(default, borrow)]
+    model: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChunkChoice<'a>>>,
     #[serde(default)]
     usage: Option<WireUsage>,
     #[serde(default)]
@@ -557,7 +560,7 @@ struct Chunk {
 }
 
 #[derive(Deserialize)]
-struct ChunkChoice {
+struct ChunkChoice<'a> {
     #[serde(default)]
     index: u32,
     /// Absent (or null) in Azure OpenAI's content-filter annotation chunks (the asynchronous
@@ -565,8 +568,8 @@ struct ChunkChoice {
     /// openai-python#1677, microsoft/autogen#6465): nothing to yield then.
     #[serde(default)]
     delta: Option<Delta>,
-    #[serde(default)]
-    finish_reason: Option<String>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Text<'a>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -622,7 +625,7 @@ impl EventParser for ChunkParser {
             };
             return Ok(Step::End(StreamChunk::finish(reason, self.usage)));
         }
-        let chunk: Chunk = from_json(ev.data.as_bytes())?;
+        let chunk: Chunk<'_> = from_json(ev.data.as_bytes())?;
         if let Some(err) = chunk.error {
             return Ok(Step::Error(err));
         }
@@ -633,7 +636,7 @@ impl EventParser for ChunkParser {
             .model
             .ok_or_else(|| malformed("missing field `model`"))?;
         if self.model.is_empty() {
-            self.model = model;
+            self.model = model.0.into_owned();
         }
         if let Some(u) = chunk.usage {
             self.usage = Some(u.into());
@@ -642,7 +645,7 @@ impl EventParser for ChunkParser {
             return Ok(Step::Skip);
         };
         if let Some(r) = choice.finish_reason {
-            self.finish = Some(finish_reason(&r));
+            self.finish = Some(finish_reason(&r.0));
         }
         let delta = choice.delta.unwrap_or_default();
         let mut out = StreamChunk::delta(delta.content.unwrap_or_default());

@@ -242,6 +242,34 @@ pub fn from_json<'a, T: Deserialize<'a>>(data: &'a [u8]) -> Result<T, LlmError> 
     serde_json::from_slice(data).map_err(malformed)
 }
 
+/// A JSON string borrowed from the body when it has no escapes (no allocation), else owned:
+/// for what a parser reads and drops, or keeps once.
+#[derive(Debug)]
+pub(crate) struct Text<'a>(pub(crate) std::borrow::Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use std::borrow::Cow;
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v))
+            }
+        }
+        d.deserialize_str(V).map(Text)
+    }
+}
+
 /// Serializes a request body, or fails with an
 /// [`InvalidRequest`](ErrorKind::InvalidRequest) error.
 pub fn json_body(body: &impl Serialize) -> Result<Vec<u8>, LlmError> {
