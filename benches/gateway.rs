@@ -10,7 +10,7 @@
 //!   defaults over the [`Transport`](portcullis::http::Transport)): the request and answer bytes
 //!   forwarded untouched, the key and cost read from the body, the usage from the answer.
 //!
-//! A load generator in this process drives each route in alternating rounds over keep-alive
+//! A load generator in this process drives each route in short alternating rounds over keep-alive
 //! HTTP/1 connections. Simulator, proxies and load generator share the process and its 2
 //! runtime threads, so the CPU each request costs (`/proc/self/stat`, user + system) includes
 //! the simulator and the client; the *difference* between the two routes is the cost of the
@@ -18,7 +18,7 @@
 //! throughput at 32 connections, and p99 at a fixed rate (5 000 completions/s, 500 streams/s);
 //! for a short completion (20 tokens) and for a stream of 100 chunks.
 //!
-//! Run: `cargo bench --bench gateway` (about two minutes; `-- --quick` for a short pass).
+//! Run: `cargo bench --bench gateway` (about 90 s; `-- --quick` for a short pass).
 #![allow(missing_docs)]
 
 use std::convert::Infallible;
@@ -516,7 +516,7 @@ async fn run(quick: bool) {
         .await
         .unwrap();
     let routes = start(&sim).await;
-    let (rounds, secs) = if quick { (1, 1.0) } else { (5, 2.0) };
+    let (rounds, secs) = if quick { (2, 0.5) } else { (15, 0.5) };
     let message = r#"[{"role":"user","content":"Say hello to the benchmark, briefly."}]"#;
     let cases = [
         Case {
