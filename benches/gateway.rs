@@ -308,7 +308,26 @@ struct Routes {
     http: SocketAddr,
 }
 
-async fn start(sim: &SimHandle) -> Routes {
+/// The simulator (limits far above any load; every text answer 100 words) and the three routes
+/// in front of it.
+async fn start() -> (SimHandle, Routes) {
+    let sim = Simulator::builder()
+        .limits(Limits {
+            openai: OpenAiLimits {
+                rpm: 1_000_000_000,
+                tpm: 1_000_000_000_000,
+            },
+            ..Limits::default()
+        })
+        .answer_words(STREAM_WORDS)
+        .start()
+        .await
+        .unwrap();
+    let routes = routes(&sim).await;
+    (sim, routes)
+}
+
+async fn routes(sim: &SimHandle) -> Routes {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).build(connector);
@@ -503,19 +522,7 @@ struct Case {
 }
 
 async fn run(quick: bool) {
-    let sim = Simulator::builder()
-        .limits(Limits {
-            openai: OpenAiLimits {
-                rpm: 1_000_000_000,
-                tpm: 1_000_000_000_000,
-            },
-            ..Limits::default()
-        })
-        .answer_words(STREAM_WORDS)
-        .start()
-        .await
-        .unwrap();
-    let routes = start(&sim).await;
+    let (_sim, routes) = start().await;
     let (rounds, secs) = if quick { (2, 0.5) } else { (15, 0.5) };
     let message = r#"[{"role":"user","content":"Say hello to the benchmark, briefly."}]"#;
     let cases = [
@@ -623,19 +630,7 @@ async fn run(quick: bool) {
 /// route's completions (its 100-chunk streams with `GATEWAY_PROFILE_STREAM=1`), closed loop,
 /// for a profiler (`perf record -g`); see benches/README.md.
 async fn profile(route: &str) {
-    let sim = Simulator::builder()
-        .limits(Limits {
-            openai: OpenAiLimits {
-                rpm: 1_000_000_000,
-                tpm: 1_000_000_000_000,
-            },
-            ..Limits::default()
-        })
-        .answer_words(STREAM_WORDS)
-        .start()
-        .await
-        .unwrap();
-    let routes = start(&sim).await;
+    let (_sim, routes) = start().await;
     let addr = match route {
         "bare" => routes.bare,
         "http" => routes.http,

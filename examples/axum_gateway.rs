@@ -992,16 +992,20 @@ mod tests {
 
     async fn gateway(limits: GatewayLimits) -> (Router, portcullis_sim::SimHandle) {
         let sim = Simulator::builder().seed(9).start().await.unwrap();
+        (app(stack_over(&sim), limits), sim)
+    }
+
+    /// The default stack over the simulator's OpenAI API.
+    fn stack_over(sim: &portcullis_sim::SimHandle) -> Stack {
         let openai = OpenAiProvider::builder()
             .base_url(sim.openai_base_url())
             .api_key(ApiKey::new("sk-test").unwrap())
             .build()
             .unwrap();
-        let stack = Stack::builder()
-            .provider(portcullis::ProviderStack::openai(openai))
+        Stack::builder()
+            .provider(ProviderStack::openai(openai))
             .build()
-            .unwrap();
-        (app(stack, limits), sim)
+            .unwrap()
     }
 
     fn post(body: impl Into<Body>) -> Request<Body> {
@@ -1113,16 +1117,7 @@ mod tests {
             .start()
             .await
             .unwrap();
-        let openai = OpenAiProvider::builder()
-            .base_url(sim.openai_base_url())
-            .api_key(ApiKey::new("sk-test").unwrap())
-            .build()
-            .unwrap();
-        let stack = Stack::builder()
-            .provider(ProviderStack::openai(openai))
-            .build()
-            .unwrap();
-        let app = app(stack, GatewayLimits::default());
+        let app = app(stack_over(&sim), GatewayLimits::default());
         let calls = (0..20).map(|_| {
             let app = app.clone();
             async move { app.oneshot(post(chat(MODEL, false))).await.unwrap() }

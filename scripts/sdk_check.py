@@ -391,20 +391,25 @@ CHECKS = [openai_completion, openai_stream, anthropic_completion, anthropic_stre
           anthropic_image, retry_after_429, overloaded_529]
 
 
-def main():
-    print(f"openai {openai.__version__}, anthropic {anthropic.__version__}, simulator at {BASE}")
+def run(checks, label=""):
+    """Runs every check, reports each, and exits non-zero if any failed."""
     failed = 0
-    for c in CHECKS:
+    for c in checks:
         try:
             c()
-            print(f"ok   {c.__name__}")
+            print(f"ok   {label}{c.__name__}")
         except Exception as e:  # noqa: BLE001 - report every check
             failed += 1
-            print(f"FAIL {c.__name__}: {type(e).__name__}: {e}")
+            print(f"FAIL {label}{c.__name__}: {type(e).__name__}: {e}")
     if failed:
-        print(f"{failed} of {len(CHECKS)} checks failed")
+        print(f"{failed} of {len(checks)} {label}checks failed")
         sys.exit(1)
-    print(f"all {len(CHECKS)} checks passed")
+    print(f"all {len(checks)} {label}checks passed")
+
+
+def main():
+    print(f"openai {openai.__version__}, anthropic {anthropic.__version__}, simulator at {BASE}")
+    run(CHECKS)
 
 
 if __name__ == "__main__":

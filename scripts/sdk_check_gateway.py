@@ -118,18 +118,7 @@ CHECKS = [
 
 def main():
     print(f"openai {openai.__version__}, gateway at {GATEWAY}")
-    failed = 0
-    for c in CHECKS:
-        try:
-            c()
-            print(f"ok   gateway {c.__name__}")
-        except Exception as e:  # noqa: BLE001 - report every check
-            failed += 1
-            print(f"FAIL gateway {c.__name__}: {type(e).__name__}: {e}")
-    if failed:
-        print(f"{failed} of {len(CHECKS)} gateway checks failed")
-        sys.exit(1)
-    print(f"all {len(CHECKS)} gateway checks passed")
+    s.run(CHECKS, "gateway ")
 
 
 if __name__ == "__main__":
