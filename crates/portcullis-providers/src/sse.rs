@@ -130,7 +130,7 @@ impl SseDecoder {
                 self.at_start = false;
             }
             let rest = &self.buf[self.pos..];
-            let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
+            let Some(end) = memchr::memchr2(b'\n', b'\r', rest) else {
                 if rest.len() > self.max_line {
                     return Err(self.fail("SSE line exceeds the size cap"));
                 }
@@ -190,7 +190,7 @@ impl SseDecoder {
         if line[0] == b':' {
             return Ok(None); // comment
         }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
+        let (field, value) = match memchr::memchr(b':', line) {
             Some(i) => {
                 let v = &line[i + 1..];
                 (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
