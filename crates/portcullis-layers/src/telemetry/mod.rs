@@ -18,6 +18,15 @@
 //! exports to OpenTelemetry as well, and is what tower-adjacent crates (`axum-prometheus`,
 //! `metrics-tower`) already use.
 //!
+//! # Handles, registered once
+//!
+//! Each layer registers its metric handles at its first use and records through them after:
+//! the token bucket's wait histogram and refusal counters per layer, its level and limit gauges
+//! per (layer, model), the telemetry layer's series per (provider, model, error). A recording
+//! then makes no lookup in the recorder and no allocation. So install the recorder before the
+//! first call (as any `metrics` user does): a layer that recorded before keeps the no-op
+//! handles it got then.
+//!
 //! # Bounded labels
 //!
 //! A model name comes from the request, so it could create a series per distinct string. The
