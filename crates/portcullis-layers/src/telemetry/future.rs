@@ -91,13 +91,8 @@ where
             Err(e) => {
                 let kind = e.kind().as_str();
                 span.record("error.type", kind);
-                #[cfg(feature = "metrics")]
-                let provider = call
-                    .meters
-                    .provider(provider_name(e.provider().unwrap_or("none")));
-                #[cfg(not(feature = "metrics"))]
-                let provider = ();
-                super::call(&call, &provider, None, Some(kind));
+                let provider = provider_name(e.provider().unwrap_or("none"));
+                super::call(&call, provider, None, Some(kind));
                 Poll::Ready(Err(e))
             }
         }

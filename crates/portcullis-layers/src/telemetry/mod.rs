@@ -441,10 +441,10 @@ mod on {
 mod on {
     use std::time::Duration;
     /// Nothing: no metrics compiled in.
-    #[derive(Clone, Copy, Default)]
+    #[derive(Clone, Default)]
     pub(crate) struct BucketMeters;
     /// Nothing: no metrics compiled in.
-    #[derive(Clone, Copy, Default)]
+    #[derive(Clone, Default)]
     pub(crate) struct CallMeters;
     #[inline(always)]
     pub(crate) fn retry(_: &'static str) {}
@@ -459,9 +459,9 @@ mod on {
     #[inline(always)]
     pub(crate) fn failover(_: &str, _: &str) {}
     #[inline(always)]
-    pub(crate) fn call(
+    pub(crate) fn call<P: ?Sized>(
         _: &super::service::Call,
-        _: &(),
+        _: &P,
         _: Option<(u64, u64)>,
         _: Option<&'static str>,
     ) {
